@@ -1,0 +1,175 @@
+"""Which backend runs a custom op for a given call, and why another one cannot.
+
+`CERSA_BACKEND=auto|torch|triton|cuda` (read at every call, so it can change at run time), or the
+`use_backend(name)` context manager, which wins over the variable.
+
+- `torch`: the reference (cersa_kernels.reference), any device and dtype.
+- `triton`: CUDA tensors; CPU tensors too when TRITON_INTERPRET=1 (how CI tests the kernels).
+- `cuda`: the compiled `cersa_kernels._cuda` module; CUDA tensors.
+- `auto`: the fastest backend that can serve the call, from the table the GPU benchmarks commit
+  (`tuned.json` beside this file) when one exists; otherwise CUDA tensors go to `triton` and CPU
+  tensors to `torch`. The Triton interpreter is for tests and is never chosen by `auto`.
+
+A backend asked for by name that cannot serve a call raises `BackendUnavailableError` listing every
+reason; nothing falls back silently.
+
+Kernels are found by name: backend `torch` runs `cersa_kernels.reference.<module>.<op>`, `triton`
+runs `cersa_kernels.triton.<module>.<op>_triton`, `cuda` runs `cersa_kernels.backends.cuda.<op>_cuda`.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import importlib
+import json
+import os
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "BACKENDS",
+    "BackendUnavailableError",
+    "requested_backend",
+    "use_backend",
+    "unavailable_reasons",
+    "select_backend",
+    "kernel_for",
+    "triton_interpreting",
+]
+
+BACKENDS = ("torch", "triton", "cuda")
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_override: contextvars.ContextVar[str | None] = contextvars.ContextVar("cersa_backend", default=None)
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend requested by name cannot run this call; the message lists every reason."""
+
+
+def requested_backend() -> str:
+    """The backend asked for: `use_backend(...)` if active, else $CERSA_BACKEND, else 'auto'."""
+    name = _override.get() or os.environ.get("CERSA_BACKEND", "auto")
+    name = name.strip().lower()
+    if name != "auto" and name not in BACKENDS:
+        raise ValueError(f"CERSA_BACKEND must be one of auto, {', '.join(BACKENDS)}; got {name!r}")
+    return name
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Run the ops inside this block on backend `name` ('auto', 'torch', 'triton' or 'cuda')."""
+    token = _override.set(name)
+    try:
+        requested_backend()  # validate the name now, not at the first op
+        yield
+    finally:
+        _override.reset(token)
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_import_error() -> str | None:
+    try:
+        import triton  # noqa: F401
+    except Exception as exc:  # ImportError, or a broken install
+        return f"triton cannot be imported ({type(exc).__name__}: {exc})"
+    return None
+
+
+def _kernel_location(backend: str, op: str) -> tuple[str, str]:
+    module = op.rsplit("_", 1)[0]  # lowrank_fwd -> lowrank
+    if backend == "torch":
+        return f"cersa_kernels.reference.{module}", op
+    if backend == "triton":
+        return f"cersa_kernels.triton.{module}", f"{op}_triton"
+    return "cersa_kernels.backends.cuda", f"{op}_cuda"
+
+
+@functools.lru_cache(maxsize=None)
+def _load_kernel(backend: str, op: str) -> Callable | None:
+    module_name, attr = _kernel_location(backend, op)
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError:
+        return None
+    return getattr(module, attr, None)
+
+
+def unavailable_reasons(backend: str, op: str, tensors: Sequence[Tensor]) -> list[str]:
+    """Every reason `backend` cannot run `op` on these tensors; empty when it can."""
+    reasons: list[str] = []
+    devices = sorted({t.device.type for t in tensors})
+    dtypes = sorted({str(t.dtype).replace("torch.", "") for t in tensors})
+    if backend == "torch":
+        return reasons
+    if backend == "triton":
+        err = _triton_import_error()
+        if err:
+            reasons.append(err)
+        if devices != ["cuda"] and not (devices == ["cpu"] and triton_interpreting()):
+            reasons.append(
+                f"tensors are on {'/'.join(devices)}: Triton needs CUDA tensors "
+                "(or CPU tensors with TRITON_INTERPRET=1, for tests)"
+            )
+        bad = [d for d in dtypes if getattr(torch, d) not in _FLOAT_DTYPES]
+        if bad:
+            reasons.append(f"dtype {'/'.join(bad)} is not supported (float16, bfloat16, float32)")
+        if triton_interpreting() and devices == ["cpu"] and "bfloat16" in dtypes:
+            reasons.append("bfloat16 tl.dot is wrong under the Triton interpreter; test bfloat16 on a GPU")
+    elif backend == "cuda":
+        from . import cuda
+
+        reasons.extend(cuda.unavailable_reasons(op, tensors))
+    if not reasons and _load_kernel(backend, op) is None:
+        module_name, attr = _kernel_location(backend, op)
+        reasons.append(f"backend {backend} has no kernel for {op} ({module_name}.{attr} is missing)")
+    return reasons
+
+
+@functools.lru_cache(maxsize=1)
+def _tuned_table() -> dict:
+    """{op: {device_name: {dtype: backend}}} written from GPU benchmark results, if committed."""
+    path = Path(__file__).with_name("tuned.json")
+    if not path.exists():
+        return {}
+    return json.loads(path.read_text())
+
+
+def _auto_candidates(op: str, tensors: Sequence[Tensor]) -> list[str]:
+    if not all(t.is_cuda for t in tensors):
+        return ["torch"]
+    dtype = str(tensors[0].dtype).replace("torch.", "")
+    device_name = torch.cuda.get_device_name(tensors[0].device)
+    best = _tuned_table().get(op, {}).get(device_name, {}).get(dtype)
+    order = [best] if best else []
+    return order + [b for b in ("triton", "cuda", "torch") if b not in order]
+
+
+def select_backend(op: str, tensors: Sequence[Tensor]) -> str:
+    """The backend that runs `op` for these tensors, honouring the request; raises if it cannot."""
+    name = requested_backend()
+    if name == "auto":
+        for candidate in _auto_candidates(op, tensors):
+            if not unavailable_reasons(candidate, op, tensors):
+                return candidate
+        return "torch"
+    reasons = unavailable_reasons(name, op, tensors)
+    if reasons:
+        listed = "\n  - ".join(reasons)
+        raise BackendUnavailableError(f"CERSA_BACKEND={name} cannot run cersa::{op} for this call:\n  - {listed}")
+    return name
+
+
+def kernel_for(op: str, tensors: Sequence[Tensor]) -> Callable:
+    """The kernel function of the selected backend for `op` (see the module docstring)."""
+    backend = select_backend(op, tensors)
+    kernel = _load_kernel(backend, op)
+    assert kernel is not None, (backend, op)  # unavailable_reasons checked it
+    return kernel

@@ -1,0 +1,140 @@
+"""Energy-truncated SVD of a frozen weight (METHODS.md §1).
+
+`W (m×n) ≈ U_k diag(σ_k) V_kᵀ`, with k the smallest rank whose share of the spectral energy
+`Σ_{i≤k} σ_i^p / Σ_i σ_i^p` reaches α. The SVD runs in float32 (float64 for float64 weights) and
+the factors come back in the weight's dtype and on its device.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = ["decompose", "truncated_svd", "select_rank", "energy_curve", "TruncatedSVD"]
+
+
+@dataclass(frozen=True)
+class TruncatedSVD:
+    """The kept factors and what was kept.
+
+    U: (m, k), sigma: (k,), V: (n, k), in the weight's dtype and device.
+    spectrum: (min(m, n),) float64 on CPU, every singular value of the weight.
+    energy_kept: share of the p-energy the k kept values hold, in [0, 1].
+    """
+
+    U: Tensor
+    sigma: Tensor
+    V: Tensor
+    spectrum: Tensor
+    energy_power: float
+    energy_kept: float
+
+    @property
+    def rank(self) -> int:
+        return self.sigma.numel()
+
+
+def _check_energy(energy: float, energy_power: float, where: str) -> None:
+    if not (0.0 < float(energy) <= 1.0):
+        raise ValueError(f"{where}: energy must be in (0, 1], got {energy}")
+    if not float(energy_power) > 0.0:
+        raise ValueError(f"{where}: energy_power must be > 0 (1 or 2 in METHODS §1), got {energy_power}")
+
+
+def energy_curve(spectrum: Tensor, energy_power: float = 2) -> Tensor:
+    """Cumulative energy share of a descending spectrum: (r,) float64, last entry exactly 1.
+
+    An all-zero spectrum has no energy to share; its curve is all ones (rank 1 keeps "everything").
+    """
+    weights = spectrum.detach().to("cpu", torch.float64).clamp_min(0) ** float(energy_power)
+    cumulative = torch.cumsum(weights, 0)
+    total = cumulative[-1]
+    if total <= 0:
+        return torch.ones_like(cumulative)
+    return cumulative / total
+
+
+def select_rank(
+    spectrum: Tensor,
+    energy: float = 0.95,
+    energy_power: float = 2,
+    rank: int | None = None,
+    max_rank: int | None = None,
+    where: str = "select_rank",
+) -> int:
+    """k = min{k : energy share of σ_1..σ_k ≥ energy}, or `rank` when given; capped by `max_rank`.
+
+    spectrum: (r,) singular values, descending.
+    """
+    full = spectrum.numel()
+    if rank is not None:
+        if not 1 <= int(rank) <= full:
+            raise ValueError(f"{where}: rank must be in [1, min(m, n) = {full}], got {rank}")
+        k = int(rank)
+    else:
+        _check_energy(energy, energy_power, where)
+        curve = energy_curve(spectrum, energy_power)
+        # First index whose cumulative share reaches the target; the curve ends at exactly 1.
+        k = int(torch.searchsorted(curve, torch.tensor([float(energy)], dtype=torch.float64)).item()) + 1
+        k = min(k, full)
+    if max_rank is not None:
+        if int(max_rank) < 1:
+            raise ValueError(f"{where}: max_rank must be >= 1, got {max_rank}")
+        k = min(k, int(max_rank))
+    return k
+
+
+def truncated_svd(
+    weight: Tensor,
+    energy: float = 0.95,
+    energy_power: float = 2,
+    rank: int | None = None,
+    max_rank: int | None = None,
+    where: str = "decompose",
+) -> TruncatedSVD:
+    """SVD of `weight` (m, n) truncated by the energy rule; see `TruncatedSVD` for what comes back."""
+    if not isinstance(weight, Tensor):
+        raise TypeError(f"{where}: weight must be a torch.Tensor, got {type(weight).__name__}")
+    if weight.dim() != 2:
+        raise ValueError(f"{where}: weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
+    if weight.numel() == 0:
+        raise ValueError(f"{where}: weight is empty, shape {tuple(weight.shape)}")
+    if not weight.is_floating_point():
+        raise TypeError(f"{where}: weight must be floating point, got {weight.dtype}")
+    if rank is None:
+        _check_energy(energy, energy_power, where)
+    work_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    w = weight.detach().to(work_dtype)
+    if not bool(torch.isfinite(w).all()):
+        bad = int((~torch.isfinite(w)).sum())
+        raise ValueError(f"{where}: weight has {bad} non-finite value(s) (nan/inf); cannot decompose")
+    U, sigma, Vh = torch.linalg.svd(w, full_matrices=False)
+    k = select_rank(sigma, energy, energy_power, rank, max_rank, where)
+    curve = energy_curve(sigma, energy_power)
+    return TruncatedSVD(
+        U=U[:, :k].to(weight.dtype).contiguous(),
+        sigma=sigma[:k].to(weight.dtype).contiguous(),
+        V=Vh[:k].T.to(weight.dtype).contiguous(),
+        spectrum=sigma.to("cpu", torch.float64),
+        energy_power=float(energy_power),
+        energy_kept=float(curve[k - 1]),
+    )
+
+
+def decompose(
+    weight: Tensor,
+    energy: float = 0.95,
+    energy_power: float = 2,
+    rank: int | None = None,
+    max_rank: int | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Energy-truncated SVD: `weight (m, n) ≈ U @ diag(S) @ V.T`.
+
+    Returns U (m, k), S (k,) the kept singular values (descending), V (n, k), in the weight's dtype
+    and device. k is the smallest rank holding `energy` of Σσ^energy_power, or `rank` when given,
+    capped by `max_rank`. Raises ValueError for energy outside (0, 1], a rank outside
+    [1, min(m, n)], a non-finite weight, or a weight that is not 2-D.
+    """
+    t = truncated_svd(weight, energy, energy_power, rank, max_rank)
+    return t.U, t.sigma, t.V

@@ -1,0 +1,159 @@
+"""CersaLinear: a drop-in nn.Linear whose frozen weight is kept only as energy-truncated SVD factors.
+
+`W' = U S Vᵀ` with U (m×k), V (n×k) frozen buffers and a dense trainable core S (k×k) initialised
+to diag(σ_1..σ_k) (METHODS.md §1). The dense weight is not stored.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from ..decompose import truncated_svd
+from ..ops.lowrank import lowrank_linear
+
+__all__ = ["CersaLinear"]
+
+
+def _random_orthonormal(rows: int, cols: int, device, dtype) -> Tensor:
+    q, _ = torch.linalg.qr(torch.randn(rows, cols, device=device, dtype=torch.float32))
+    return q.to(dtype)
+
+
+class CersaLinear(nn.Module):
+    """y = x V Sᵀ Uᵀ + bias, for x (..., in_features) -> y (..., out_features).
+
+    Buffers: U (out_features, rank), V (in_features, rank), sigma (rank,) the initial singular values
+    Σ_k (so ΔS = S − diag(sigma) is always known), energy_kept (scalar). Parameters: S, (r, r) with
+    r = trainable_rank (default rank): the top-left r×r block of the k×k core trains, the rest stays
+    diag(sigma[r:]); bias (out_features,), frozen unless `bias.requires_grad_(True)`.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        rank: int,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+        trainable_rank: Optional[int] = None,
+    ) -> None:
+        super().__init__()
+        if not 1 <= rank <= min(in_features, out_features):
+            raise ValueError(
+                f"CersaLinear: rank must be in [1, min(in_features, out_features) = "
+                f"{min(in_features, out_features)}], got {rank}"
+            )
+        trainable_rank = rank if trainable_rank is None else trainable_rank
+        if not 1 <= trainable_rank <= rank:
+            raise ValueError(f"CersaLinear: trainable_rank must be in [1, rank = {rank}], got {trainable_rank}")
+        factory = dict(device=device, dtype=dtype)
+        self.in_features = int(in_features)
+        self.out_features = int(out_features)
+        self.rank = int(rank)
+        self.trainable_rank = int(trainable_rank)
+        self.layer_name: Optional[str] = None  # set by whole-model tools; used in error messages
+        self.register_buffer("U", torch.empty(out_features, rank, **factory))
+        self.register_buffer("V", torch.empty(in_features, rank, **factory))
+        self.register_buffer("sigma", torch.empty(rank, **factory))
+        self.register_buffer("energy_kept", torch.ones((), dtype=torch.float32, device=device))
+        self.S = nn.Parameter(torch.empty(trainable_rank, trainable_rank, **factory))
+        self.bias = nn.Parameter(torch.empty(out_features, **factory), requires_grad=False) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Random orthonormal U, V and a flat spectrum with the Frobenius scale of nn.Linear's
+        default init (E‖W‖² = out_features/3), truncated to the rank. `from_linear` overwrites all."""
+        if self.U.is_meta:
+            return
+        with torch.no_grad():
+            self.U.copy_(_random_orthonormal(self.out_features, self.rank, self.U.device, self.U.dtype))
+            self.V.copy_(_random_orthonormal(self.in_features, self.rank, self.V.device, self.V.dtype))
+            self.sigma.fill_(math.sqrt(self.out_features / (3 * min(self.in_features, self.out_features))))
+            self.energy_kept.fill_(self.rank / min(self.in_features, self.out_features))
+            self.S.copy_(torch.diag(self.sigma[: self.trainable_rank]))
+            if self.bias is not None:
+                bound = 1 / math.sqrt(self.in_features)
+                self.bias.uniform_(-bound, bound)
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        energy: float = 0.95,
+        energy_power: float = 2,
+        rank: Optional[int] = None,
+        max_rank: Optional[int] = None,
+        trainable_rank: Optional[int] = None,
+        train_bias: bool = False,
+    ) -> "CersaLinear":
+        """Replace `linear` by its energy-truncated SVD (METHODS §1); the bias is copied (frozen
+        unless train_bias). The SVD runs in float32 on the weight's device."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"CersaLinear.from_linear: expected an nn.Linear, got {type(linear).__name__}")
+        svd = truncated_svd(linear.weight, energy, energy_power, rank, max_rank, where="CersaLinear.from_linear")
+        w = linear.weight
+        layer = cls(
+            linear.in_features, linear.out_features, svd.rank, bias=linear.bias is not None,
+            device="meta", dtype=w.dtype, trainable_rank=trainable_rank,
+        )
+        layer.to_empty(device=w.device)
+        with torch.no_grad():
+            layer.U.copy_(svd.U)
+            layer.V.copy_(svd.V)
+            layer.sigma.copy_(svd.sigma)
+            layer.energy_kept.fill_(svd.energy_kept)
+            layer.S.copy_(torch.diag(svd.sigma[: layer.trainable_rank]))
+            if linear.bias is not None:
+                layer.bias.copy_(linear.bias)
+                layer.bias.requires_grad_(train_bias)
+        return layer
+
+    def core(self) -> Tensor:
+        """The full k×k core S: the trainable block, completed by diag(sigma) when trainable_rank < k."""
+        if self.trainable_rank == self.rank:
+            return self.S
+        frozen = torch.diag(self.sigma[self.trainable_rank :]).to(self.S.dtype)
+        return torch.block_diag(self.S, frozen)
+
+    def delta_core(self) -> Tensor:
+        """ΔS = S − Σ_k (k×k): the learned update, what PARA prunes and LoRA export writes."""
+        return self.core() - torch.diag(self.sigma).to(self.S.dtype)
+
+    def _name(self) -> str:
+        return self.layer_name or f"CersaLinear(in_features={self.in_features}, out_features={self.out_features})"
+
+    def forward(self, x: Tensor) -> Tensor:
+        return lowrank_linear(x, self.V, self.core(), self.U, self.bias, layer=self._name())
+
+    @torch.no_grad()
+    def to_linear(self) -> nn.Linear:
+        """Merge into a plain nn.Linear with weight U S Vᵀ (computed in float32)."""
+        S = self.core().float()
+        weight = (self.U.float() @ S @ self.V.float().T).to(self.U.dtype)
+        linear = nn.Linear(
+            self.in_features, self.out_features, bias=self.bias is not None, device=self.U.device, dtype=self.U.dtype
+        )
+        linear.weight.copy_(weight)
+        if self.bias is not None:
+            linear.bias.copy_(self.bias)
+        return linear
+
+    def weight_bytes(self) -> int:
+        """Bytes of everything that stands for the dense weight: U, V, S and sigma (bias excluded)."""
+        return sum(t.numel() * t.element_size() for t in (self.U, self.V, self.S, self.sigma))
+
+    def dense_weight_bytes(self) -> int:
+        return self.in_features * self.out_features * self.U.element_size()
+
+    def extra_repr(self) -> str:
+        dense = self.dense_weight_bytes()
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
+            f"trainable_rank={self.trainable_rank}, energy_kept={float(self.energy_kept):.4f}, "
+            f"weight_bytes={self.weight_bytes()} vs dense {dense} ({self.weight_bytes() / dense:.1%}), "
+            f"bias={self.bias is not None}"
+        )

@@ -1,0 +1,32 @@
+"""Reference for the CERSA low-rank op (METHODS.md §1), plain eager PyTorch.
+
+Shapes: x (T, n), V (n, k), S (k, k), U (m, k), bias (m,) or None; dy (T, m), h (T, k).
+S may be stored in a wider dtype than x (an fp32 master copy); it is cast to x's dtype for the
+matmuls, and dS comes back in S's dtype.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+
+def lowrank_fwd(x: Tensor, V: Tensor, S: Tensor, U: Tensor, bias: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """y = (x V) Sᵀ Uᵀ + b. Returns y (T, m) and h = x V (T, k)."""
+    h = x @ V
+    y = (h @ S.to(x.dtype).T) @ U.T
+    if bias is not None:
+        y = y + bias
+    return y, h
+
+
+def lowrank_bwd(dy: Tensor, h: Tensor, V: Tensor, S: Tensor, U: Tensor, need_dx: bool) -> tuple[Tensor, Tensor]:
+    """g = dy U; dS = gᵀ h; dx = (g S) Vᵀ. Returns dx (T, n) (empty (0, n) if not need_dx) and dS (k, k)."""
+    g = dy @ U
+    dS = (g.T @ h).to(S.dtype)
+    if need_dx:
+        dx = (g @ S.to(g.dtype)) @ V.T
+    else:
+        dx = dy.new_empty((0, V.shape[0]))
+    return dx, dS

@@ -1,0 +1,23 @@
+"""Test setup. TRITON_INTERPRET=1 must be set before any Triton kernel is defined, so it is set
+here, before cersa_kernels.triton is ever imported: the Triton kernels then run on CPU tensors.
+(`auto` never picks the interpreter; tests ask for the triton backend by name.)"""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

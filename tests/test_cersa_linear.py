@@ -1,0 +1,166 @@
+"""CersaLinear: conversion, merge, state_dict, repr, errors, saved activation bytes, torch.compile."""
+import pytest
+import torch
+from torch import nn
+
+from cersa_kernels import CersaLinear
+from cersa_kernels.backends import use_backend
+
+
+def test_full_energy_reproduces_the_linear():
+    lin = nn.Linear(130, 77).double()
+    layer = CersaLinear.from_linear(lin, energy=1.0)
+    assert layer.rank == 77
+    x = torch.randn(5, 11, 130, dtype=torch.float64)
+    torch.testing.assert_close(layer(x), lin(x), atol=1e-10, rtol=1e-10)
+    lin32 = nn.Linear(130, 77)
+    torch.testing.assert_close(CersaLinear.from_linear(lin32, energy=1.0)(x.float()), lin32(x.float()), atol=2e-5, rtol=1e-4)
+
+
+def test_from_linear_state():
+    lin = nn.Linear(64, 48)
+    layer = CersaLinear.from_linear(lin, energy=0.9)
+    k = layer.rank
+    sigma = torch.linalg.svdvals(lin.weight.detach())
+    share = (sigma[:k] ** 2).sum() / (sigma**2).sum()
+    assert share >= 0.9 > (sigma[: k - 1] ** 2).sum() / (sigma**2).sum()
+    assert float(layer.energy_kept) == pytest.approx(float(share), rel=1e-5)
+    torch.testing.assert_close(layer.S.detach(), torch.diag(sigma[:k]), atol=1e-5, rtol=1e-5)
+    assert [n for n, p in layer.named_parameters() if p.requires_grad] == ["S"]
+    assert {n for n, _ in layer.named_buffers()} == {"U", "V", "sigma", "energy_kept"}
+    torch.testing.assert_close(layer.bias.detach(), lin.bias.detach())
+    assert CersaLinear.from_linear(lin, rank=5, train_bias=True).bias.requires_grad
+    # step 0 is the rank-k truncation of W0
+    Uf, Sf, Vhf = torch.linalg.svd(lin.weight.detach())
+    torch.testing.assert_close(layer.to_linear().weight, Uf[:, :k] @ torch.diag(Sf[:k]) @ Vhf[:k], atol=1e-5, rtol=1e-4)
+
+
+def test_trainable_rank_block():
+    layer = CersaLinear.from_linear(nn.Linear(40, 30), rank=12, trainable_rank=4)
+    assert layer.S.shape == (4, 4)
+    x = torch.randn(7, 40)
+    layer(x).square().sum().backward()
+    assert layer.S.grad.shape == (4, 4) and layer.S.grad.abs().sum() > 0
+    core = layer.core()
+    torch.testing.assert_close(core[4:, 4:], torch.diag(layer.sigma[4:]))
+    assert core[:4, 4:].abs().sum() == 0
+    torch.testing.assert_close(layer.delta_core(), torch.zeros(12, 12))
+
+
+def test_to_linear_after_training_matches_forward():
+    layer = CersaLinear.from_linear(nn.Linear(50, 20), energy=0.8)
+    with torch.no_grad():
+        layer.S.add_(0.05 * torch.randn_like(layer.S))
+    x = torch.randn(9, 50)
+    torch.testing.assert_close(layer.to_linear()(x), layer(x), atol=1e-5, rtol=1e-4)
+
+
+def test_state_dict_round_trip():
+    src = CersaLinear.from_linear(nn.Linear(33, 21), energy=0.85, trainable_rank=None)
+    with torch.no_grad():
+        src.S.add_(torch.randn_like(src.S))
+    dst = CersaLinear(33, 21, src.rank)
+    dst.load_state_dict(src.state_dict())
+    x = torch.randn(4, 33)
+    torch.testing.assert_close(dst(x), src(x))
+    assert float(dst.energy_kept) == float(src.energy_kept)
+    assert repr(dst) == repr(src)
+
+
+def test_extra_repr():
+    layer = CersaLinear.from_linear(nn.Linear(100, 100, bias=False), rank=10)
+    text = repr(layer)
+    assert "rank=10" in text and "energy_kept=" in text
+    # U, V: 100×10 each, S 10×10, sigma 10, float32 -> (2000 + 100 + 10) * 4
+    assert f"weight_bytes={2110 * 4} vs dense {100 * 100 * 4}" in text
+
+
+class TestErrors:
+    def test_wrong_in_features(self):
+        layer = CersaLinear(16, 8, 4)
+        layer.layer_name = "encoder.layer.0.query"
+        with pytest.raises(ValueError, match=r"encoder.layer.0.query: expected input with last dimension in_features=16, got shape \(3, 15\)"):
+            layer(torch.randn(3, 15))
+
+    def test_dtype_mismatch(self):
+        layer = CersaLinear(16, 8, 4)
+        with pytest.raises(TypeError, match=r"CersaLinear\(in_features=16, out_features=8\): dtype mismatch, expected every tensor in torch.float64 like x, got x=float64, V=float32"):
+            layer(torch.randn(3, 16, dtype=torch.float64))
+
+    def test_device_mismatch(self):
+        layer = CersaLinear(16, 8, 4)
+        with pytest.raises(RuntimeError, match="device mismatch, expected every tensor on meta, got x=meta, V=cpu"):
+            layer(torch.randn(3, 16, device="meta"))
+
+    def test_rank_too_large(self):
+        with pytest.raises(ValueError, match=r"rank must be in \[1, min\(in_features, out_features\) = 8\], got 9"):
+            CersaLinear(16, 8, 9)
+        with pytest.raises(ValueError, match=r"rank must be in \[1, min\(m, n\) = 8\], got 9"):
+            CersaLinear.from_linear(nn.Linear(16, 8), rank=9)
+
+    def test_trainable_rank_too_large(self):
+        with pytest.raises(ValueError, match=r"trainable_rank must be in \[1, rank = 4\], got 5"):
+            CersaLinear(16, 8, 4, trainable_rank=5)
+
+    def test_not_a_linear(self):
+        with pytest.raises(TypeError, match="expected an nn.Linear, got Conv1d"):
+            CersaLinear.from_linear(nn.Conv1d(3, 3, 1))
+
+    def test_frozen_factor_with_grad(self):
+        layer = CersaLinear(16, 8, 4)
+        layer.U.requires_grad_(True)
+        with pytest.raises(ValueError, match="U and V are frozen"):
+            layer(torch.randn(2, 16))
+
+
+@pytest.mark.parametrize(
+    "backend,dtype", [("torch", torch.float32), ("torch", torch.bfloat16), ("triton", torch.float32)]
+)
+def test_saved_activation_bytes_are_exactly_h(backend, dtype):
+    """autograd keeps T·k·itemsize of activations for one call, and nothing else but the layer's own weights."""
+    T, n, m = 37, 130, 77
+    layer = CersaLinear.from_linear(nn.Linear(n, m), rank=45).to(dtype)
+    own = {t.untyped_storage().data_ptr() for t in list(layer.parameters()) + list(layer.buffers())}
+    x = torch.randn(3, T, n, dtype=dtype, requires_grad=True)
+    activations, weights = [], []
+
+    def pack(t):
+        (weights if t.untyped_storage().data_ptr() in own else activations).append(t)
+        return t
+
+    with use_backend(backend), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = layer(x)
+    assert sum(t.numel() * t.element_size() for t in activations) == 3 * T * layer.rank * x.element_size()
+    assert [tuple(t.shape) for t in activations] == [(3 * T, 45)]
+    y.sum().backward()  # still differentiable with only h kept
+    assert x.grad is not None and layer.S.grad is not None
+
+
+class TwoLayer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = CersaLinear.from_linear(nn.Linear(24, 40), energy=0.9, train_bias=True)
+        self.b = CersaLinear.from_linear(nn.Linear(40, 12), energy=0.9)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+def test_torch_compile_fullgraph_forward_backward():
+    torch._dynamo.reset()
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    model = TwoLayer()
+    x = torch.randn(2, 5, 24, requires_grad=True)
+    model(x).square().sum().backward()
+    eager = [x.grad.clone()] + [p.grad.clone() for p in model.parameters() if p.requires_grad]
+    x.grad = None
+    model.zero_grad()
+    compiled = torch.compile(model, fullgraph=True)
+    compiled(x).square().sum().backward()
+    got = [x.grad] + [p.grad for p in model.parameters() if p.requires_grad]
+    for g, e in zip(got, eager):
+        torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-4)
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert len(got) == 4  # x, a.S, a.bias, b.S
