@@ -1,0 +1,202 @@
+"""The one tiled Triton GEMM every op's launcher uses (CERSA, LoRA, PiCa).
+
+`_gemm_kernel` computes C = A·B over any strides (transposes are free views), accumulates in fp32,
+and can split the reduction dimension over programs. Optional epilogues/operand hooks, each a
+constexpr so an unused one costs nothing:
+- a bias (N,) added to every row;
+- a residual R (M, N) added to the result (lets two GEMMs write one output without a temporary,
+  e.g. y = x·W0ᵀ + b then y += h·Mᵀ with R = C in place);
+- counter-based dropout on the A operand, the B operand, or the product, with the mask regenerated
+  from (seed, element index) so a backward pass recomputes it instead of saving it (see
+  `cersa_kernels.reference.lora.dropout_keep`, whose integer hash `_hash32` mirrors exactly).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ..backends import triton_interpreting
+
+# Where the dropout mask applies (DROP constexpr).
+DROP_NONE, DROP_A, DROP_B, DROP_C = 0, 1, 2, 3
+
+
+@triton.jit
+def _lo32(x):
+    # x mod 2^32 for a non-negative int64, without a uint32 constant (whose typing differs by version)
+    return x - ((x >> 32) << 32)
+
+
+@triton.jit
+def _hash32(x):
+    """The integer hash of `reference.lora.hash32`, on int64 values in [0, 2^32)."""
+    x = x ^ (x >> 16)
+    x = _lo32(x * 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _lo32(x * 0x1B873593)
+    x = x ^ (x >> 16)
+    return x
+
+
+@triton.jit
+def _keep(rows, cols, n_cols, drop_key, drop_thresh):
+    """Dropout keep-mask of the logical (rows × n_cols) matrix at [rows, cols]."""
+    idx = _lo32(rows[:, None] * n_cols + cols[None, :])
+    return (_hash32(idx ^ drop_key) >> 8) >= drop_thresh
+
+
+@triton.jit
+def _gemm_kernel(
+    a_ptr, b_ptr, c_ptr, bias_ptr, r_ptr,
+    M, N, K, K_PER_SPLIT,
+    stride_am, stride_ak, stride_bk, stride_bn, stride_cs, stride_cm, stride_cn, stride_rm, stride_rn,
+    drop_key, drop_thresh, drop_cols, drop_scale,
+    HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, DROP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """C[s] = A[:, Ks] @ B[Ks, :] (+ bias) (+ R) for the s-th slice Ks of the reduction dimension."""
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    # Grouped launch order: GROUP_M row-tiles share the B tiles they read while they are in L2.
+    group_size = GROUP_M * num_n
+    first_m = (pid // group_size) * GROUP_M
+    rows_in_group = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group_size) % rows_in_group
+    pid_n = (pid % group_size) // rows_in_group
+
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    k_begin = split * K_PER_SPLIT
+    k_end = tl.minimum(K, k_begin + K_PER_SPLIT)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(k_begin, k_end, BLOCK_K):
+        offs_k = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
+        in_k = offs_k < k_end
+        a = tl.load(
+            a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak,
+            mask=(offs_m[:, None] < M) & in_k[None, :], other=0.0,
+        )
+        b = tl.load(
+            b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn,
+            mask=in_k[:, None] & (offs_n[None, :] < N), other=0.0,
+        )
+        if DROP == 1:  # A is the dropped matrix itself: rows offs_m, columns offs_k
+            a = tl.where(_keep(offs_m, offs_k, drop_cols, drop_key, drop_thresh), a, 0.0)
+        if DROP == 2:  # B is the dropped matrix itself: rows offs_k, columns offs_n
+            b = tl.where(_keep(offs_k, offs_n, drop_cols, drop_key, drop_thresh), b, 0.0)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+    if DROP == 3:  # the product is masked (dropout's backward)
+        acc = tl.where(_keep(offs_m, offs_n, drop_cols, drop_key, drop_thresh), acc, 0.0)
+    if DROP != 0:
+        acc = acc * drop_scale
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    in_c = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    if HAS_RESIDUAL:
+        acc += tl.load(r_ptr + offs_m[:, None] * stride_rm + offs_n[None, :] * stride_rn, mask=in_c, other=0.0).to(
+            tl.float32
+        )
+    c = c_ptr + split * stride_cs + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
+    tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=in_c)
+
+
+# The interpreter runs one fixed config (autotuning with several configs does not work there);
+# on a GPU the autotuner picks per (M, N, K) among tile shapes that suit Ampere and Hopper.
+_INTERPRETER_CONFIG = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8)
+_GPU_CONFIGS = [
+    triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8), num_warps=w, num_stages=s)
+    for bm, bn, bk, w, s in [
+        (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 64, 64, 4, 4),
+        (64, 128, 64, 4, 4), (64, 64, 64, 4, 4), (64, 64, 32, 4, 5), (32, 64, 64, 4, 4),
+    ]
+]
+
+
+@functools.lru_cache(maxsize=1)
+def _tuned_kernel():
+    # restore_value: when C is written in place over its residual, tuning trials must not compound
+    return triton.autotune(
+        configs=_GPU_CONFIGS, key=["M", "N", "K", "K_PER_SPLIT", "HAS_RESIDUAL", "DROP"], restore_value=["c_ptr"]
+    )(_gemm_kernel)
+
+
+# Reductions over T (dS, dM, dA, dB): split them so that few output tiles still fill the GPU.
+_MIN_ROWS_PER_SPLIT = 256
+
+
+def _num_programs_wanted(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4
+    return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def reduction_split(T: int, rows: int, cols: int, device: torch.device) -> int:
+    """How many programs share a reduction over T whose output is rows×cols."""
+    tiles = triton.cdiv(rows, 64) * triton.cdiv(cols, 64)
+    by_occupancy = max(1, _num_programs_wanted(device) // tiles)
+    return max(1, min(by_occupancy, triton.cdiv(T, _MIN_ROWS_PER_SPLIT)))
+
+
+def _gemm(
+    a: Tensor,
+    b: Tensor,
+    out_dtype: torch.dtype,
+    bias: Optional[Tensor] = None,
+    split: int = 1,
+    residual: Optional[Tensor] = None,
+    out: Optional[Tensor] = None,
+    dropout: Optional[tuple[int, int, int, float, int]] = None,
+) -> Tensor:
+    """a (M, K) @ b (K, N) (+ bias (N,)) (+ residual (M, N)) -> (M, N) in out_dtype.
+
+    split > 1 cuts the reduction over K into `split` slices run by separate programs into fp32
+    partials, then summed. `out` (M, N) may be given to write in place (it may be `residual`).
+    dropout = (where ∈ DROP_A/B/C, key, threshold, columns of the dropped matrix, 1/(1-p)).
+    """
+    M, K = a.shape
+    N = b.shape[1]
+    rows_per_split = triton.cdiv(triton.cdiv(max(K, 1), split), 64) * 64  # whole BLOCK_K steps
+    split = triton.cdiv(max(K, 1), rows_per_split)
+    assert (bias is None and residual is None and out is None) or split == 1, "epilogues run once per slice"
+    if K == 0 or M * N == 0:
+        c = torch.zeros((M, N), device=a.device, dtype=out_dtype)
+        if bias is not None:
+            c += bias.to(out_dtype)
+        if residual is not None:
+            c += residual.to(out_dtype)
+        return c if out is None else out.copy_(c)
+    partial_dtype = torch.float32 if split > 1 else out_dtype
+    if out is None:
+        buf = torch.empty((split, M, N), device=a.device, dtype=partial_dtype)
+    else:
+        assert out.shape == (M, N) and out.dtype == out_dtype
+        buf = out.unsqueeze(0)
+    where, key, thresh, cols, scale = dropout if dropout is not None else (DROP_NONE, 0, 0, 1, 1.0)
+    r = residual if residual is not None else a
+    args = (
+        a, b, buf, bias if bias is not None else a, r,
+        M, N, K, rows_per_split,
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1), *buf.stride(),
+        r.stride(0), r.stride(-1),
+        key, thresh, cols, scale,
+    )
+    meta = dict(
+        HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, DROP=where,
+        DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
+    )
+    if triton_interpreting():
+        grid = (triton.cdiv(M, 64) * triton.cdiv(N, 64), split)
+        _gemm_kernel[grid](*args, **meta, **_INTERPRETER_CONFIG)
+    else:
+        def grid(cfg):
+            return (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]), split)
+
+        _tuned_kernel()[grid](*args, **meta)
+    return buf[0] if split == 1 else buf.sum(0).to(out_dtype)
