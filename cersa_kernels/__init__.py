@@ -8,3 +8,6 @@ from .nn import CersaLinear
 
 __version__ = "0.1.0"
 __all__ = ["CersaLinear", "decompose", "select_rank", "truncated_svd", "ops", "backends", "__version__"]
+from .nn import LoraLinear, PicaLinear  # noqa: E402
+
+__all__ += ["LoraLinear", "PicaLinear"]

@@ -1,0 +1,118 @@
+"""LoraLinear: a frozen nn.Linear plus a trainable low-rank update on the fused `cersa::lora` op.
+
+`y = x W0ᵀ + b + s·(drop(x) Aᵀ) Bᵀ` with A (r×n) kaiming-uniform, B (m×r) zero, s = alpha/r
+(METHODS.md §5, PEFT's convention). Only x and x·Aᵀ are saved for backward.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from ..ops.lora import lora_linear
+
+__all__ = ["LoraLinear"]
+
+
+class LoraLinear(nn.Module):
+    """x (..., in_features) -> y (..., out_features).
+
+    Frozen: `weight` (out, in) and `bias` (out,) (parameters with requires_grad=False, so a state
+    dict has nn.Linear's keys). Trainable: `lora_A` (rank, in), `lora_B` (out, rank).
+    Dropout (training mode only) draws a fresh seed from torch's RNG at every call and passes it to
+    the op, which regenerates the mask in backward: `torch.manual_seed` reproduces a run.
+    """
+
+    def __init__(
+        self, in_features: int, out_features: int, rank: int, alpha: Optional[float] = None, dropout: float = 0.0,
+        bias: bool = True, device=None, dtype=None,
+    ) -> None:
+        super().__init__()
+        if not 1 <= rank <= min(in_features, out_features):
+            raise ValueError(
+                f"LoraLinear: rank must be in [1, min(in_features, out_features) = "
+                f"{min(in_features, out_features)}], got {rank}"
+            )
+        if not 0.0 <= float(dropout) < 1.0:
+            raise ValueError(f"LoraLinear: dropout must be in [0, 1), got {dropout}")
+        factory = dict(device=device, dtype=dtype)
+        self.in_features, self.out_features, self.rank = int(in_features), int(out_features), int(rank)
+        self.alpha = float(rank if alpha is None else alpha)
+        self.dropout = float(dropout)
+        self.layer_name: Optional[str] = None  # set by whole-model tools; used in error messages
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(out_features, **factory), requires_grad=False) if bias else None
+        self.lora_A = nn.Parameter(torch.empty(rank, in_features, **factory))
+        self.lora_B = nn.Parameter(torch.empty(out_features, rank, **factory))
+        self.reset_parameters()
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+    def reset_parameters(self) -> None:
+        """W0, bias as nn.Linear would draw them (from_linear overwrites); A kaiming-uniform, B zero."""
+        if self.weight.is_meta:
+            return
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            bound = 1 / math.sqrt(self.in_features)
+            nn.init.uniform_(self.bias, -bound, bound)
+        self.reset_adapter()
+
+    def reset_adapter(self) -> None:
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, rank: int, alpha: Optional[float] = None, dropout: float = 0.0) -> "LoraLinear":
+        """Wrap `linear` (its weight and bias are copied and frozen); step 0 equals `linear` exactly."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"LoraLinear.from_linear: expected an nn.Linear, got {type(linear).__name__}")
+        w = linear.weight
+        layer = cls(
+            linear.in_features, linear.out_features, rank, alpha, dropout, bias=linear.bias is not None,
+            device="meta", dtype=w.dtype,
+        )
+        layer.to_empty(device=w.device)
+        with torch.no_grad():
+            layer.weight.copy_(w)
+            if linear.bias is not None:
+                layer.bias.copy_(linear.bias)
+        layer.reset_adapter()
+        return layer
+
+    def _name(self) -> str:
+        return self.layer_name or f"LoraLinear(in_features={self.in_features}, out_features={self.out_features})"
+
+    def forward(self, x: Tensor) -> Tensor:
+        p = self.dropout if self.training else 0.0
+        seed = torch.randint(0, 2**31 - 1, (), dtype=torch.int64, device=x.device) if p > 0 else None
+        return lora_linear(
+            x, self.weight, self.lora_A, self.lora_B, self.bias, self.scaling, p, seed, layer=self._name()
+        )
+
+    def delta_weight(self) -> Tensor:
+        """ΔW = s·B·A (out, in)."""
+        return self.scaling * (self.lora_B @ self.lora_A)
+
+    @torch.no_grad()
+    def to_linear(self) -> nn.Linear:
+        """Merge into a plain nn.Linear with weight W0 + s·B·A (computed in float32)."""
+        linear = nn.Linear(
+            self.in_features, self.out_features, bias=self.bias is not None, device=self.weight.device,
+            dtype=self.weight.dtype,
+        )
+        merged = self.weight.float() + self.scaling * (self.lora_B.float() @ self.lora_A.float())
+        linear.weight.copy_(merged.to(self.weight.dtype))
+        if self.bias is not None:
+            linear.bias.copy_(self.bias)
+        return linear
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
+            f"alpha={self.alpha:g}, dropout={self.dropout:g}, bias={self.bias is not None}"
+        )
