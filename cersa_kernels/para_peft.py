@@ -1,0 +1,108 @@
+"""PARA on a PEFT LoRA checkpoint: read an adapter directory, compress, write a PEFT adapter directory.
+
+Input: `adapter_config.json` + `adapter_model.safetensors` with keys `<prefix><module>.lora_A.weight`
+(r×n) and `.lora_B.weight` (m×r). Each module's scale s = alpha/r (alpha/√r with use_rslora),
+resolved through the config's `rank_pattern` / `alpha_pattern` the way PEFT resolves them.
+Output: the rebuilt factors and a config whose `rank_pattern` / `alpha_pattern` name every kept
+module in full, with alpha' = s·k_l (s·√k_l with rslora) so each module's scale s is unchanged; a
+module whose k_l = 0 is dropped from `target_modules` and from the weights (its adapter is removed).
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .para import LoraFactors, ParaResult, compress
+
+__all__ = ["para_peft"]
+
+_KEY = re.compile(r"^(?P<prefix>base_model\.model\.)?(?P<module>.+)\.lora_(?P<which>[AB])\.weight$")
+
+
+def _pattern_value(patterns: dict, module: str, default):
+    """PEFT's lookup: the first pattern key that matches the end of the module name."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def para_peft(in_dir, out_dir, energy: Optional[float] = None, budget: Optional[int] = None) -> ParaResult:
+    """Compress the PEFT LoRA adapter in `in_dir` with PARA and write it to `out_dir` (see module doc)."""
+    from safetensors.torch import load_file, save_file
+
+    in_dir, out_dir = Path(in_dir), Path(out_dir)
+    config_path, weights_path = in_dir / "adapter_config.json", in_dir / "adapter_model.safetensors"
+    for path in (config_path, weights_path):
+        if not path.is_file():
+            raise FileNotFoundError(f"para-peft: {path} not found (expected a PEFT LoRA adapter directory)")
+    config = json.loads(config_path.read_text())
+    if config.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"para-peft: {config_path} has peft_type={config.get('peft_type')!r}, expected 'LORA'")
+    if config.get("use_dora"):
+        raise ValueError(f"para-peft: {config_path} is a DoRA adapter (use_dora=true); PARA handles plain LoRA only")
+    tensors = load_file(str(weights_path))
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    prefixes: dict[str, str] = {}
+    others = {}
+    for key, value in tensors.items():
+        match = _KEY.match(key)
+        if match:
+            pairs.setdefault(match["module"], {})[match["which"]] = value
+            prefixes[match["module"]] = match["prefix"] or ""
+        elif ".lora_" in key:
+            raise ValueError(f"para-peft: tensor {key!r} is not a lora_A/lora_B weight; only Linear LoRA is supported")
+        else:
+            others[key] = value  # e.g. modules_to_save: copied unchanged
+    if not pairs:
+        raise ValueError(f"para-peft: {weights_path} has no '...lora_A.weight' / '...lora_B.weight' tensors")
+    rslora = bool(config.get("use_rslora"))
+    rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+    adapters = {}
+    for module, ab in pairs.items():
+        if set(ab) != {"A", "B"}:
+            raise ValueError(f"para-peft: module {module!r} has lora_{''.join(ab)} but not both lora_A and lora_B")
+        r = int(_pattern_value(rank_pattern, module, config["r"]))
+        if ab["A"].shape[0] != r or ab["B"].shape[1] != r:
+            raise ValueError(
+                f"para-peft: module {module!r}: config rank r={r}, but lora_A is {tuple(ab['A'].shape)} "
+                f"and lora_B is {tuple(ab['B'].shape)}"
+            )
+        alpha = float(_pattern_value(alpha_pattern, module, config["lora_alpha"]))
+        adapters[module] = LoraFactors(A=ab["A"], B=ab["B"], scale=alpha / (math.sqrt(r) if rslora else r))
+    result = compress(adapters, energy=energy, budget=budget)
+    kept = {name: f for name, f in result.adapters.items() if f is not None}
+    if not kept:
+        raise ValueError("para-peft: the threshold removes every adapter; raise energy or budget")
+    out = dict(others)
+    new_ranks, new_alphas = {}, {}
+    for name, f in kept.items():
+        k = f.A.shape[0]
+        out[f"{prefixes[name]}{name}.lora_A.weight"] = f.A.contiguous()
+        out[f"{prefixes[name]}{name}.lora_B.weight"] = f.B.contiguous()
+        new_ranks[name] = k
+        new_alphas[name] = f.scale * (math.sqrt(k) if rslora else k)  # keeps s = alpha/r exact
+    config = dict(config, rank_pattern=new_ranks, alpha_pattern=new_alphas, target_modules=sorted(kept))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    save_file(out, str(out_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
+    return result
+
+
+def main(in_dir, out_dir, energy: Optional[float] = None, budget: Optional[int] = None) -> ParaResult:
+    """The `para-peft` command: compress and print one line per module and the totals."""
+    result = para_peft(in_dir, out_dir, energy=energy, budget=budget)
+    width = max(len(layer.name) for layer in result.layers)
+    print(f"{'module':<{width}}  rank  ->  new  energy kept")
+    for layer in result.layers:
+        print(f"{layer.name:<{width}}  {layer.rank_before:4d}  -> {layer.rank_after:4d}  {layer.energy_kept:11.4f}")
+    print(
+        f"threshold σ ≥ {result.threshold:.4g}; energy kept {result.energy_kept:.4f}; parameters "
+        f"{result.params_before} -> {result.params_after} ({result.reduction:.1%} fewer); wrote {out_dir}"
+    )
+    return result
