@@ -1,0 +1,270 @@
+"""PiCa: the pica and pica_lowrank ops (Triton interpreted, float32, and reference against a float64
+oracle), PicaLinear on dense and CERSA bases, apply_pica's per-role sharing, saved bytes, gradcheck,
+opcheck, torch.compile, errors."""
+import pytest
+import torch
+from torch import nn
+
+from cersa_kernels import CersaLinear, PicaLinear
+from cersa_kernels.backends import use_backend
+from cersa_kernels.nn.pica import apply_pica
+from cersa_kernels.ops import pica_linear, pica_lowrank_linear
+
+from op_harness import check_triton_against_reference, run, saved_bytes
+
+# (T, n, m, r): odd and prime sizes, r = 1, and a T long enough to split dM's reduction over T.
+SHAPES = [(37, 130, 77, 8), (37, 130, 77, 1), (700, 33, 19, 7)]
+
+
+def orthonormal_rows(r, n, dtype=torch.float32):
+    return torch.linalg.qr(torch.randn(n, r, dtype=torch.float64))[0].T.to(dtype)
+
+
+def make(T, n, m, r, bias=True, lead=None):
+    return dict(
+        x=torch.randn(*(lead or (T,)), n), W=torch.randn(m, n) / n**0.5, P=orthonormal_rows(r, n),
+        M=torch.randn(m, r), bias=torch.randn(m) if bias else None,
+    )
+
+
+def make_lowrank(T, n, m, r, k=45, bias=True, lead=None):
+    k = min(max(k, r), n, m)
+    return dict(
+        x=torch.randn(*(lead or (T,)), n), V=orthonormal_rows(k, n).T.contiguous(),
+        S=torch.diag(torch.rand(k) + 0.5) + 0.1 * torch.randn(k, k), U=orthonormal_rows(k, m).T.contiguous(),
+        M=torch.randn(m, r), bias=torch.randn(m) if bias else None,
+    )
+
+
+def pica_fn(x, W, P, M, bias):
+    return pica_linear(x, W, P, M, bias)
+
+
+def lowrank_fn(x, V, S, U, M, bias):
+    return pica_lowrank_linear(x, V, S, U, M, bias)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "T{}n{}m{}r{}".format(*s))
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_pica_triton_matches_reference(shape, bias):
+    inputs = make(*shape, bias=bias)
+    check_triton_against_reference(pica_fn, inputs, ["x", "M"] + (["bias"] if bias else []), f"{shape}")
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "T{}n{}m{}r{}".format(*s))
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_pica_lowrank_triton_matches_reference(shape, bias):
+    inputs = make_lowrank(*shape, bias=bias)
+    check_triton_against_reference(lowrank_fn, inputs, ["x", "S", "M"] + (["bias"] if bias else []), f"{shape}")
+
+
+def test_3d_inputs():
+    check_triton_against_reference(pica_fn, make(37, 130, 77, 8, lead=(2, 37)), ["x", "M", "bias"], "pica 3d")
+    check_triton_against_reference(
+        lowrank_fn, make_lowrank(37, 130, 77, 8, lead=(2, 37)), ["x", "S", "M", "bias"], "pica_lowrank 3d"
+    )
+    assert run("triton", pica_fn, make(37, 130, 77, 8, lead=(2, 37)), ["M"])[0].shape == (2, 37, 77)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_fused_cersa_pica_equals_the_unfused_composition(backend):
+    """PiCa on a CERSA base in one op == CERSA op + a separate PiCa branch with P = V[:, :r]ᵀ
+    projected again; also for r = k, the largest rank the fusion allows."""
+    for r in (8, 45):
+        i = make_lowrank(37, 130, 77, r)
+
+        def unfused(x, V, S, U, M, bias):
+            from cersa_kernels.ops import lowrank_linear
+
+            return lowrank_linear(x, V, S, U, bias) + (x @ V[:, :r]) @ M.T
+
+        y, g = run(backend, lowrank_fn, i, ["x", "S", "M", "bias"])
+        y_ref, g_ref = run("torch", unfused, i, ["x", "S", "M", "bias"])
+        torch.testing.assert_close(y, y_ref, atol=1e-4, rtol=1e-4)
+        for k in g:
+            torch.testing.assert_close(g[k], g_ref[k], atol=1e-4, rtol=1e-4, msg=k)
+        # dM = dyᵀ · h[:, :r]
+        dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
+        torch.testing.assert_close(g["M"], dy.T @ (i["x"] @ i["V"][:, :r]), atol=1e-4, rtol=1e-4)
+
+
+def test_saved_bytes():
+    T, n, m, r, k = 37, 130, 77, 8, 45
+    i = make(T, n, m, r)
+    M = i["M"].requires_grad_()
+    x = i["x"].requires_grad_()
+    total, _ = saved_bytes(lambda: pica_linear(x, i["W"], i["P"], M, i["bias"]), [i["W"], i["P"], M])
+    assert total == 4 * T * r  # h = x·Pᵀ only: nothing for the frozen W0 path, not x
+    j = make_lowrank(T, n, m, r, k)
+    S, M2 = j["S"].requires_grad_(), j["M"].requires_grad_()
+    total, _ = saved_bytes(lambda: pica_lowrank_linear(x, j["V"], S, j["U"], M2, j["bias"]), [j["V"], S, j["U"], M2])
+    assert total == 4 * T * k  # CERSA's h = x·V only: the PiCa branch saves nothing more
+
+
+def test_reference_gradcheck_float64():
+    i = {k: v.double() for k, v in make(6, 9, 7, 3).items()}
+    with use_backend("torch"):
+        assert torch.autograd.gradcheck(
+            lambda x, M, b: pica_linear(x, i["W"], i["P"], M, b),
+            (i["x"].requires_grad_(), i["M"].requires_grad_(), i["bias"].requires_grad_()),
+        )
+        j = {k: v.double() for k, v in make_lowrank(6, 9, 7, 2, k=4).items()}
+        assert torch.autograd.gradcheck(
+            lambda x, S, M, b: pica_lowrank_linear(x, j["V"], S, j["U"], M, b),
+            tuple(j[k].requires_grad_() for k in ("x", "S", "M", "bias")),
+        )
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_opcheck(backend):
+    i, j = make(37, 130, 77, 8), make_lowrank(37, 130, 77, 8)
+    dy = torch.randn(37, 77)
+    with use_backend(backend):
+        torch.library.opcheck(
+            torch.ops.cersa.pica_fwd.default, (i["x"].requires_grad_(), i["W"], i["bias"], i["P"], i["M"].requires_grad_())
+        )
+        torch.library.opcheck(
+            torch.ops.cersa.pica_lowrank_fwd.default,
+            (j["x"].requires_grad_(), j["V"], j["S"].requires_grad_(), j["U"], j["M"].requires_grad_(), None),
+        )
+        for need_dx in (True, False):
+            torch.library.opcheck(
+                torch.ops.cersa.pica_bwd.default, (dy, torch.randn(37, 8), i["W"], i["P"], i["M"].detach(), need_dx)
+            )
+            torch.library.opcheck(
+                torch.ops.cersa.pica_lowrank_bwd.default,
+                (dy, torch.randn(37, 45), j["V"], j["S"].detach(), j["U"], j["M"].detach(), need_dx),
+            )
+
+
+class Block(nn.Module):
+    """Two 'blocks' with the same roles, as in a transformer: q (24->24), up (24->40), plus a CERSA q."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList(
+            nn.ModuleDict(dict(q=nn.Linear(24, 24), up=nn.Linear(24, 40), down=nn.Linear(40, 24))) for _ in range(2)
+        )
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = x + layer["down"](torch.relu(layer["up"](layer["q"](x))))
+        return x
+
+
+def test_apply_pica_shares_one_M_per_role_and_sums_gradients():
+    model = Block()
+    x = torch.randn(3, 5, 24)
+    with torch.no_grad():
+        before = model(x)
+    Ms = apply_pica(model, rank=4, target_modules=["q", "up"])
+    assert set(Ms) == {"q", "up"} and Ms["q"].shape == (24, 4) and Ms["up"].shape == (40, 4)
+    assert model.layers[0]["q"].M is model.layers[1]["q"].M is Ms["q"]
+    assert isinstance(model.layers[0]["down"], nn.Linear)  # not targeted
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert {id(p) for p in trainable} >= {id(Ms["q"]), id(Ms["up"])}
+    torch.testing.assert_close(model(x), before)  # M = 0: step 0 is the base model exactly
+    # P = V_rᵀ: the top-r RIGHT singular vectors of the weight
+    layer = model.layers[1]["up"]
+    Vh = torch.linalg.svd(layer.weight.double())[2][:4]
+    torch.testing.assert_close((layer.P.double() @ Vh.T).abs(), torch.eye(4, dtype=torch.float64), atol=1e-5, rtol=0)
+    # the shared M's gradient is the sum of each layer's dyᵀ·h
+    with torch.no_grad():
+        Ms["q"].normal_()
+        Ms["up"].normal_()
+    hs = {}
+    for i in range(2):
+        for role in ("q", "up"):
+            mod = model.layers[i][role]
+            mod.register_forward_hook(lambda m, inp, out, key=(i, role): hs.__setitem__(key, (inp[0], out)))
+    y = model(x)
+    outs = [hs[(i, "q")][1] for i in range(2)] + [hs[(i, "up")][1] for i in range(2)]
+    for o in outs:
+        o.retain_grad()
+    y.square().sum().backward()
+    for role in ("q", "up"):
+        expected = sum(
+            hs[(i, role)][1].grad.reshape(-1, Ms[role].shape[0]).T
+            @ (hs[(i, role)][0].reshape(-1, 24) @ model.layers[i][role].P.T)
+            for i in range(2)
+        )
+        torch.testing.assert_close(Ms[role].grad, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_pica_on_cersa_base_reuses_the_basis():
+    linear = nn.Linear(24, 40)
+    cersa = CersaLinear.from_linear(linear, rank=10)
+    model = nn.Sequential(cersa)
+    Ms = apply_pica(model, rank=4)
+    layer = model[0]
+    assert layer.base is cersa and not hasattr(layer, "P")
+    torch.testing.assert_close(layer.projection(), cersa.V[:, :4].T)
+    x = torch.randn(7, 24)
+    with torch.no_grad():
+        Ms["0"].normal_()
+    torch.testing.assert_close(layer(x), cersa(x) + (x @ cersa.V[:, :4]) @ Ms["0"].T, atol=1e-5, rtol=1e-5)
+    layer(x).sum().backward()
+    assert cersa.S.grad is not None and Ms["0"].grad is not None
+    # the same right singular vectors a dense PiCa layer would use (up to sign)
+    dense = PicaLinear(linear, 4)
+    torch.testing.assert_close((dense.P @ layer.projection().T).abs(), torch.eye(4), atol=1e-4, rtol=0)
+
+
+def test_torch_compile_fullgraph_forward_backward():
+    torch._dynamo.reset()
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    model = Block()
+    model.layers[0]["down"] = CersaLinear.from_linear(model.layers[0]["down"], rank=12)
+    Ms = apply_pica(model, rank=4)
+    with torch.no_grad():
+        for M in Ms.values():
+            M.normal_()
+    x = torch.randn(2, 5, 24, requires_grad=True)
+    model(x).square().sum().backward()
+    params = [x] + [p for p in model.parameters() if p.requires_grad]
+    eager = [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
+    torch.compile(model, fullgraph=True)(x).square().sum().backward()
+    for p, e in zip(params, eager):
+        torch.testing.assert_close(p.grad, e, atol=1e-4, rtol=1e-4)
+    assert not counters["graph_break"], dict(counters["graph_break"])
+
+
+class TestErrors:
+    def test_role_with_different_out_features(self):
+        model = nn.ModuleDict(dict(a=nn.ModuleDict(dict(proj=nn.Linear(8, 6))), b=nn.ModuleDict(dict(proj=nn.Linear(8, 5)))))
+        with pytest.raises(
+            ValueError, match=r"role 'proj' .* differ in out_features: a.proj: \(out=6, in=8\), b.proj: \(out=5, in=8\)"
+        ):
+            apply_pica(model, rank=2)
+
+    def test_no_match(self):
+        with pytest.raises(ValueError, match=r"no nn.Linear or CersaLinear layer matches target_modules=\['k_proj'\]"):
+            apply_pica(nn.Sequential(nn.Linear(4, 4)), 2, ["k_proj"])
+
+    def test_rank_too_large(self):
+        with pytest.raises(ValueError, match=r"PicaLinear \(0\): rank must be in \[1, min\(m, n\) = 4\], got 5"):
+            apply_pica(nn.Sequential(nn.Linear(4, 6)), 5)
+        with pytest.raises(ValueError, match=r"PicaLinear \(0\): rank must be in \[1, CERSA rank k = 3\]"):
+            apply_pica(nn.Sequential(CersaLinear(8, 8, 3)), 4)
+
+    def test_op_arguments(self):
+        i = make(4, 10, 6, 2)
+        with pytest.raises(ValueError, match=r"q.layer: expected input with last dimension in_features=10"):
+            pica_linear(torch.randn(4, 9), i["W"], i["P"], i["M"], layer="q.layer")
+        with pytest.raises(ValueError, match=r"M must have shape \(6, 2\), got \(6, 3\)"):
+            pica_linear(i["x"], i["W"], i["P"], torch.randn(6, 3))
+        with pytest.raises(ValueError, match="P is frozen"):
+            pica_linear(i["x"], i["W"], i["P"].requires_grad_(), i["M"])
+        with pytest.raises(TypeError, match="dtype mismatch.*P=float64"):
+            pica_linear(i["x"], i["W"], i["P"].detach().double(), i["M"])
+        j = make_lowrank(4, 10, 6, 5, k=4)
+        with pytest.raises(ValueError, match=r"PiCa rank r must be <= the CERSA rank k = 5 to reuse h = x V, got r = 6"):
+            pica_lowrank_linear(j["x"], j["V"], j["S"], j["U"], torch.randn(6, 6))
+
+    def test_M_shape_for_layer(self):
+        with pytest.raises(ValueError, match=r"M must have shape \(out_features, rank\) = \(6, 2\), got \(5, 2\)"):
+            PicaLinear(nn.Linear(4, 6), 2, nn.Parameter(torch.zeros(5, 2)))
