@@ -197,3 +197,35 @@ class TestErrors:
             LoraLinear(10, 6, 2, dropout=1.5)
         with pytest.raises(TypeError, match="expected an nn.Linear, got Conv1d"):
             LoraLinear.from_linear(nn.Conv1d(2, 2, 1), 1)
+
+
+def test_triton_dropout_never_materialises_the_mask():
+    """The Triton forward applies the mask inside the GEMM: no T×n mask (bool) or counter (int64)
+    tensor is created, while the reference does create them (so the probe can see them). Float
+    T×n tensors are not probed: the interpreter copies every float argument to launch a kernel."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Sizes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.shapes = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func.is_view:  # a view allocates nothing
+                return out
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, torch.Tensor) and t.dtype in (torch.bool, torch.int64):
+                    self.shapes.append(t.numel())
+            return out
+
+    from cersa_kernels.reference.lora import lora_fwd
+    from cersa_kernels.triton.lora import lora_fwd_triton
+
+    T, n, m, r = 37, 130, 77, 8
+    i = make(T, n, m, r)
+    # the kernels themselves (the custom op is one opaque node to a dispatch mode)
+    for kernel, expect_txn in ((lora_fwd_triton, False), (lora_fwd, True)):
+        with torch.no_grad(), Sizes() as probe:
+            kernel(i["x"], i["W"], i["bias"], i["A"], i["B"], 2.0, 0.3, torch.tensor(5))
+        assert (T * n in probe.shapes) == expect_txn, (kernel.__name__, probe.shapes)
