@@ -1,10 +1,10 @@
 """The PiCa ops against their eager compositions and a dense frozen nn.Linear; forward and
 forward+backward.
 
-`test_pica` rows: `pica-<backend>` (our op), `eager` (x Wᵀ + b + (x Pᵀ) Mᵀ as plain autograd:
-saves x and h), `dense` (nn.Linear alone, weight frozen, x needs grad).
+`test_pica` rows: `pica-<backend>` (our op), `eager` (x Wᵀ + b + (x Pᵀ) Mᵀ as plain autograd),
+`dense` (nn.Linear alone, weight frozen, x needs grad).
 `test_pica_on_cersa` rows: `fused-<backend>` (cersa::pica_lowrank: one op, the branch reuses
-h = x·V), `unfused` (the CERSA op plus a separate PiCa branch projecting x again: saves x too).
+h = x·V), `unfused` (the CERSA op plus a separate PiCa branch projecting x again: saves x·V_r beside h).
 GPU: LLM shapes in bf16 (PiCa's default rank 256); CPU: small shapes, float32, torch backend only.
 """
 from __future__ import annotations
@@ -72,11 +72,11 @@ def test_pica(benchmark, shape, row, mode):
     elif row == "eager":
         def fwd():
             return x @ W.T + bias + (x @ P.T) @ M.T
-    else:
-        dense = nn.Linear(n, m, device=DEVICE, dtype=DTYPE).requires_grad_(False)
+    dense = nn.Linear(n, m, device=DEVICE, dtype=DTYPE).requires_grad_(False)
+    if row == "dense":
         fwd = lambda: dense(x)  # noqa: E731
     benchmark.group = f"pica T{T} n{n} m{m} r{r} {DTYPE_NAME} {mode}"
-    saved = saved_activation_bytes(fwd, [W, bias, P, M])  # x is counted where it is kept
+    saved = saved_activation_bytes(fwd, [W, bias, P, M, dense.weight, dense.bias])  # x is counted where kept
     flops = 2 * T * m * n + 2 * T * r * (n + m)
     if mode != "fwd":
         flops += 2 * T * m * n + 2 * T * r * (n + m) + 2 * T * m * r  # dx (dense + branch), dM
