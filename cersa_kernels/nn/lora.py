@@ -89,7 +89,8 @@ class LoraLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         p = self.dropout if self.training else 0.0
-        seed = torch.randint(0, 2**31 - 1, (), dtype=torch.int64, device=x.device) if p > 0 else None
+        # the seed lives on the CPU: the kernels read it as a Python int, which must not sync a GPU
+        seed = torch.randint(0, 2**31 - 1, (), dtype=torch.int64) if p > 0 else None
         return lora_linear(
             x, self.weight, self.lora_A, self.lora_B, self.bias, self.scaling, p, seed, layer=self._name()
         )

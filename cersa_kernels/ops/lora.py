@@ -93,8 +93,8 @@ def lora_linear(
     """`y = x Wᵀ + bias + scale·(drop(x) Aᵀ) Bᵀ`: x (..., n), W (m, n), A (r, n), B (m, r) -> (..., m).
 
     W is frozen; gradients flow to x, A, B and bias. Only x and x·Aᵀ (T×r) are saved. With
-    dropout_p > 0 a `seed` (int or int64 scalar tensor) is required: the same seed gives the same
-    mask, and the backward regenerates it. `layer` names the caller in error messages.
+    dropout_p > 0 a `seed` (int or int64 scalar tensor, best kept on the CPU) is required: the same
+    seed gives the same mask, and the backward regenerates it. `layer` names the caller in errors.
     """
     if W.dim() != 2 or A.dim() != 2 or B.dim() != 2:
         raise ValueError(
@@ -117,10 +117,11 @@ def lora_linear(
         raise ValueError(f"{layer}: dropout_p must be in [0, 1), got {dropout_p}")
     if dropout_p > 0 and seed is None:
         raise ValueError(f"{layer}: dropout_p={dropout_p} needs an explicit seed (int or int64 scalar tensor)")
+    # A CPU scalar whatever x's device: the kernels read it as a Python int (no GPU sync).
     if seed is None:
-        seed = torch.zeros((), dtype=torch.int64, device=x.device)
+        seed = torch.zeros((), dtype=torch.int64)
     elif not isinstance(seed, Tensor):
-        seed = torch.tensor(int(seed), dtype=torch.int64, device=x.device)
+        seed = torch.tensor(int(seed), dtype=torch.int64)
     if seed.dtype != torch.int64 or seed.dim() != 0:
         raise TypeError(f"{layer}: seed must be an int64 scalar tensor, got {seed.dtype} of shape {tuple(seed.shape)}")
     lead = x.shape[:-1]
