@@ -137,15 +137,15 @@ def _cersa_method(
     energy: float = 0.95,
     energy_power: float = 2,
     rank: Optional[int] = None,
-    max_rank: Optional[int] = None,
-    trainable_rank: Optional[int] = None,
-    train_bias: bool = False,
     energy_scope: str = "layer",
     budget: Optional[int] = None,
     budget_bytes: Optional[int] = None,
     core_dtype: Optional[torch.dtype] = torch.float32,
+    **layer_options,
 ) -> dict[str, nn.Module]:
-    from .decompose import global_ranks, truncated_svd
+    """CersaLinear for each layer; `layer_options` go to CersaLinear.from_linear (max_rank,
+    trainable_rank, train_bias). With global allocation the ranks come from one pooled threshold."""
+    from .decompose import global_ranks
     from .nn import CersaLinear
 
     if energy_scope not in ("layer", "global"):
@@ -162,15 +162,12 @@ def _cersa_method(
         spectra = {n: torch.linalg.svdvals(l.weight.detach().float()) for n, l in linears.items()}
         shapes = {n: (l.out_features, l.in_features) for n, l in linears.items()}
         ranks = global_ranks(spectra, shapes, energy=None if budget is not None else energy, energy_power=energy_power, budget=budget)
-    out = {}
-    for name, linear in linears.items():
-        layer = CersaLinear.from_linear(
-            linear, energy=energy, energy_power=energy_power, rank=ranks[name], max_rank=max_rank,
-            trainable_rank=None if trainable_rank is None else min(trainable_rank, ranks[name] or trainable_rank),
-            train_bias=train_bias, core_dtype=core_dtype,
+    return {
+        name: CersaLinear.from_linear(
+            linear, energy=energy, energy_power=energy_power, rank=ranks[name], core_dtype=core_dtype, **layer_options
         )
-        out[name] = layer
-    return out
+        for name, linear in linears.items()
+    }
 
 
 METHODS: dict[str, Callable[..., dict[str, nn.Module]]] = {"cersa": _cersa_method}

@@ -96,15 +96,17 @@ class CersaLinear(nn.Module):
         core_dtype: Optional[torch.dtype] = None,
     ) -> "CersaLinear":
         """Replace `linear` by its energy-truncated SVD (METHODS §1); the bias is copied (frozen
-        unless train_bias). The SVD runs in float32 on the weight's device. `core_dtype` (default:
-        the weight's dtype) is the dtype of S and sigma."""
+        unless train_bias). The SVD runs in float32 on the weight's device. `trainable_rank` is
+        capped at the k chosen (k is not known in advance when it comes from `energy`).
+        `core_dtype` (default: the weight's dtype) is the dtype of S and sigma."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"CersaLinear.from_linear: expected an nn.Linear, got {type(linear).__name__}")
         svd = truncated_svd(linear.weight, energy, energy_power, rank, max_rank, where="CersaLinear.from_linear")
         w = linear.weight
         layer = cls(
             linear.in_features, linear.out_features, svd.rank, bias=linear.bias is not None,
-            device="meta", dtype=w.dtype, trainable_rank=trainable_rank, core_dtype=core_dtype,
+            device="meta", dtype=w.dtype, core_dtype=core_dtype,
+            trainable_rank=None if trainable_rank is None else min(trainable_rank, svd.rank),
         )
         layer.to_empty(device=w.device)
         with torch.no_grad():
