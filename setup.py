@@ -89,6 +89,7 @@ def write_ninja(plan: CudaPlan, build_dir: Path, output: Path) -> Path:
     includes = [f"-I{pybind11.get_include()}", f"-I{sysconfig.get_paths()['include']}"]
     flags = lambda args: " ".join(shlex.quote(a) for a in args).replace("$", "$$")  # noqa: E731
     lines = [
+        f"builddir = {_ninja_path(build_dir)}",  # ninja's log and deps files go here, not into the cwd
         f"nvcc = {shlex.quote(plan.nvcc)}",
         f"cuflags = {flags(common + gencode)}",
         f"cxxflags = {flags(common + includes + info)}",

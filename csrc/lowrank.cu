@@ -323,7 +323,8 @@ void lowrank_fwd(const Matrix& x, const Matrix& V, const Matrix& S, const Matrix
   if (bias) check_matrix("bias", *bias, 1, s.m, s.dt);
   check_matrix("y", y, s.T, s.m, s.dt);
   check_matrix("h", h, s.T, s.k, s.dt);
-  check_workspace(workspace_bytes, lowrank_fwd_workspace_bytes(x, V, S, U));
+  const size_t need = lowrank_fwd_workspace_bytes(x, V, S, U);
+  check_workspace(workspace_bytes, need);
   check_device_matrix("x", x);
   check_device_matrix("V", V);
   check_device_matrix("S", S);
@@ -331,6 +332,7 @@ void lowrank_fwd(const Matrix& x, const Matrix& V, const Matrix& S, const Matrix
   check_device_matrix("y", y);
   check_device_matrix("h", h);
   if (bias) check_device_matrix("bias", *bias);
+  if (need > 0) check_device_pointer("workspace", workspace);
 
   dispatch(s.dt, [&](auto tag) {
     using T = decltype(tag);
@@ -360,7 +362,8 @@ void lowrank_bwd(const Matrix& dy, const Matrix& h, const Matrix& V, const Matri
   const FwdShapes s = check_bwd(dy, h, V, S, U);
   if (dx) check_matrix("dx", *dx, s.T, s.n, s.dt);
   check_matrix("dS", dS, s.k, s.k, S.dtype);
-  check_workspace(workspace_bytes, lowrank_bwd_workspace_bytes(dy, h, V, S, U, dx != nullptr));
+  const size_t need = lowrank_bwd_workspace_bytes(dy, h, V, S, U, dx != nullptr);
+  check_workspace(workspace_bytes, need);
   check_device_matrix("dy", dy);
   check_device_matrix("h", h);
   check_device_matrix("V", V);
@@ -368,6 +371,7 @@ void lowrank_bwd(const Matrix& dy, const Matrix& h, const Matrix& V, const Matri
   check_device_matrix("U", U);
   check_device_matrix("dS", dS);
   if (dx) check_device_matrix("dx", *dx);
+  if (need > 0) check_device_pointer("workspace", workspace);
 
   dispatch(s.dt, [&](auto tag) {
     using T = decltype(tag);
