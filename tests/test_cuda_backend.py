@@ -216,8 +216,8 @@ def test_backend_reports_a_missing_module(monkeypatch):
 # ========================================================================= GPU: kernels vs float64
 
 DEV = "cuda"
-# odd and prime sizes, k = 1, a T that splits the dS reduction over blocks, k > m
-SHAPES = [(37, 130, 77, 45), (37, 130, 77, 1), (1000, 64, 96, 64), (5, 300, 7, 130)]
+# odd and prime sizes, k = 1, a T that splits the dS reduction over blocks, k over two tiles
+SHAPES = [(37, 130, 77, 45), (37, 130, 77, 1), (1000, 64, 96, 64), (5, 300, 140, 130)]
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 
 
@@ -400,7 +400,8 @@ def test_gpu_snell_delta_matches_float64(dtype, dims, sparse):
     ref, _ = snell_ref64(A, B, coeffs, tau)
     out = cuda_backend.snell_delta_cuda(A, B, coeffs, tau)
     assert out.shape == (m, n) and out.dtype == dtype
-    assert torch.equal(out != 0, ref != 0), "kept entries differ from the float64 rule |K| > tau"
+    # the float64 rule |K| > tau, after rounding to the dtype (tiny K·|K| underflow in fp16)
+    assert torch.equal(out != 0, ref.to(dtype) != 0), "kept entries differ from the float64 rule |K| > tau"
     if sparse:
         assert 0.3 < float((ref != 0).double().mean()) < 0.7
     assert_matches_reference(out, ref.to(dtype), ref, f"snell {dims} {dtype}")
