@@ -49,6 +49,9 @@ def cuda_build_plan(env: Mapping[str, str] = os.environ) -> CudaPlan:
     bad = [a for a in archs if not _ARCH.match(a)]
     if bad or not archs:
         raise ValueError(f"CERSA_CUDA_ARCHS must list compute capabilities like '80;90a', got {env['CERSA_CUDA_ARCHS']!r}")
+    old = [a for a in archs if int(a.rstrip("af")) < 80]
+    if old:  # the kernels use bf16 tensor cores (WMMA), which start at sm_80
+        raise ValueError(f"CERSA_CUDA_ARCHS: the kernels need compute capability 80 or newer, got {';'.join(old)}")
     return CudaPlan(nvcc, archs, f"nvcc at {nvcc}, archs {';'.join(archs)}")
 
 

@@ -187,6 +187,8 @@ def test_build_plan_honours_the_environment():
     assert SETUP.cuda_build_plan({"PATH": "/nonexistent", "CUDA_HOME": cuda_home}).nvcc is not None
     with pytest.raises(ValueError, match="CERSA_CUDA_ARCHS must list compute capabilities like '80;90a', got 'sm_80'"):
         SETUP.cuda_build_plan({"PATH": path, "CERSA_CUDA_ARCHS": "sm_80"})
+    with pytest.raises(ValueError, match="need compute capability 80 or newer, got 75"):
+        SETUP.cuda_build_plan({"PATH": path, "CERSA_CUDA_ARCHS": "75;80"})
 
 
 def test_build_with_skip_variable_builds_nothing(tmp_path):
