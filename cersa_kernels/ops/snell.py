@@ -80,7 +80,8 @@ def _backward(ctx, dy):
     if need_dx or need_dA or need_dB:
         dx, dA, dB = torch.ops.cersa.snell_bwd(dy, x, W0, A, B, ctx.coeffs, tau, need_dx)
     if need_dbias:
-        dbias = dy.sum(0, dtype=torch.float32).to(ctx.bias_dtype)
+        acc = torch.float64 if dy.dtype == torch.float64 else torch.float32
+        dbias = dy.sum(0, dtype=acc).to(ctx.bias_dtype)
     return (
         dx if need_dx else None, None, dbias, dA if need_dA else None, dB if need_dB else None, None, None,
     )
