@@ -43,7 +43,7 @@ def threshold_margin(A, B, coeffs, sparsity) -> float:
     return float(min(gaps)) / float(vals[-1])
 
 
-def draw_inputs(T, n, m, q, heads=2, sparsity=0.9, bias=True, seed=0, lead=()):
+def draw_inputs(T, n, m, q, heads=2, sparsity=0.9, bias=True, seed=0, lead=(), coeffs=COEFFS):
     """x (*lead, T, n), W0, bias, A (heads, n, q/heads), B (heads, m, q/heads) in float32, A and B
     kaiming-like as in SnellLinear; redrawn (bounded tries) until τ is at least MARGIN·max|K| from
     every other |K|, so fp32 rounding cannot move an entry across τ."""
@@ -52,7 +52,7 @@ def draw_inputs(T, n, m, q, heads=2, sparsity=0.9, bias=True, seed=0, lead=()):
         g = torch.Generator().manual_seed(1000 * seed + attempt)
         A = _uniform(heads, n, d, bound=1 / math.sqrt(d), gen=g)
         B = _uniform(heads, m, d, bound=1 / math.sqrt(d), gen=g)
-        if threshold_margin(A, B, COEFFS[:heads] if heads == 2 else (0.1,) * heads, sparsity) > MARGIN:
+        if threshold_margin(A, B, coeffs, sparsity) > MARGIN:
             break
     else:
         raise AssertionError("no draw with a clear threshold margin in 50 tries")
@@ -104,7 +104,7 @@ def test_triton_matches_reference_other_shapes():
     """3-D input without bias; 4 heads of d_h = 8 (q = 32); a column-strided x."""
     check_against_reference(draw_inputs(5, 64, 96, 16, bias=False, lead=(3,)), sparsity=0.9)
     coeffs4 = (0.1, -0.1, 0.05, -0.2)
-    x, W0, b, A, B = draw_inputs(19, 33, 45, 32, heads=4, sparsity=0.0)
+    x, W0, b, A, B = draw_inputs(19, 33, 45, 32, heads=4, sparsity=0.7, coeffs=coeffs4)
     check_against_reference((x, W0, b, A, B), sparsity=0.7, coeffs=coeffs4)
     xs = torch.randn(37, 260)[:, ::2]
     _, W0, b, A, B = draw_inputs(37, 130, 77, 8, sparsity=0.5)
@@ -471,30 +471,36 @@ def test_state_dict_round_trip_and_repr():
     assert "rank=8, heads=2, sparsity=0.5, coeffs=(0.1, -0.1)" in text and "trainable=400" in text
 
 
+LAYER = r"SnellLinear\(in_features=16, out_features=8\)"
+
+
 class TestErrors:
     def test_wrong_in_features(self):
         layer = SnellLinear(16, 8, rank=4)
         layer.layer_name = "encoder.0.q_proj"
-        with pytest.raises(ValueError, match=r"encoder.0.q_proj: expected input with last dimension in_features=16, got shape \(2, 15\)"):
+        expected = r"encoder.0.q_proj: expected input with last dimension in_features=16, got shape \(2, 15\)"
+        with pytest.raises(ValueError, match=expected):
             layer(torch.randn(2, 15))
 
     @pytest.mark.parametrize("sparsity", [-0.1, 1.0, 1.5])
     def test_sparsity_outside_range(self, sparsity):
-        with pytest.raises(ValueError, match=rf"SnellLinear\(in_features=16, out_features=8\): sparsity must be in \[0, 1\), got {sparsity}"):
+        expected = rf"{LAYER}: sparsity must be in \[0, 1\), got {sparsity}"
+        with pytest.raises(ValueError, match=expected):
             SnellLinear(16, 8, rank=4, sparsity=sparsity)
         A, B = torch.randn(2, 16, 2), torch.randn(2, 8, 2)
         with pytest.raises(ValueError, match=r"sparsity must be in \[0, 1\)"):
             snell_linear(torch.randn(2, 16), torch.randn(8, 16), None, A, B, COEFFS, sparsity)
 
     def test_heads_not_dividing_rank(self):
-        with pytest.raises(ValueError, match=r"SnellLinear\(in_features=16, out_features=8\): heads must be ≥ 1 and divide rank; got rank=9, heads=2"):
+        with pytest.raises(ValueError, match=rf"{LAYER}: heads must be ≥ 1 and divide rank; got rank=9, heads=2"):
             SnellLinear(16, 8, rank=9, heads=2)
 
     def test_coeffs_length(self):
-        with pytest.raises(ValueError, match=r"expected one coefficient per head \(2\), got 3: \(0.1, -0.1, 0.2\)"):
+        with pytest.raises(ValueError, match=rf"{LAYER}: expected one coefficient per head \(2\), got 3: \(0.1, -0.1, 0.2\)"):
             SnellLinear(16, 8, rank=4, heads=2, coeffs=(0.1, -0.1, 0.2))
         with pytest.raises(ValueError, match=r"snell_linear: expected one coefficient per head \(2\), got 1"):
-            snell_linear(torch.randn(2, 16), torch.randn(8, 16), None, torch.randn(2, 16, 2), torch.randn(2, 8, 2), (0.1,))
+            snell_linear(torch.randn(2, 16), torch.randn(8, 16), None, torch.randn(2, 16, 2), torch.randn(2, 8, 2),
+                         (0.1,))
 
     def test_factor_shapes(self):
         with pytest.raises(ValueError, match=r"snell_linear: B must have shape \(2, 8, 2\), got \(2, 9, 2\)"):
