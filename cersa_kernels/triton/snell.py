@@ -56,10 +56,10 @@ def _head_distance(b, a):
 def _kernel_tile(
     a_ptr, b_ptr, c_ptr, offs_m, offs_n, m, n, d,
     stride_ah, stride_an, stride_ad, stride_bh, stride_bm, stride_bd,
-    H: tl.constexpr, BLOCK_D: tl.constexpr,
+    H: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """K tile (BM, BN) fp32: Σ_h c_h ‖B[h, i] − A[h, j]‖ for i in offs_m, j in offs_n."""
-    k = tl.zeros((offs_m.shape[0], offs_n.shape[0]), dtype=tl.float32)
+    k = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for h in tl.static_range(H):
         b = _load_rows(b_ptr, h, offs_m, m, d, stride_bh, stride_bm, stride_bd, BLOCK_D)
         a = _load_rows(a_ptr, h, offs_n, n, d, stride_ah, stride_an, stride_ad, BLOCK_D)
@@ -71,11 +71,11 @@ def _kernel_tile(
 def _sparse_delta_tile(
     a_ptr, b_ptr, c_ptr, tau, offs_m, offs_n, m, n, d,
     stride_ah, stride_an, stride_ad, stride_bh, stride_bm, stride_bd,
-    H: tl.constexpr, BLOCK_D: tl.constexpr,
+    H: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """ΔW_s tile (BM, BN) fp32 = K·|K| where |K| > τ (and inside the matrix), else 0."""
     k = _kernel_tile(a_ptr, b_ptr, c_ptr, offs_m, offs_n, m, n, d,
-                     stride_ah, stride_an, stride_ad, stride_bh, stride_bm, stride_bd, H, BLOCK_D)
+                     stride_ah, stride_an, stride_ad, stride_bh, stride_bm, stride_bd, H, BLOCK_M, BLOCK_N, BLOCK_D)
     absk = tl.abs(k)
     keep = (absk > tau) & (offs_m[:, None] < m) & (offs_n[None, :] < n)
     return tl.where(keep, k * absk, 0.0)
@@ -99,8 +99,9 @@ def _snell_select_kernel(
         v = tl.load(v_ptr + offs_m[:, None] * stride_vm + offs_n[None, :] * stride_vn, mask=inside, other=0.0)
         absk = tl.abs(v.to(tl.float32))
     else:
-        absk = tl.abs(_kernel_tile(a_ptr, b_ptr, c_ptr, offs_m, offs_n, m, n, d,
-                                   stride_ah, stride_an, stride_ad, stride_bh, stride_bm, stride_bd, H, BLOCK_D))
+        k = _kernel_tile(a_ptr, b_ptr, c_ptr, offs_m, offs_n, m, n, d,
+                         stride_ah, stride_an, stride_ad, stride_bh, stride_bm, stride_bd, H, BLOCK_M, BLOCK_N, BLOCK_D)
+        absk = tl.abs(k)
     bits = absk.to(tl.int32, bitcast=True)
     prefix = tl.load(prefix_ptr)
     valid = inside & ((bits >> (SHIFT + NBITS)) == prefix)
@@ -136,7 +137,8 @@ def _snell_fwd_kernel(
         w = tl.load(w0_ptr + offs_m[:, None] * stride_wm + offs_n[None, :] * stride_wn,
                     mask=(offs_m[:, None] < m) & (offs_n[None, :] < n), other=0.0).to(tl.float32)
         w += _sparse_delta_tile(a_ptr, b_ptr, c_ptr, tau, offs_m, offs_n, m, n, d,
-                                stride_ah, stride_an, stride_ad, stride_bh, stride_bm, stride_bd, H, BLOCK_D)
+                                stride_ah, stride_an, stride_ad, stride_bh, stride_bm, stride_bd,
+                                H, BLOCK_M, BLOCK_N, BLOCK_D)
         acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision=DOT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_m, mask=offs_m < m, other=0.0).to(tl.float32)[None, :]
@@ -166,7 +168,8 @@ def _snell_dx_kernel(
         w = tl.load(w0_ptr + offs_m[:, None] * stride_wm + offs_n[None, :] * stride_wn,
                     mask=(offs_m[:, None] < m) & (offs_n[None, :] < n), other=0.0).to(tl.float32)
         w += _sparse_delta_tile(a_ptr, b_ptr, c_ptr, tau, offs_m, offs_n, m, n, d,
-                                stride_ah, stride_an, stride_ad, stride_bh, stride_bm, stride_bd, H, BLOCK_D)
+                                stride_ah, stride_an, stride_ad, stride_bh, stride_bm, stride_bd,
+                                H, BLOCK_M, BLOCK_N, BLOCK_D)
         acc = tl.dot(g, w.to(g.dtype), acc, input_precision=DOT_PRECISION)
     tl.store(dx_ptr + offs_t[:, None] * stride_dxt + offs_n[None, :] * stride_dxn, acc.to(dx_ptr.dtype.element_ty),
              mask=(offs_t[:, None] < T) & (offs_n[None, :] < n))
@@ -195,7 +198,7 @@ def _snell_dab_kernel(
                     mask=(offs_t[:, None] < T) & (offs_n[None, :] < n), other=0.0)
         g = tl.dot(dyt, x, g, input_precision=DOT_PRECISION)
     k = _kernel_tile(a_ptr, b_ptr, c_ptr, offs_m, offs_n, m, n, d,
-                     stride_ah, stride_an, stride_ad, stride_bh, stride_bm, stride_bd, H, BLOCK_D)
+                     stride_ah, stride_an, stride_ad, stride_bh, stride_bm, stride_bd, H, BLOCK_M, BLOCK_N, BLOCK_D)
     absk = tl.abs(k)
     keep = (absk > tl.load(tau_ptr)) & (offs_m[:, None] < m) & (offs_n[None, :] < n)
     gp = tl.where(keep, g * absk, 0.0)
@@ -379,6 +382,6 @@ def _kernel_matrix_kernel(
     offs_m = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     offs_n = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     k = _kernel_tile(a_ptr, b_ptr, c_ptr, offs_m, offs_n, m, n, d,
-                     stride_ah, stride_an, stride_ad, stride_bh, stride_bm, stride_bd, H, BLOCK_D)
+                     stride_ah, stride_an, stride_ad, stride_bh, stride_bm, stride_bd, H, BLOCK_M, BLOCK_N, BLOCK_D)
     tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on, k,
              mask=(offs_m[:, None] < m) & (offs_n[None, :] < n))
