@@ -5,10 +5,10 @@ Importing this package touches no GPU and does not import triton; kernels load o
 from . import backends, ops
 from .decompose import decompose, global_ranks, select_rank, truncated_svd
 from .model import apply, load, merge, save, trainable_parameters
-from .nn import CersaLinear
+from .nn import CersaLinear, SnellLinear
 
 __version__ = "0.1.0"
 __all__ = [
-    "CersaLinear", "decompose", "select_rank", "truncated_svd", "global_ranks", "ops", "backends",
+    "CersaLinear", "SnellLinear", "decompose", "select_rank", "truncated_svd", "global_ranks", "ops", "backends",
     "apply", "merge", "save", "load", "trainable_parameters", "__version__",
 ]
