@@ -414,3 +414,21 @@ def test_gpu_snell_delta_matches_float64(dtype, dims, sparse):
     # strided views of the same values give the same answer
     A_t = A.transpose(1, 2).contiguous().transpose(1, 2)
     torch.testing.assert_close(cuda_backend.snell_delta_cuda(A_t, B, coeffs, tau), out, atol=0, rtol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_gpu_snell_delta_agrees_with_the_snell_reference(dtype):
+    """The two sides of the snell_delta contract: the CUDA kernel and reference.snell.snell_delta."""
+    from cersa_kernels.reference.snell import snell_delta
+
+    H, n, m, d = 2, 130, 77, 4
+    bound = 1 / d**0.5
+    A = (torch.rand(H, n, d, device=DEV) * 2 - 1).mul(bound).to(dtype)
+    B = (torch.rand(H, m, d, device=DEV) * 2 - 1).mul(bound).to(dtype)
+    _, K = snell_ref64(A, B, (0.1, -0.1), 0.0)
+    tau = _tau_in_a_gap(K)
+    ref = snell_delta(A, B, (0.1, -0.1), tau)
+    out = cuda_backend.snell_delta_cuda(A, B, (0.1, -0.1), tau)
+    assert torch.equal(out != 0, ref != 0)
+    assert_matches_reference(out, ref, snell_ref64(A, B, (0.1, -0.1), tau)[0], f"snell reference {dtype}")
