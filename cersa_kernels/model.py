@@ -170,7 +170,21 @@ def _cersa_method(
     }
 
 
-METHODS: dict[str, Callable[..., dict[str, nn.Module]]] = {"cersa": _cersa_method}
+def _per_layer_method(class_name: str) -> Callable[..., dict[str, nn.Module]]:
+    """A method that converts each layer on its own with `<class>.from_linear(linear, **options)`."""
+
+    def method(model: nn.Module, linears: dict[str, nn.Linear], **layer_options) -> dict[str, nn.Module]:
+        cls = layer_classes()[class_name]
+        return {name: cls.from_linear(linear, **layer_options) for name, linear in linears.items()}
+
+    method.__doc__ = f"{class_name}.from_linear on every target layer."
+    return method
+
+
+METHODS: dict[str, Callable[..., dict[str, nn.Module]]] = {
+    "cersa": _cersa_method,
+    "snell": _per_layer_method("SnellLinear"),
+}
 
 
 def adapter_layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -189,8 +203,8 @@ def apply(
     """Replace the selected Linear/Conv1D layers of `model` in place by `method`'s adapter layers.
 
     method: "cersa" (options: energy, energy_power, rank, max_rank, trainable_rank, train_bias,
-    energy_scope="layer"|"global", budget (parameters), budget_bytes, core_dtype=torch.float32),
-    or any other registered in `METHODS`. With freeze_base, every parameter that is not an adapter
+    energy_scope="layer"|"global", budget (parameters), budget_bytes, core_dtype=torch.float32);
+    "snell" (SnellLinear.from_linear options: rank, heads, sparsity, coeffs, train_bias). With freeze_base, every parameter that is not an adapter
     parameter stops requiring grad (as PEFT does). Returns an ApplyReport.
     """
     if method not in METHODS:
@@ -263,8 +277,9 @@ def save(model: nn.Module, directory: Union[str, Path]) -> None:
     tensors, config = {}, {"format": "cersa_kernels", "version": 1, "layers": {}, "trainable": []}
     for name, layer in layers.items():
         base_keys = set(getattr(type(layer), "BASE_KEYS", ()))
+        trained = {k for k, p in layer.named_parameters() if p.requires_grad}
         for key, t in layer.state_dict().items():
-            if key not in base_keys:
+            if key not in base_keys or key in trained:
                 tensors[f"{name}.{key}"] = t.detach().contiguous().cpu()
         config["layers"][name] = dict(
             cls=type(layer).__name__, method=layer._cersa_method, config=layer.config(),

@@ -57,17 +57,27 @@ def train_steps(model, ids, steps=3):
         opt.zero_grad()
 
 
+# method -> (options, layer class name, trainable tensors per layer)
+METHOD_CASES = {
+    "cersa": (dict(energy=0.9), "CersaLinear", 1),
+    "snell": (dict(rank=8, sparsity=0.5), "SnellLinear", 2),
+}
+
+
+@pytest.mark.parametrize("method", sorted(METHOD_CASES))
 @pytest.mark.parametrize("kind", ["llama", "bert", "gpt2"])
-def test_apply_train_save_load_merge(kind, tmp_path):
+def test_apply_train_save_load_merge(kind, method, tmp_path):
+    options, class_name, per_layer = METHOD_CASES[method]
+    layer_class = getattr(ck.nn, class_name)
     model, ids = tiny(kind)
     fresh = copy.deepcopy(model)  # the original architecture and base weights, as a user reloads them
-    report = ck.apply(model, "cersa", target_modules="all-linear", energy=0.9)
+    report = ck.apply(model, method, target_modules="all-linear", **options)
     assert len(report.rows) == len(find_targets(fresh, "all-linear"))
-    assert all(isinstance(model.get_submodule(r["name"]), ck.CersaLinear) for r in report.rows)
+    assert all(isinstance(model.get_submodule(r["name"]), layer_class) for r in report.rows)
     if kind != "bert":
-        assert not isinstance(model.get_output_embeddings(), ck.CersaLinear)  # all-linear skips lm_head
+        assert not isinstance(model.get_output_embeddings(), layer_class)  # all-linear skips lm_head
     trainable = ck.trainable_parameters(model)
-    assert len(trainable) == len(report.rows) and all(p.dtype == torch.float32 for p in trainable)
+    assert len(trainable) == per_layer * len(report.rows) and all(p.dtype == torch.float32 for p in trainable)
     before = [p.detach().clone() for p in trainable]
     train_steps(model, ids)
     assert all(not torch.equal(b, p) for b, p in zip(before, trainable))  # every core moved
@@ -79,7 +89,7 @@ def test_apply_train_save_load_merge(kind, tmp_path):
     assert len(ck.trainable_parameters(fresh)) == len(trainable)
 
     ck.merge(model)
-    assert not any(isinstance(m, ck.CersaLinear) for m in model.modules())
+    assert not any(isinstance(m, layer_class) for m in model.modules())
     torch.testing.assert_close(output(model, ids), expected, atol=1e-5, rtol=1e-4)
 
 

@@ -96,6 +96,18 @@ class SnellLinear(nn.Module):
                 layer.bias.requires_grad_(train_bias)
         return layer
 
+    # Tensors the original model already holds: `save` writes them only if they were trained.
+    BASE_KEYS = ("weight", "bias")
+
+    def config(self) -> dict:
+        """What `from_config` needs to rebuild this layer around the original Linear."""
+        return dict(rank=self.rank, heads=self.heads, sparsity=self.sparsity, coeffs=list(self.coeffs))
+
+    @classmethod
+    def from_config(cls, config: dict, base: nn.Linear, device=None) -> "SnellLinear":
+        """The layer around `base` (W0 and bias copied); A and B come from a state_dict."""
+        return cls.from_linear(base, config["rank"], config["heads"], config["sparsity"], tuple(config["coeffs"]))
+
     def _name(self) -> str:
         return self.layer_name or f"SnellLinear(in_features={self.in_features}, out_features={self.out_features})"
 
