@@ -80,4 +80,5 @@ def test_lowrank(benchmark, shape, row, mode):
         def step():
             fwd().backward(dy)
     work = 2 * T * n * m * (1 if mode == "fwd" else 2) if row == "dense" else flops(T, n, m, k, mode)
-    time_it(benchmark, step, work, {"saved_activation_bytes": saved, "T": T, "n": n, "m": m, "k": k, "row": row})
+    info = dict(op="lowrank", row=row, mode=mode, dtype=str(DTYPE).replace("torch.", ""), T=T, n=n, m=m, k=k)
+    time_it(benchmark, step, work, {"saved_activation_bytes": saved, **info})

@@ -3,11 +3,15 @@
 Importing this package touches no GPU and does not import triton; kernels load on first use.
 """
 from . import backends, ops
-from .decompose import decompose, select_rank, truncated_svd
-from .nn import CersaLinear
+from .decompose import decompose, global_ranks, select_rank, truncated_svd
+from .model import apply, load, merge, save, trainable_parameters
+from .nn import CersaLinear, SnellLinear
 
 __version__ = "0.1.0"
-__all__ = ["CersaLinear", "decompose", "select_rank", "truncated_svd", "ops", "backends", "__version__"]
+__all__ = [
+    "CersaLinear", "SnellLinear", "decompose", "select_rank", "truncated_svd", "global_ranks", "ops", "backends",
+    "apply", "merge", "save", "load", "trainable_parameters", "__version__",
+]
 from .nn import LoraLinear, PicaLinear  # noqa: E402
 
 __all__ += ["LoraLinear", "PicaLinear"]

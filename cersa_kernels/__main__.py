@@ -1,6 +1,8 @@
 """Command line: `python -m cersa_kernels <command>`.
 
   minilm [--energy A]   convert the real MiniLM encoder to CersaLinear and report k, energy, bytes, drift
+  analyze MODEL_DIR [--energy 0.9 0.95] [--plot out.png]
+                        per-Linear ranks, bytes and break-even, and the global-allocation alternative
   para-peft IN OUT [--energy E | --budget N]   PARA rank allocation of a PEFT LoRA adapter directory
 """
 from __future__ import annotations
@@ -13,17 +15,25 @@ def main(argv=None) -> None:
     commands = parser.add_subparsers(dest="command", required=True)
     minilm = commands.add_parser("minilm", help="convert the real MiniLM encoder to CersaLinear and report")
     minilm.add_argument("--energy", type=float, default=0.95, help="energy share α kept per layer (default 0.95)")
+    analyze = commands.add_parser("analyze", help="energy/rank/memory analysis of a Hugging Face model directory")
+    analyze.add_argument("model_dir")
+    analyze.add_argument("--energy", type=float, nargs="+", default=[0.9, 0.95])
+    analyze.add_argument("--plot", default=None, help="write a PNG of the energy curves here")
     para = commands.add_parser("para-peft", help="PARA: re-allocate the ranks of a PEFT LoRA adapter directory")
     para.add_argument("in_dir")
     para.add_argument("out_dir")
     para.add_argument("--energy", type=float, default=None, help="share ε of the pooled Σσ² kept (default 0.95)")
     para.add_argument("--budget", type=int, default=None, help="instead: most adapter parameters to keep")
     args = parser.parse_args(argv)
-    if args.command == "minilm":
+    if args.command == "analyze":
+        from .analyze import main as analyze_main
+
+        analyze_main(args.model_dir, args.energy, args.plot)
+    elif args.command == "minilm":
         from .demo import main as minilm_main
 
         minilm_main(energy=args.energy)
-    if args.command == "para-peft":
+    elif args.command == "para-peft":
         from .para_peft import main as para_peft_main
 
         para_peft_main(args.in_dir, args.out_dir, energy=args.energy, budget=args.budget)

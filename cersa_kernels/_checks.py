@@ -21,25 +21,21 @@ def check_shape(name: str, t: Tensor, expected: Sequence[int], layer: str) -> No
         raise ValueError(f"{layer}: {name} must have shape {tuple(expected)}, got {tuple(t.shape)}")
 
 
+def _check_all_same(tensors: dict[str, Optional[Tensor]], attr: str, layer: str, error: type) -> None:
+    """All given tensors (None entries skipped) share `attr` (dtype or device); else `error`."""
+    present = {k: getattr(v, attr) for k, v in tensors.items() if v is not None}
+    if len(set(present.values())) > 1:
+        first, value = next(iter(present.items()))
+        listed = ", ".join(f"{k}={str(v).replace('torch.', '')}" for k, v in present.items())
+        raise error(f"{layer}: {attr} mismatch, expected every tensor in {value} like {first}, got {listed}")
+
+
 def check_same_dtype(tensors: dict[str, Optional[Tensor]], layer: str) -> None:
-    """All given tensors share one dtype (None entries are skipped)."""
-    present = {k: v for k, v in tensors.items() if v is not None}
-    dtypes = {k: v.dtype for k, v in present.items()}
-    if len(set(dtypes.values())) > 1:
-        listed = ", ".join(f"{k}={str(d).replace('torch.', '')}" for k, d in dtypes.items())
-        first = next(iter(present))
-        raise TypeError(
-            f"{layer}: dtype mismatch, expected every tensor in {present[first].dtype} like {first}, got {listed}"
-        )
+    _check_all_same(tensors, "dtype", layer, TypeError)
 
 
 def check_same_device(tensors: dict[str, Optional[Tensor]], layer: str) -> None:
-    present = {k: v for k, v in tensors.items() if v is not None}
-    devices = {k: v.device for k, v in present.items()}
-    if len(set(devices.values())) > 1:
-        listed = ", ".join(f"{k}={d}" for k, d in devices.items())
-        first = next(iter(present))
-        raise RuntimeError(f"{layer}: device mismatch, expected every tensor on {devices[first]}, got {listed}")
+    _check_all_same(tensors, "device", layer, RuntimeError)
 
 
 def check_floating(name: str, t: Tensor, layer: str) -> None:

@@ -11,7 +11,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["decompose", "truncated_svd", "select_rank", "energy_curve", "TruncatedSVD"]
+__all__ = [
+    "decompose", "truncated_svd", "select_rank", "energy_curve", "TruncatedSVD", "global_ranks", "cersa_parameter_count",
+]
 
 
 @dataclass(frozen=True)
@@ -138,3 +140,58 @@ def decompose(
     """
     t = truncated_svd(weight, energy, energy_power, rank, max_rank)
     return t.U, t.sigma, t.V
+
+
+def cersa_parameter_count(m: int, n: int, k: int) -> int:
+    """Elements CersaLinear keeps for an m×n weight at rank k: U (m×k), V (n×k), S (k×k), sigma (k)."""
+    return k * (m + n + k + 1)
+
+
+def global_ranks(
+    spectra: dict[str, Tensor],
+    shapes: dict[str, tuple[int, int]],
+    energy: float | None = 0.95,
+    energy_power: float = 2,
+    budget: int | None = None,
+) -> dict[str, int]:
+    """One σᵖ threshold across all layers (METHODS §1 pooled over a model), so the rank goes where
+    the spectrum needs it. Every layer keeps at least rank 1.
+
+    spectra: {name: (r,) descending singular values}; shapes: {name: (m, n)}.
+    energy: keep the largest pooled σᵖ until their sum reaches `energy` of the pooled total.
+    budget: instead, keep the largest pooled σᵖ while Σ_l cersa_parameter_count(m_l, n_l, k_l) ≤ budget.
+    Returns {name: k}.
+    """
+    names = list(spectra)
+    if not names:
+        return {}
+    if budget is None:
+        _check_energy(energy, energy_power, "global_ranks")
+    values = torch.cat([spectra[n].detach().to("cpu", torch.float64).clamp_min(0) ** float(energy_power) for n in names])
+    owner = torch.cat([torch.full((spectra[n].numel(),), i, dtype=torch.long) for i, n in enumerate(names)])
+    order = torch.argsort(values, descending=True, stable=True)
+    ranks = {n: 1 for n in names}
+    if budget is None:
+        cumulative = torch.cumsum(values[order], 0)
+        total = float(cumulative[-1])
+        if total > 0:
+            kept = int(torch.searchsorted(cumulative / total, torch.tensor([float(energy)], dtype=torch.float64))) + 1
+            counts = torch.bincount(owner[order[: min(kept, len(order))]], minlength=len(names))
+            ranks = {n: max(1, int(c)) for n, c in zip(names, counts)}
+        return ranks
+    used = sum(cersa_parameter_count(*shapes[n], 1) for n in names)
+    if used > budget:
+        raise ValueError(f"global_ranks: budget {budget} is below the {used} parameters that rank 1 on every layer needs")
+    seen = {n: 0 for n in names}
+    for index in order.tolist():
+        name = names[int(owner[index])]
+        seen[name] += 1
+        if seen[name] == 1:  # each layer's largest value is already in (rank 1)
+            continue
+        m, n = shapes[name]
+        step = m + n + 2 * seen[name]  # cost of rank k over rank k-1
+        if used + step > budget:
+            break  # one threshold: everything below this value is dropped, everywhere
+        used += step
+        ranks[name] = seen[name]
+    return ranks

@@ -45,6 +45,8 @@ def test_trainable_rank_block():
     torch.testing.assert_close(core[4:, 4:], torch.diag(layer.sigma[4:]))
     assert core[:4, 4:].abs().sum() == 0
     torch.testing.assert_close(layer.delta_core(), torch.zeros(12, 12))
+    # from_linear caps the trainable block at the k it chose
+    assert CersaLinear.from_linear(nn.Linear(40, 30), rank=3, trainable_rank=8).trainable_rank == 3
 
 
 def test_to_linear_after_training_matches_forward():
@@ -89,7 +91,7 @@ class TestErrors:
 
     def test_device_mismatch(self):
         layer = CersaLinear(16, 8, 4)
-        with pytest.raises(RuntimeError, match="device mismatch, expected every tensor on meta, got x=meta, V=cpu"):
+        with pytest.raises(RuntimeError, match="device mismatch, expected every tensor in meta like x, got x=meta, V=cpu"):
             layer(torch.randn(3, 16, device="meta"))
 
     def test_rank_too_large(self):

@@ -40,6 +40,7 @@ class CersaLinear(nn.Module):
         device=None,
         dtype=None,
         trainable_rank: Optional[int] = None,
+        core_dtype: Optional[torch.dtype] = None,
     ) -> None:
         super().__init__()
         if not 1 <= rank <= min(in_features, out_features):
@@ -58,9 +59,12 @@ class CersaLinear(nn.Module):
         self.layer_name: Optional[str] = None  # set by whole-model tools; used in error messages
         self.register_buffer("U", torch.empty(out_features, rank, **factory))
         self.register_buffer("V", torch.empty(in_features, rank, **factory))
-        self.register_buffer("sigma", torch.empty(rank, **factory))
+        # S and sigma may live in a wider dtype than U, V (core_dtype=torch.float32 keeps an fp32
+        # core and fp32 gradients beside bf16 factors); the op casts S for the matmuls.
+        core = dict(device=device, dtype=core_dtype or dtype)
+        self.register_buffer("sigma", torch.empty(rank, **core))
         self.register_buffer("energy_kept", torch.ones((), dtype=torch.float32, device=device))
-        self.S = nn.Parameter(torch.empty(trainable_rank, trainable_rank, **factory))
+        self.S = nn.Parameter(torch.empty(trainable_rank, trainable_rank, **core))
         self.bias = nn.Parameter(torch.empty(out_features, **factory), requires_grad=False) if bias else None
         self.reset_parameters()
 
@@ -89,24 +93,28 @@ class CersaLinear(nn.Module):
         max_rank: Optional[int] = None,
         trainable_rank: Optional[int] = None,
         train_bias: bool = False,
+        core_dtype: Optional[torch.dtype] = None,
     ) -> "CersaLinear":
         """Replace `linear` by its energy-truncated SVD (METHODS §1); the bias is copied (frozen
-        unless train_bias). The SVD runs in float32 on the weight's device."""
+        unless train_bias). The SVD runs in float32 on the weight's device. `trainable_rank` is
+        capped at the k chosen (k is not known in advance when it comes from `energy`).
+        `core_dtype` (default: the weight's dtype) is the dtype of S and sigma."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"CersaLinear.from_linear: expected an nn.Linear, got {type(linear).__name__}")
         svd = truncated_svd(linear.weight, energy, energy_power, rank, max_rank, where="CersaLinear.from_linear")
         w = linear.weight
         layer = cls(
             linear.in_features, linear.out_features, svd.rank, bias=linear.bias is not None,
-            device="meta", dtype=w.dtype, trainable_rank=trainable_rank,
+            device="meta", dtype=w.dtype, core_dtype=core_dtype,
+            trainable_rank=None if trainable_rank is None else min(trainable_rank, svd.rank),
         )
         layer.to_empty(device=w.device)
         with torch.no_grad():
             layer.U.copy_(svd.U)
             layer.V.copy_(svd.V)
-            layer.sigma.copy_(svd.sigma)
+            layer.sigma.copy_(svd.spectrum[: svd.rank])  # float64 spectrum: exact in any core dtype
             layer.energy_kept.fill_(svd.energy_kept)
-            layer.S.copy_(torch.diag(svd.sigma[: layer.trainable_rank]))
+            layer.S.copy_(torch.diag(layer.sigma[: layer.trainable_rank]))
             if linear.bias is not None:
                 layer.bias.copy_(linear.bias)
                 layer.bias.requires_grad_(train_bias)
@@ -116,18 +124,44 @@ class CersaLinear(nn.Module):
         """The full k×k core S: the trainable block, completed by diag(sigma) when trainable_rank < k."""
         if self.trainable_rank == self.rank:
             return self.S
-        frozen = torch.diag(self.sigma[self.trainable_rank :]).to(self.S.dtype)
+        frozen = torch.diag(self.sigma[self.trainable_rank :].to(self.S.dtype))
         return torch.block_diag(self.S, frozen)
 
     def delta_core(self) -> Tensor:
         """ΔS = S − Σ_k (k×k): the learned update, what PARA prunes and LoRA export writes."""
-        return self.core() - torch.diag(self.sigma).to(self.S.dtype)
+        return self.core() - torch.diag(self.sigma.to(self.S.dtype))
 
     def _name(self) -> str:
         return self.layer_name or f"CersaLinear(in_features={self.in_features}, out_features={self.out_features})"
 
     def forward(self, x: Tensor) -> Tensor:
-        return lowrank_linear(x, self.V, self.core(), self.U, self.bias, layer=self._name())
+        U, V, bias = self.U, self.V, self.bias
+        device_type = x.device.type
+        if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+            # Custom ops are not autocast by the dispatcher: cast like autocast casts nn.Linear,
+            # but leave S in its own (typically fp32) dtype so its gradient stays fp32.
+            dtype = torch.get_autocast_dtype(device_type)
+            x, U, V = x.to(dtype), U.to(dtype), V.to(dtype)
+            bias = None if bias is None else bias.to(dtype)
+        return lowrank_linear(x, V, self.core(), U, bias, layer=self._name())
+
+    def config(self) -> dict:
+        """What `from_config` needs to rebuild an empty layer of this shape (for save/load)."""
+        return dict(
+            in_features=self.in_features, out_features=self.out_features, rank=self.rank,
+            bias=self.bias is not None, trainable_rank=self.trainable_rank,
+            dtype=str(self.U.dtype).replace("torch.", ""), core_dtype=str(self.S.dtype).replace("torch.", ""),
+        )
+
+    @classmethod
+    def from_config(cls, config: dict, base: Optional[nn.Module] = None, device=None) -> "CersaLinear":
+        """An empty layer from `config()`; the weights come from a state_dict. `base` is unused:
+        CERSA keeps no reference to the original weight."""
+        return cls(
+            config["in_features"], config["out_features"], config["rank"], bias=config["bias"], device=device,
+            dtype=getattr(torch, config["dtype"]), trainable_rank=config["trainable_rank"],
+            core_dtype=getattr(torch, config["core_dtype"]),
+        )
 
     @torch.no_grad()
     def to_linear(self) -> nn.Linear:

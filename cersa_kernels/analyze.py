@@ -1,0 +1,170 @@
+"""`python -m cersa_kernels analyze MODEL_DIR [--energy 0.9 0.95] [--plot out.png]`
+
+For every Linear of a Hugging Face model directory: k at each energy α, CERSA's weight bytes against
+the dense weight, whether CERSA saves memory there (METHODS §1 break-even: k(m+n+k+1) < mn with
+sigma counted), and the global-allocation alternative (one σ² threshold across layers) at the same
+total number of kept parameters. Optionally a PNG of the cumulative-energy curves.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Iterable, Optional, Sequence
+
+import torch
+
+from .decompose import cersa_parameter_count, energy_curve, global_ranks, select_rank
+from .model import as_linear, named_linears
+
+
+class Progress:
+    """A one-line progress bar on stderr that appears only once the work has taken > `after` s."""
+
+    def __init__(self, total: int, label: str, after: float = 2.0, stream=sys.stderr):
+        self.total, self.label, self.after, self.stream = total, label, after, stream
+        self.start = time.monotonic()
+        self.shown = False
+
+    def update(self, done: int, note: str = "") -> None:
+        if time.monotonic() - self.start < self.after:
+            return
+        self.shown = True
+        width = 30
+        filled = int(width * done / max(self.total, 1))
+        self.stream.write(f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] {done}/{self.total} {note[:40]:40s}")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.shown:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+@dataclass
+class LayerSpectrum:
+    name: str
+    m: int
+    n: int
+    itemsize: int
+    spectrum: torch.Tensor  # (min(m, n),) float64, descending
+
+    @property
+    def break_even_rank(self) -> int:
+        """Largest k at which CERSA's factors are still smaller than the dense weight (0 if none)."""
+        k = 0
+        while k + 1 <= min(self.m, self.n) and cersa_parameter_count(self.m, self.n, k + 1) < self.m * self.n:
+            k += 1
+        return k
+
+
+@dataclass
+class Analysis:
+    layers: list[LayerSpectrum]
+    energies: Sequence[float]
+    ranks: dict[float, dict[str, int]] = field(default_factory=dict)  # per-layer rule
+    global_alt: dict[float, dict[str, int]] = field(default_factory=dict)  # same total, one threshold
+
+    def pooled_energy(self, ranks: dict[str, int]) -> float:
+        kept = sum(float((l.spectrum[: ranks[l.name]] ** 2).sum()) for l in self.layers)
+        return kept / sum(float((l.spectrum**2).sum()) for l in self.layers)
+
+    def total_bytes(self, ranks: dict[str, int]) -> int:
+        return sum(cersa_parameter_count(l.m, l.n, ranks[l.name]) * l.itemsize for l in self.layers)
+
+
+def spectra_of(model: torch.nn.Module, progress: bool = True) -> list[LayerSpectrum]:
+    """Singular values (float32 SVD) of every Linear / Conv1D weight in `model`."""
+    found = list(named_linears(model))
+    bar = Progress(len(found), "SVD") if progress else None
+    layers = []
+    for i, (name, module) in enumerate(found):
+        w = as_linear(module).weight.detach()
+        sigma = torch.linalg.svdvals(w.float()).double()
+        layers.append(LayerSpectrum(name, w.shape[0], w.shape[1], w.element_size(), sigma))
+        if bar:
+            bar.update(i + 1, name)
+    if bar:
+        bar.close()
+    return layers
+
+
+def analyze_model(model: torch.nn.Module, energies: Iterable[float] = (0.9, 0.95), progress: bool = True) -> Analysis:
+    layers = spectra_of(model, progress)
+    result = Analysis(layers, tuple(energies))
+    for alpha in result.energies:
+        ranks = {l.name: select_rank(l.spectrum, alpha, where="analyze") for l in layers}
+        budget = sum(cersa_parameter_count(l.m, l.n, ranks[l.name]) for l in layers)
+        result.ranks[alpha] = ranks
+        result.global_alt[alpha] = global_ranks(
+            {l.name: l.spectrum for l in layers}, {l.name: (l.m, l.n) for l in layers}, energy=None, budget=budget
+        )
+    return result
+
+
+def format_report(a: Analysis) -> str:
+    out = []
+    for alpha in a.energies:
+        ranks, alt = a.ranks[alpha], a.global_alt[alpha]
+        out.append(f"\nenergy α = {alpha}: per-layer rule vs one global σ² threshold at the same total parameters")
+        out.append(
+            f"{'layer':44s} {'m×n':>11s} {'k':>5s} {'k/min':>6s} {'break-even k':>12s} {'CERSA bytes':>12s} "
+            f"{'dense bytes':>12s} {'saves':>6s} {'global k':>8s}"
+        )
+        for l in a.layers:
+            k = ranks[l.name]
+            cersa = cersa_parameter_count(l.m, l.n, k) * l.itemsize
+            dense = l.m * l.n * l.itemsize
+            out.append(
+                f"{l.name:44s} {l.m:>5d}×{l.n:<5d} {k:>5d} {k / min(l.m, l.n):>6.2f} {l.break_even_rank:>12d} "
+                f"{cersa:>12,d} {dense:>12,d} {'yes' if cersa < dense else 'no':>6s} {alt[l.name]:>8d}"
+            )
+        dense_total = sum(l.m * l.n * l.itemsize for l in a.layers)
+        out.append(
+            f"total: per-layer {a.total_bytes(ranks):,d} B ({a.total_bytes(ranks) / dense_total:.1%} of dense "
+            f"{dense_total:,d} B), pooled energy kept {a.pooled_energy(ranks):.4f}; global allocation at the same "
+            f"budget {a.total_bytes(alt):,d} B, pooled energy kept {a.pooled_energy(alt):.4f}; "
+            f"layers that save memory: {sum(cersa_parameter_count(l.m, l.n, ranks[l.name]) < l.m * l.n for l in a.layers)}/{len(a.layers)}"
+        )
+    return "\n".join(out)
+
+
+def plot_energy_curves(a: Analysis, path: str) -> None:
+    """PNG of each layer's cumulative energy share against k / min(m, n), with the α lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
+    for l in a.layers:
+        curve = energy_curve(l.spectrum).numpy()
+        x = [(i + 1) / len(curve) for i in range(len(curve))]
+        ax.plot(x, curve, linewidth=0.8, alpha=0.7)
+    for alpha in a.energies:
+        ax.axhline(alpha, color="black", linestyle="--", linewidth=0.8)
+        ax.text(0.01, alpha + 0.005, f"α = {alpha}", fontsize=8)
+    ax.axvline(0.414, color="red", linestyle=":", linewidth=0.8)
+    ax.text(0.42, 0.05, "square break-even k = 0.414·d", color="red", fontsize=8)
+    ax.set_xlabel("k / min(m, n)")
+    ax.set_ylabel("cumulative share of Σσ²")
+    ax.set_title(f"Energy curves of {len(a.layers)} Linear layers")
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main(model_dir: str, energies: Sequence[float], plot: Optional[str] = None) -> Analysis:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(model_dir)
+    analysis = analyze_model(model, energies)
+    print(format_report(analysis))
+    if plot:
+        plot_energy_curves(analysis, plot)
+        print(f"\nenergy curves written to {plot}")
+    return analysis

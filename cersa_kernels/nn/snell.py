@@ -1,0 +1,147 @@
+"""SnellLinear: nn.Linear plus SNELL's sparse kernelized-LoRA update (METHODS.md §4).
+
+`y = x (W0 + ΔW_s)ᵀ + b`, W0 and b frozen, A (H×n×d_h) and B (H×m×d_h) trainable,
+K[i, j] = Σ_h c_h ‖B_h[i] − A_h[j]‖, τ = the s-quantile of |K| (recomputed every call, no mask
+stored), ΔW_s = K ⊙ sg(|K|) ⊙ 1[|K| > τ]. On the Triton backend neither K nor ΔW_s is ever
+materialised.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..ops.snell import check_snell_config, snell_delta, snell_linear, snell_threshold
+
+__all__ = ["SnellLinear"]
+
+
+class SnellLinear(nn.Module):
+    """x (..., in_features) -> y (..., out_features).
+
+    Buffer: weight W0 (out_features, in_features), frozen. Parameters: A (heads, in_features, d_h),
+    B (heads, out_features, d_h) with d_h = rank / heads; bias (out_features,), frozen unless
+    `bias.requires_grad_(True)`. `coeffs` (one per head) and `sparsity` ∈ [0, 1) are fixed.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        rank: int = 8,
+        heads: int = 2,
+        sparsity: float = 0.9,
+        coeffs: Sequence[float] = (0.1, -0.1),
+        bias: bool = True,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        self.in_features = int(in_features)
+        self.out_features = int(out_features)
+        self.layer_name: Optional[str] = None  # set by whole-model tools; used in error messages
+        check_snell_config(rank, heads, sparsity, tuple(coeffs), self._name())
+        self.rank = int(rank)
+        self.heads = int(heads)
+        self.sparsity = float(sparsity)
+        self.coeffs = tuple(float(c) for c in coeffs)
+        factory = dict(device=device, dtype=dtype)
+        d_h = rank // heads
+        self.register_buffer("weight", torch.empty(out_features, in_features, **factory))
+        self.A = nn.Parameter(torch.empty(heads, in_features, d_h, **factory))
+        self.B = nn.Parameter(torch.empty(heads, out_features, d_h, **factory))
+        self.bias = nn.Parameter(torch.empty(out_features, **factory), requires_grad=False) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """W0 and bias as nn.Linear initialises them (from_linear overwrites both); A and B by
+        kaiming-uniform(a=√5) per head, each head's (rows, d_h) matrix treated like an nn.Linear
+        weight (fan_in = d_h), so ΔW starts small but not zero (METHODS §4)."""
+        if self.A.is_meta:
+            return
+        with torch.no_grad():
+            nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+            for h in range(self.heads):
+                nn.init.kaiming_uniform_(self.A[h], a=math.sqrt(5))
+                nn.init.kaiming_uniform_(self.B[h], a=math.sqrt(5))
+            if self.bias is not None:
+                bound = 1 / math.sqrt(self.in_features)
+                self.bias.uniform_(-bound, bound)
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        rank: int = 8,
+        heads: int = 2,
+        sparsity: float = 0.9,
+        coeffs: Sequence[float] = (0.1, -0.1),
+        train_bias: bool = False,
+    ) -> "SnellLinear":
+        """Wrap `linear`: its weight becomes the frozen W0 (copied), its bias is copied (frozen
+        unless train_bias); A and B are freshly initialised."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"SnellLinear.from_linear: expected an nn.Linear, got {type(linear).__name__}")
+        w = linear.weight
+        layer = cls(
+            linear.in_features, linear.out_features, rank, heads, sparsity, coeffs,
+            bias=linear.bias is not None, device=w.device, dtype=w.dtype,
+        )
+        with torch.no_grad():
+            layer.weight.copy_(w)
+            if linear.bias is not None:
+                layer.bias.copy_(linear.bias)
+                layer.bias.requires_grad_(train_bias)
+        return layer
+
+    # Tensors the original model already holds: `save` writes them only if they were trained.
+    BASE_KEYS = ("weight", "bias")
+
+    def config(self) -> dict:
+        """What `from_config` needs to rebuild this layer around the original Linear."""
+        return dict(rank=self.rank, heads=self.heads, sparsity=self.sparsity, coeffs=list(self.coeffs))
+
+    @classmethod
+    def from_config(cls, config: dict, base: nn.Linear, device=None) -> "SnellLinear":
+        """The layer around `base` (W0 and bias copied); A and B come from a state_dict."""
+        return cls.from_linear(base, config["rank"], config["heads"], config["sparsity"], tuple(config["coeffs"]))
+
+    def _name(self) -> str:
+        return self.layer_name or f"SnellLinear(in_features={self.in_features}, out_features={self.out_features})"
+
+    def forward(self, x: Tensor) -> Tensor:
+        return snell_linear(
+            x, self.weight, self.bias, self.A, self.B, self.coeffs, self.sparsity, layer=self._name()
+        )
+
+    @torch.no_grad()
+    def threshold(self) -> Tensor:
+        """τ (0-d) for the current A, B: the same op the forward uses (-inf when sparsity = 0)."""
+        return snell_threshold(self.A, self.B, self.coeffs, self.sparsity, layer=self._name())
+
+    @torch.no_grad()
+    def delta_weight(self) -> Tensor:
+        """ΔW_s (out_features, in_features): the sparse update, formed once (the merge)."""
+        return snell_delta(self.A, self.B, self.coeffs, float(self.threshold()))
+
+    @torch.no_grad()
+    def to_linear(self) -> nn.Linear:
+        """Merge into a plain nn.Linear with weight W0 + ΔW_s (summed in float32)."""
+        weight = (self.weight.float() + self.delta_weight().float()).to(self.weight.dtype)
+        linear = nn.Linear(
+            self.in_features, self.out_features, bias=self.bias is not None,
+            device=self.weight.device, dtype=self.weight.dtype,
+        )
+        linear.weight.copy_(weight)
+        if self.bias is not None:
+            linear.bias.copy_(self.bias)
+        return linear
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
+            f"heads={self.heads}, sparsity={self.sparsity}, coeffs={self.coeffs}, "
+            f"trainable={self.A.numel() + self.B.numel()}, bias={self.bias is not None}"
+        )

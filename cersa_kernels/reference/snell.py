@@ -1,0 +1,122 @@
+"""Reference for SNELL, sparse tuning with kernelized LoRA (METHODS.md §4), plain eager PyTorch.
+
+This is the *plain* version: it materialises the m×n kernel matrix K (and, in backward, the m×n
+G = dyᵀx) every call, exactly like the published method. The Triton backend computes the same
+quantities tile by tile without any m×n buffer.
+
+Shapes: x (T, n), W0 (m, n), bias (m,) or None, A (H, n, d_h), B (H, m, d_h), coeffs H floats,
+tau a 0-d tensor (the threshold); dy (T, m).
+K[i, j] = Σ_h c_h ‖B[h, i] − A[h, j]‖₂ is computed in float32 (float64 for float64 inputs) as
+sqrt(max(‖b‖² + ‖a‖² − 2 b·a, 0)); ΔW_s = K ⊙ |K| ⊙ 1[|K| > τ].
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "compute_dtype",
+    "kth_rank",
+    "head_distances",
+    "kernel_matrix",
+    "snell_threshold",
+    "snell_delta",
+    "snell_fwd",
+    "snell_bwd",
+]
+
+
+def compute_dtype(t: Tensor) -> torch.dtype:
+    """float64 for float64 tensors, float32 otherwise (K is never formed in half precision)."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def kth_rank(numel: int, sparsity: float) -> int:
+    """k = ⌊s·(N−1)⌋ + 1: the k-th smallest |K| is the threshold that keeps exactly the entries
+    torch.quantile(|K|, s) followed by `> τ` keeps (METHODS §4)."""
+    return int(math.floor(sparsity * (numel - 1))) + 1
+
+
+def head_distances(A: Tensor, B: Tensor) -> Tensor:
+    """D (H, m, n), D[h, i, j] = ‖B[h, i] − A[h, j]‖₂ in the compute dtype (clamped at 0 before the sqrt)."""
+    cd = compute_dtype(A)
+    Af, Bf = A.to(cd), B.to(cd)
+    sq = (Bf * Bf).sum(-1)[:, :, None] + (Af * Af).sum(-1)[:, None, :] - 2 * (Bf @ Af.transpose(1, 2))
+    return sq.clamp_min(0).sqrt()
+
+
+def kernel_matrix(A: Tensor, B: Tensor, coeffs: Sequence[float], D: Optional[Tensor] = None) -> Tensor:
+    """K (m, n) = Σ_h c_h D_h in the compute dtype."""
+    D = head_distances(A, B) if D is None else D
+    K = coeffs[0] * D[0]
+    for h in range(1, D.shape[0]):
+        K = K + coeffs[h] * D[h]
+    return K
+
+
+def _no_sparsity(device: torch.device, dtype: torch.dtype) -> Tensor:
+    # Every |K| ≥ 0 > -inf: nothing is dropped, as METHODS §4 defines s = 0.
+    return torch.full((), float("-inf"), device=device, dtype=dtype)
+
+
+def snell_threshold(A: Tensor, B: Tensor, coeffs: Sequence[float], sparsity: float) -> Tensor:
+    """τ (0-d, compute dtype) = the k-th smallest |K|, k = kth_rank(m·n, s), via torch.kthvalue on
+    the materialised |K| (works above 2^24 elements, where torch.quantile refuses); -inf for s = 0."""
+    cd = compute_dtype(A)
+    if sparsity == 0:
+        return _no_sparsity(A.device, cd)
+    absK = kernel_matrix(A, B, coeffs).abs().flatten()
+    return torch.kthvalue(absK, kth_rank(absK.numel(), sparsity)).values
+
+
+def _sparse_delta(A: Tensor, B: Tensor, coeffs: Sequence[float], tau: Tensor):
+    """(ΔW_s, D, magnitude): ΔW_s = K ⊙ mag with mag = |K| ⊙ 1[|K| > τ] (the stop-gradient factor)."""
+    D = head_distances(A, B)
+    K = kernel_matrix(A, B, coeffs, D)
+    absK = K.abs()
+    mag = torch.where(absK > tau.to(absK.dtype), absK, torch.zeros((), dtype=absK.dtype, device=absK.device))
+    return K * mag, D, mag
+
+
+def snell_delta(A: Tensor, B: Tensor, coeffs: Sequence[float], tau: float) -> Tensor:
+    """ΔW_s (m, n) in A's dtype: K·|K| where |K| > tau, else 0 (the merge; the contract of the
+    `cuda` backend's snell_delta_cuda)."""
+    tau_t = torch.tensor(tau, dtype=compute_dtype(A), device=A.device)
+    return _sparse_delta(A, B, coeffs, tau_t)[0].to(A.dtype)
+
+
+def snell_fwd(
+    x: Tensor, W0: Tensor, bias: Optional[Tensor], A: Tensor, B: Tensor, coeffs: Sequence[float], tau: Tensor
+) -> Tensor:
+    """y (T, m) = x (W0 + ΔW_s)ᵀ + b. W0 + ΔW_s is summed in the compute dtype, then cast to x's dtype."""
+    delta = _sparse_delta(A, B, coeffs, tau)[0]
+    W = (W0.to(delta.dtype) + delta).to(x.dtype)
+    y = x @ W.T
+    return y if bias is None else y + bias
+
+
+def snell_bwd(
+    dy: Tensor, x: Tensor, W0: Tensor, A: Tensor, B: Tensor, coeffs: Sequence[float], tau: Tensor, need_dx: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Recomputes ΔW_s (nothing but x was saved). Returns dx (T, n) (empty (0, n) unless need_dx),
+    dA (H, n, d_h), dB (H, m, d_h) in A's dtype, with G = dyᵀx, G' = G ⊙ |K| ⊙ mask, E_h = G' ⊘ D_h
+    (0 where D_h = 0): dB_h = c_h (rowsum(E_h) ⊙ B_h − E_h A_h), dA_h = c_h (colsum(E_h) ⊙ A_h − E_hᵀ B_h)."""
+    delta, D, mag = _sparse_delta(A, B, coeffs, tau)
+    cd = delta.dtype
+    if need_dx:
+        dx = dy @ (W0.to(cd) + delta).to(dy.dtype)
+    else:
+        dx = dy.new_empty((0, x.shape[1]))
+    Gp = (dy.to(cd).T @ x.to(cd)) * mag
+    Af, Bf = A.to(cd), B.to(cd)
+    dA = torch.empty_like(Af)
+    dB = torch.empty_like(Bf)
+    for h in range(D.shape[0]):
+        Dh = D[h]
+        E = torch.where(Dh > 0, Gp / torch.where(Dh > 0, Dh, torch.ones_like(Dh)), torch.zeros_like(Dh))
+        dB[h] = coeffs[h] * (E.sum(1)[:, None] * Bf[h] - E @ Af[h])
+        dA[h] = coeffs[h] * (E.sum(0)[:, None] * Af[h] - E.T @ Bf[h])
+    return dx, dA.to(A.dtype), dB.to(B.dtype)

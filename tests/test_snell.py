@@ -1,0 +1,521 @@
+"""SNELL (METHODS §4): the Triton kernels (interpreted, float32) against the reference, the exact
+threshold against torch.kthvalue, the reference against the math (gradcheck, autograd of the plain
+formula, torch.quantile), opcheck, torch.compile, the no-m×n-buffer and saved-bytes claims, the layer
+and its errors.
+
+Near-threshold entries: the Triton kernels compute |K| with tiled ieee dots, the reference with
+torch matmuls, so an entry within float error of τ could land on different sides of it. The
+kernel-vs-reference tests therefore draw inputs where no |K| lies within 1e-5·max|K| of τ (checked
+in float64, see `draw_inputs`); the selection itself is tested for exact equality on the very |K|
+values it selects from (`kernel_matrix_triton` writes them with the kernels' own tile code).
+"""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from cersa_kernels import SnellLinear, backends
+from cersa_kernels._alloc import AllocationRecorder
+from cersa_kernels.backends import use_backend
+from cersa_kernels.ops import snell_linear, snell_threshold
+from cersa_kernels.reference import snell as ref
+
+from tolerances import assert_matches_reference
+
+COEFFS = (0.1, -0.1)
+SPARSITIES = [0.0, 0.5, 0.9, 0.99]
+MARGIN = 1e-5  # of max|K|: fp32 |K| is within ~1e-7·max|K| of exact here (measured 4e-8)
+
+
+def _uniform(*shape, bound, gen, dtype=torch.float64):
+    return ((torch.rand(*shape, generator=gen, dtype=torch.float64) * 2 - 1) * bound).to(dtype)
+
+
+def threshold_margin(A, B, coeffs, sparsity) -> float:
+    """Distance (relative to max|K|) from τ to the nearest other |K|, in float64; inf for s = 0."""
+    if sparsity == 0:
+        return math.inf
+    absK = ref.kernel_matrix(A.double(), B.double(), coeffs).abs().flatten()
+    k = ref.kth_rank(absK.numel(), sparsity)
+    vals = absK.sort().values
+    gaps = [vals[k - 1] - vals[k - 2] if k >= 2 else math.inf, vals[k] - vals[k - 1] if k < vals.numel() else math.inf]
+    return float(min(gaps)) / float(vals[-1])
+
+
+def draw_inputs(T, n, m, q, heads=2, sparsity=0.9, bias=True, seed=0, lead=(), coeffs=COEFFS):
+    """x (*lead, T, n), W0, bias, A (heads, n, q/heads), B (heads, m, q/heads) in float32, A and B
+    kaiming-like as in SnellLinear; redrawn (bounded tries) until τ is at least MARGIN·max|K| from
+    every other |K|, so fp32 rounding cannot move an entry across τ."""
+    d = q // heads
+    for attempt in range(50):
+        g = torch.Generator().manual_seed(1000 * seed + attempt)
+        A = _uniform(heads, n, d, bound=1 / math.sqrt(d), gen=g)
+        B = _uniform(heads, m, d, bound=1 / math.sqrt(d), gen=g)
+        if threshold_margin(A, B, coeffs, sparsity) > MARGIN:
+            break
+    else:
+        raise AssertionError("no draw with a clear threshold margin in 50 tries")
+    x = torch.randn(*lead, T, n, generator=g)
+    W0 = _uniform(m, n, bound=1 / math.sqrt(n), gen=g, dtype=torch.float32)
+    b = torch.randn(m, generator=g) if bias else None
+    return x, W0, b, A.float(), B.float()
+
+
+def run(backend, x, W0, b, A, B, coeffs=COEFFS, sparsity=0.9, dy_seed=1):
+    """Forward + backward through the public op; returns y, dx, dA, dB, dbias."""
+    x = x.detach().requires_grad_(True)
+    A = A.detach().requires_grad_(True)
+    B = B.detach().requires_grad_(True)
+    b = None if b is None else b.detach().requires_grad_(True)
+    with use_backend(backend):
+        y = snell_linear(x, W0, b, A, B, coeffs, sparsity)
+        # drawn in float32 whatever y.dtype is, so every run gets the same upstream gradient
+        dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(dy_seed)).to(y.dtype)
+        y.backward(dy)
+    return y.detach(), x.grad, A.grad, B.grad, None if b is None else b.grad
+
+
+def oracle(x, W0, b, A, B, **kw):
+    as64 = lambda t: None if t is None else t.detach().double()  # noqa: E731
+    return run("torch", as64(x), as64(W0), as64(b), as64(A), as64(B), **kw)
+
+
+NAMES = ["y", "dx", "dA", "dB", "dbias"]
+
+
+def check_against_reference(inputs, **kw):
+    expected = oracle(*inputs, **kw)
+    eager = run("torch", *inputs, **kw)
+    got = run("triton", *inputs, **kw)
+    for name, g, e, r in zip(NAMES, got, eager, expected):
+        if r is None:
+            assert g is None
+            continue
+        assert_matches_reference(g, e, r, f"{name} {kw}")
+
+
+@pytest.mark.parametrize("sparsity", SPARSITIES)
+def test_triton_matches_reference(sparsity):
+    check_against_reference(draw_inputs(37, 130, 77, 8, sparsity=sparsity), sparsity=sparsity)
+
+
+def test_triton_matches_reference_other_shapes():
+    """3-D input without bias; 4 heads of d_h = 8 (q = 32); a column-strided x."""
+    check_against_reference(draw_inputs(5, 64, 96, 16, bias=False, lead=(3,)), sparsity=0.9)
+    coeffs4 = (0.1, -0.1, 0.05, -0.2)
+    x, W0, b, A, B = draw_inputs(19, 33, 45, 32, heads=4, sparsity=0.7, coeffs=coeffs4)
+    check_against_reference((x, W0, b, A, B), sparsity=0.7, coeffs=coeffs4)
+    xs = torch.randn(37, 260)[:, ::2]
+    _, W0, b, A, B = draw_inputs(37, 130, 77, 8, sparsity=0.5)
+    check_against_reference((xs, W0, b, A, B), sparsity=0.5)
+
+
+def test_sparsity_keeps_the_right_count():
+    """On the Triton path, exactly N − k entries of ΔW_s survive (no ties in random data)."""
+    from cersa_kernels.triton.snell import kernel_matrix_triton
+
+    _, _, _, A, B = draw_inputs(1, 130, 77, 8, sparsity=0.9)
+    with use_backend("triton"):
+        tau = snell_threshold(A, B, COEFFS, 0.9)
+    absK = kernel_matrix_triton(A, B, COEFFS).abs()
+    N = absK.numel()
+    assert int((absK > tau).sum()) == N - ref.kth_rank(N, 0.9)
+
+
+# ---------------------------------------------------------------- the threshold (selection)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 2), (77, 130, 4), (33, 5, 16), (200, 3, 1)], ids=str)
+@pytest.mark.parametrize("sparsity", [0.0, 0.3, 0.5, 0.9, 0.99, 0.999999])
+def test_triton_threshold_is_kthvalue_of_the_same_values(shape, sparsity):
+    """τ from the radix select equals torch.kthvalue on the |K| the kernels compute, bit for bit."""
+    from cersa_kernels.triton.snell import kernel_matrix_triton
+
+    m, n, d = shape
+    g = torch.Generator().manual_seed(m * n + d)
+    A, B = torch.randn(2, n, d, generator=g), torch.randn(2, m, d, generator=g)
+    with use_backend("triton"):
+        tau = snell_threshold(A, B, COEFFS, sparsity)
+    assert tau.dtype == torch.float32 and tau.shape == ()
+    if sparsity == 0:
+        assert tau == float("-inf")
+        return
+    absK = kernel_matrix_triton(A, B, COEFFS).abs().flatten()
+    expected = torch.kthvalue(absK, ref.kth_rank(absK.numel(), sparsity)).values
+    assert tau.view(torch.int32) == expected.view(torch.int32), (float(tau), float(expected))
+
+
+def _adversarial_values():
+    g = torch.Generator().manual_seed(7)
+    return {
+        "ties": torch.randint(0, 4, (61, 47), generator=g).float() * torch.randn(61, 47, generator=g).sign(),
+        "all_equal": torch.full((33, 65), -0.3),
+        "all_zero": torch.zeros(40, 40),
+        "one_by_one": torch.tensor([[-2.5]]),
+        "signed_zeros_and_subnormals": torch.tensor([[0.0, -0.0, 1e-45, -1e-45], [1e-40, 3e-39, -0.0, 1e-45]]),
+        "wide_range": torch.randn(50, 70, generator=g) * torch.logspace(-30, 30, 70),
+        "one_bucket": 1.0 + torch.randint(0, 3, (64, 64), generator=g).float() * 2.0**-23,
+    }
+
+
+@pytest.mark.parametrize("case", list(_adversarial_values()))
+def test_triton_select_adversarial_values(case):
+    """The radix select over given values (ties, constants, zeros, subnormals, a 1×1 matrix, values
+    that differ only in the last bit) equals torch.kthvalue for the first, middle and last rank."""
+    from cersa_kernels.triton.snell import kth_smallest_abs_triton
+
+    v = _adversarial_values()[case]
+    absv = v.abs().flatten()
+    N = absv.numel()
+    for k in sorted({1, 2 if N > 1 else 1, (N + 1) // 2, N - 1 if N > 1 else 1, N}):
+        got = kth_smallest_abs_triton(k, values=v)
+        expected = torch.kthvalue(absv, k).values
+        assert got.view(torch.int32) == expected.view(torch.int32), (case, k, float(got), float(expected))
+
+
+def test_all_equal_kernel_drops_everything():
+    """A = B = 0: every K is 0, τ = 0, and `|K| > τ` keeps nothing: y is the frozen layer's output."""
+    x, W0, b, A, B = draw_inputs(9, 40, 24, 8, sparsity=0.0)
+    A, B = torch.zeros_like(A), torch.zeros_like(B)
+    for backend in ("torch", "triton"):
+        with use_backend(backend):
+            assert snell_threshold(A, B, COEFFS, 0.5) == 0
+            y = snell_linear(x, W0, b, A, B, COEFFS, 0.5)
+        torch.testing.assert_close(y, x @ W0.T + b)
+
+
+def test_triton_select_above_2_24_elements():
+    """4097² > 2^24 values (where torch.quantile refuses); 512×512 tiles keep the interpreter at ~6 s."""
+    from cersa_kernels.triton.snell import kth_smallest_abs_triton
+
+    v = torch.randn(4097, 4097, generator=torch.Generator().manual_seed(3))
+    N = v.numel()
+    assert N > 2**24
+    k = ref.kth_rank(N, 0.99)
+    got = kth_smallest_abs_triton(k, values=v, block=512)
+    assert got.view(torch.int32) == torch.kthvalue(v.abs().flatten(), k).values.view(torch.int32)
+
+
+def test_reference_threshold_above_2_24_elements():
+    """The torch path works on a 4097×4097 K: τ is an entry of |K| with fewer than k entries below
+    it and at least k at or below it (the definition of the k-th smallest), where quantile fails."""
+    g = torch.Generator().manual_seed(5)
+    A, B = torch.randn(2, 4097, 1, generator=g), torch.randn(2, 4097, 1, generator=g)
+    tau = ref.snell_threshold(A, B, COEFFS, 0.9)
+    absK = ref.kernel_matrix(A, B, COEFFS).abs()
+    N, k = absK.numel(), ref.kth_rank(absK.numel(), 0.9)
+    assert N > 2**24
+    assert int((absK < tau).sum()) < k <= int((absK <= tau).sum())
+    with pytest.raises(RuntimeError, match="too large"):
+        torch.quantile(absK.flatten()[: 2**24 + 1], 0.9)
+
+
+@pytest.mark.parametrize("sparsity", [0.1, 0.5, 0.9, 0.99])
+@pytest.mark.parametrize("ties", [False, True])
+def test_kthvalue_threshold_keeps_what_quantile_keeps(sparsity, ties):
+    """METHODS §4: `|K| > kthvalue(|K|, ⌊s(N−1)⌋+1)` keeps exactly the entries `|K| > quantile(|K|, s)`
+    keeps (float64, so the interpolation does not round onto the next value)."""
+    g = torch.Generator().manual_seed(11)
+    v = torch.randn(37, 41, generator=g, dtype=torch.float64)
+    if ties:
+        v = v.round()
+    absv = v.abs().flatten()
+    k = ref.kth_rank(absv.numel(), sparsity)
+    kth = torch.kthvalue(absv, k).values
+    q = torch.quantile(absv, sparsity)
+    assert torch.equal(absv > kth, absv > q)
+
+
+def test_threshold_and_delta_contract():
+    """snell_delta(A, B, coeffs, tau): K·|K| where |K| > tau, in A's dtype (the cuda kernel's contract)."""
+    _, _, _, A, B = draw_inputs(1, 30, 20, 8, sparsity=0.5)
+    tau = float(ref.snell_threshold(A, B, COEFFS, 0.5))
+    K = ref.kernel_matrix(A.double(), B.double(), COEFFS)
+    expected = torch.where(K.abs() > tau, K * K.abs(), 0.0)
+    got = ref.snell_delta(A, B, COEFFS, tau)
+    assert got.dtype == A.dtype and got.shape == (20, 30)
+    torch.testing.assert_close(got.double(), expected, atol=1e-7, rtol=1e-5)
+    assert int((got != 0).sum()) == 600 - ref.kth_rank(600, 0.5)
+
+
+# ---------------------------------------------------------------- the reference is the math
+
+
+def small64(sparsity=0.5, seed=0):
+    x, W0, b, A, B = draw_inputs(6, 9, 7, 4, sparsity=sparsity, seed=seed)
+    return tuple(t.double() for t in (x, W0, b, A, B))
+
+
+def plain_snell(x, W0, b, A, B, coeffs, sparsity):
+    """The published recipe, written independently: cdist-style norms, torch.quantile, sg via detach."""
+    K = sum(c * torch.linalg.vector_norm(B[h][:, None, :] - A[h][None, :, :], dim=-1) for h, c in enumerate(coeffs))
+    mag = K.abs().detach()
+    if sparsity > 0:
+        mag = mag * (mag > torch.quantile(mag.flatten(), sparsity))
+    return x @ (W0 + K * mag).T + b
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9])
+def test_reference_matches_plain_autograd(sparsity):
+    x, W0, b, A, B = small64(sparsity)
+    got = run("torch", x, W0, b, A, B, sparsity=sparsity)
+    xs, As, Bs, bs = (t.clone().requires_grad_(True) for t in (x, A, B, b))
+    y = plain_snell(xs, W0, bs, As, Bs, COEFFS, sparsity)
+    y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).double())
+    for name, g, e in zip(NAMES, got, (y.detach(), xs.grad, As.grad, Bs.grad, bs.grad)):
+        torch.testing.assert_close(g, e, atol=1e-12, rtol=1e-10, msg=name)
+
+
+def test_reference_gradcheck_float64():
+    """Numerical gradients: x and bias through the public op; A and B through the backward formula,
+    against finite differences of the surrogate where sg(|K|)·mask is the constant it is in backward."""
+    x, W0, b, A, B = small64(0.5)
+    with use_backend("torch"):
+        assert torch.autograd.gradcheck(
+            lambda x_, b_: snell_linear(x_, W0, b_, A, B, COEFFS, 0.5),
+            (x.clone().requires_grad_(), b.clone().requires_grad_()),
+        )
+    tau = ref.snell_threshold(A, B, COEFFS, 0.5)
+    _, _, mag = ref._sparse_delta(A, B, COEFFS, tau)
+
+    class Surrogate(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x_, A_, B_):
+            ctx.save_for_backward(x_, A_, B_)
+            K = sum(c * torch.linalg.vector_norm(B_[h][:, None] - A_[h][None], dim=-1) for h, c in enumerate(COEFFS))
+            return x_ @ (W0 + K * mag).T + b
+
+        @staticmethod
+        def backward(ctx, dy):
+            x_, A_, B_ = ctx.saved_tensors
+            return ref.snell_bwd(dy, x_, W0, A_, B_, COEFFS, tau, True)
+
+    assert torch.autograd.gradcheck(Surrogate.apply, tuple(t.clone().requires_grad_() for t in (x, A, B)))
+
+
+# ---------------------------------------------------------------- custom-op machinery
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_opcheck(backend):
+    x, W0, b, A, B = draw_inputs(9, 40, 24, 8, sparsity=0.9)  # small: opcheck runs each op many times
+    coeffs = list(COEFFS)
+    with use_backend(backend):
+        tau = torch.ops.cersa.snell_threshold(A, B, coeffs, 0.9)
+        torch.library.opcheck(torch.ops.cersa.snell_threshold.default, (A, B, coeffs, 0.9))
+        torch.library.opcheck(
+            torch.ops.cersa.snell_fwd.default,
+            (x.requires_grad_(), W0, b.requires_grad_(), A.requires_grad_(), B.requires_grad_(), coeffs, tau),
+        )
+        torch.library.opcheck(torch.ops.cersa.snell_fwd.default, (x.detach(), W0, None, A, B, coeffs, tau))
+        dy = torch.randn(9, 24)
+        for need_dx in (True, False):
+            torch.library.opcheck(
+                torch.ops.cersa.snell_bwd.default, (dy, x.detach(), W0, A.detach(), B.detach(), coeffs, tau, need_dx)
+            )
+
+
+class TwoLayer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = SnellLinear.from_linear(nn.Linear(24, 40), rank=8, sparsity=0.5, train_bias=True)
+        self.b = SnellLinear.from_linear(nn.Linear(40, 12), rank=4, sparsity=0.9)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_torch_compile_fullgraph_forward_backward(backend):
+    torch._dynamo.reset()
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    model = TwoLayer()
+    x = torch.randn(2, 5, 24, requires_grad=True)
+    with use_backend(backend):
+        model(x).square().sum().backward()
+        eager = [x.grad.clone()] + [p.grad.clone() for p in model.parameters() if p.requires_grad]
+        x.grad = None
+        model.zero_grad()
+        compiled = torch.compile(model, fullgraph=True)
+        compiled(x).square().sum().backward()
+    got = [x.grad] + [p.grad for p in model.parameters() if p.requires_grad]
+    assert len(got) == 6  # x, a.A, a.B, a.bias, b.A, b.B
+    for g, e in zip(got, eager):
+        torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-4)
+    assert not counters["graph_break"], dict(counters["graph_break"])
+
+
+# ---------------------------------------------------------------- memory claims
+# (cersa_kernels._alloc.AllocationRecorder: what counts as an allocation, and how cersa ops are seen)
+
+
+def _record_layer_step(backend, layer, x):
+    with use_backend(backend), AllocationRecorder() as rec:
+        layer(x).sum().backward()
+    return rec
+
+
+def test_triton_path_allocates_no_m_by_n_tensor():
+    """Forward and backward of the Triton path create no tensor of ≥ m·n elements. m·n = 10010 is
+    larger than every other tensor of the call (x: T·n = 4810), and W0 (m×n) is the layer's own:
+    it exists before the call and is never copied. The same recorder on the reference path does see
+    m×n tensors, so the check can fail."""
+    T, n, m = 37, 130, 77
+    layer = SnellLinear.from_linear(nn.Linear(n, m), rank=8, sparsity=0.9, train_bias=True)
+    x = torch.randn(T, n, requires_grad=True)
+    rec = _record_layer_step("triton", layer, x)
+    assert set(rec.cersa_ops) == {"snell_threshold", "snell_fwd", "snell_bwd"}
+    assert len(rec.allocations) > 10  # the recorder sees the kernels' own allocations
+    biggest = rec.largest()
+    assert biggest.numel < m * n, f"an m×n-sized tensor was allocated: {biggest}"
+    assert biggest.shape == (T, n)  # dx (x.grad)
+    assert _record_layer_step("torch", layer, x).largest().numel >= m * n
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_saved_bytes_are_x_and_tau(backend):
+    """autograd keeps x (T·n·itemsize) and the fp32 scalar τ, nothing else but the layer's own tensors."""
+    T, n, m = 37, 130, 77
+    layer = SnellLinear.from_linear(nn.Linear(n, m), rank=8, sparsity=0.9, train_bias=True)
+    own = {t.untyped_storage().data_ptr() for t in list(layer.parameters()) + list(layer.buffers())}
+    x = torch.randn(3, T, n, requires_grad=True)
+    activations = []
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in own:
+            activations.append(t)
+        return t
+
+    with use_backend(backend), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = layer(x)
+    assert sorted(tuple(t.shape) for t in activations) == [(), (3 * T, n)]
+    assert sum(t.numel() * t.element_size() for t in activations) == 3 * T * n * 4 + 4
+    with use_backend(backend):
+        y.sum().backward()
+    assert x.grad is not None and layer.A.grad is not None and layer.B.grad is not None
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_triton_matches_reference_and_allocates_no_m_by_n(dtype):
+    """On a GPU: fwd + bwd against the fp64 reference, and the peak memory of the call stays far
+    below one m×n buffer of the compute dtype."""
+    T, n, m = 512, 2048, 1536
+    layer = SnellLinear.from_linear(nn.Linear(n, m), rank=16, sparsity=0.9).cuda().to(dtype)
+    x = torch.randn(T, n, device="cuda", dtype=dtype, requires_grad=True)
+    with use_backend("triton"):
+        layer(x).sum().backward()  # compile the kernels first
+        x.grad = None
+        layer.zero_grad()
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        y = layer(x)
+        y.sum().backward()
+        torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    assert peak < m * n * 4 // 2, f"peak {peak} bytes vs one fp32 m×n buffer {m * n * 4}"
+    args = (x.detach().double(), layer.weight.double(), layer.bias.double(), layer.A.double(), layer.B.double())
+    r = run("torch", *[a.cpu() for a in args], sparsity=0.9)
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-3
+    torch.testing.assert_close(y.detach().cpu().double(), r[0], atol=tol * float(r[0].abs().max()), rtol=tol)
+
+
+# ---------------------------------------------------------------- the layer
+
+
+def test_from_linear_state_and_init():
+    linear = nn.Linear(130, 77)
+    layer = SnellLinear.from_linear(linear, rank=8, heads=2, sparsity=0.9, coeffs=(0.1, -0.1))
+    assert torch.equal(layer.weight, linear.weight) and torch.equal(layer.bias, linear.bias)
+    assert not layer.weight.requires_grad and not layer.bias.requires_grad
+    assert "weight" in dict(layer.named_buffers())
+    assert layer.A.shape == (2, 130, 4) and layer.B.shape == (2, 77, 4)
+    assert layer.A.requires_grad and layer.B.requires_grad
+    assert sorted(n for n, p in layer.named_parameters() if p.requires_grad) == ["A", "B"]
+    bound = 1 / math.sqrt(4)  # kaiming-uniform(a=√5) with fan_in = d_h
+    for t in (layer.A.detach(), layer.B.detach()):
+        assert float(t.abs().max()) <= bound and float(t.abs().max()) > 0.8 * bound
+    assert SnellLinear.from_linear(linear, train_bias=True).bias.requires_grad
+
+
+def test_to_linear_matches_forward_and_uses_snell_delta(monkeypatch):
+    layer = SnellLinear.from_linear(nn.Linear(130, 77), rank=8, sparsity=0.9)
+    x = torch.randn(4, 130)
+    requested = []
+    real = backends.kernel_for
+
+    def spy(op, tensors):
+        requested.append(op)
+        return real(op, tensors)
+
+    import cersa_kernels.ops.snell as ops_snell
+
+    monkeypatch.setattr(ops_snell, "kernel_for", spy)
+    merged = layer.to_linear()
+    assert "snell_delta" in requested and "snell_threshold" in requested
+    torch.testing.assert_close(merged(x), layer(x), atol=1e-5, rtol=1e-5)
+    assert isinstance(merged, nn.Linear) and not isinstance(merged, SnellLinear)
+
+
+def test_state_dict_round_trip_and_repr():
+    layer = SnellLinear.from_linear(nn.Linear(30, 20), rank=8, heads=2, sparsity=0.5)
+    fresh = SnellLinear(30, 20, rank=8, heads=2, sparsity=0.5)
+    fresh.load_state_dict(layer.state_dict())
+    x = torch.randn(3, 30)
+    torch.testing.assert_close(fresh(x), layer(x))
+    text = repr(layer)
+    assert "rank=8, heads=2, sparsity=0.5, coeffs=(0.1, -0.1)" in text and "trainable=400" in text
+
+
+LAYER = r"SnellLinear\(in_features=16, out_features=8\)"
+
+
+class TestErrors:
+    def test_wrong_in_features(self):
+        layer = SnellLinear(16, 8, rank=4)
+        layer.layer_name = "encoder.0.q_proj"
+        expected = r"encoder.0.q_proj: expected input with last dimension in_features=16, got shape \(2, 15\)"
+        with pytest.raises(ValueError, match=expected):
+            layer(torch.randn(2, 15))
+
+    @pytest.mark.parametrize("sparsity", [-0.1, 1.0, 1.5])
+    def test_sparsity_outside_range(self, sparsity):
+        expected = rf"{LAYER}: sparsity must be in \[0, 1\), got {sparsity}"
+        with pytest.raises(ValueError, match=expected):
+            SnellLinear(16, 8, rank=4, sparsity=sparsity)
+        A, B = torch.randn(2, 16, 2), torch.randn(2, 8, 2)
+        with pytest.raises(ValueError, match=r"sparsity must be in \[0, 1\)"):
+            snell_linear(torch.randn(2, 16), torch.randn(8, 16), None, A, B, COEFFS, sparsity)
+
+    def test_heads_not_dividing_rank(self):
+        with pytest.raises(ValueError, match=rf"{LAYER}: heads must be ≥ 1 and divide rank; got rank=9, heads=2"):
+            SnellLinear(16, 8, rank=9, heads=2)
+
+    def test_coeffs_length(self):
+        with pytest.raises(ValueError, match=rf"{LAYER}: expected one coefficient per head \(2\), got 3: \(0.1, -0.1, 0.2\)"):
+            SnellLinear(16, 8, rank=4, heads=2, coeffs=(0.1, -0.1, 0.2))
+        with pytest.raises(ValueError, match=r"snell_linear: expected one coefficient per head \(2\), got 1"):
+            snell_linear(torch.randn(2, 16), torch.randn(8, 16), None, torch.randn(2, 16, 2), torch.randn(2, 8, 2),
+                         (0.1,))
+
+    def test_factor_shapes(self):
+        with pytest.raises(ValueError, match=r"snell_linear: B must have shape \(2, 8, 2\), got \(2, 9, 2\)"):
+            snell_linear(torch.randn(2, 16), torch.randn(8, 16), None, torch.randn(2, 16, 2), torch.randn(2, 9, 2))
+
+    def test_frozen_weight_with_grad(self):
+        with pytest.raises(ValueError, match="W0 is frozen"):
+            snell_linear(torch.randn(2, 16), torch.randn(8, 16, requires_grad=True), None,
+                         torch.randn(2, 16, 2), torch.randn(2, 8, 2))
+
+    def test_dtype_mismatch(self):
+        layer = SnellLinear(16, 8, rank=4)
+        with pytest.raises(TypeError, match="dtype mismatch"):
+            layer(torch.randn(2, 16, dtype=torch.float64))
+
+    def test_not_a_linear(self):
+        with pytest.raises(TypeError, match="expected an nn.Linear, got Conv1d"):
+            SnellLinear.from_linear(nn.Conv1d(3, 3, 1))

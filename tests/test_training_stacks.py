@@ -1,0 +1,238 @@
+"""The layers inside the training stacks users embed them in: torch.compile, autocast, gradient
+checkpointing (torch and Hugging Face), DDP and FSDP2 over 2 gloo processes on CPU."""
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+import cersa_kernels as ck
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+class Block(nn.Module):
+    def __init__(self, d=32, hidden=48):
+        super().__init__()
+        self.up = nn.Linear(d, hidden)
+        self.down = nn.Linear(hidden, d)
+
+    def forward(self, x):
+        return x + self.down(torch.nn.functional.gelu(self.up(x)))
+
+
+class Net(nn.Module):
+    def __init__(self, checkpointing=None):
+        super().__init__()
+        self.blocks = nn.ModuleList([Block(), Block()])
+        self.head = nn.Linear(32, 8)
+        self.checkpointing = checkpointing  # None, "reentrant" or "non-reentrant"
+
+    def forward(self, x):
+        for block in self.blocks:
+            if self.checkpointing:
+                x = checkpoint(block, x, use_reentrant=self.checkpointing == "reentrant")
+            else:
+                x = block(x)
+        return self.head(x)
+
+
+def adapted_net(seed=0, **kwargs):
+    torch.manual_seed(seed)
+    net = Net(**kwargs)
+    ck.apply(net, "cersa", energy=0.9, exclude_modules=["head"])
+    return net
+
+
+def grads(net, x):
+    net.zero_grad()
+    net(x).square().mean().backward()
+    return [p.grad.clone() for p in ck.trainable_parameters(net)]
+
+
+class _TensorRecorder(torch.overrides.TorchFunctionMode):
+    """Records the id of every tensor passed to a torch function inside the block."""
+
+    def __init__(self):
+        super().__init__()
+        self.ids = set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        for a in list(args) + list(kwargs.values()):
+            if isinstance(a, torch.Tensor):
+                self.ids.add(id(a))
+        return func(*args, **kwargs)
+
+
+def test_layers_keep_int_features_and_read_only_their_own_parameters():
+    """What FSDP2 and DDP rely on: a layer's forward touches no other module's parameters/buffers."""
+    net = adapted_net()
+    every = {id(t) for t in list(net.parameters()) + list(net.buffers())}
+    layers = [m for m in net.modules() if isinstance(m, ck.CersaLinear)]
+    assert len(layers) == 4
+    for layer in layers:
+        assert type(layer.in_features) is int and type(layer.out_features) is int
+        own = {id(t) for t in list(layer.parameters()) + list(layer.buffers())}
+        with _TensorRecorder() as rec:
+            layer(torch.randn(3, layer.in_features))
+        touched = rec.ids & every
+        assert touched and touched <= own
+
+
+def test_torch_compile_fullgraph_of_an_adapted_model():
+    torch._dynamo.reset()
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    net = adapted_net()
+    x = torch.randn(4, 7, 32)
+    expected = grads(net, x)
+    compiled = torch.compile(net, fullgraph=True)
+    net.zero_grad()
+    compiled(x).square().mean().backward()
+    for p, e in zip(ck.trainable_parameters(net), expected):
+        torch.testing.assert_close(p.grad, e, atol=1e-5, rtol=1e-4)
+    assert not counters["graph_break"]
+
+
+def test_torch_compile_fullgraph_of_a_hugging_face_llama():
+    """A whole adapted HF model traces in one graph (aot_eager: the inductor path is covered above)."""
+    transformers = pytest.importorskip("transformers")
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=16,
+    )
+    model = transformers.LlamaForCausalLM(cfg)
+    ck.apply(model, "cersa", energy=0.9)
+    ids = torch.randint(0, 64, (2, 9))
+    eager = model(input_ids=ids).logits
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    out = compiled(input_ids=ids).logits
+    torch.testing.assert_close(out, eager, atol=1e-5, rtol=1e-4)
+    out.square().mean().backward()
+    assert all(p.grad is not None for p in ck.trainable_parameters(model))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_keeps_the_core_and_its_gradient_in_fp32(dtype):
+    net = adapted_net()
+    x = torch.randn(4, 7, 32)
+    expected = grads(net, x)
+    net.zero_grad()
+    with torch.autocast("cpu", dtype=dtype):
+        y = net(x)
+        assert net.blocks[0].up(x).dtype == dtype
+    y.float().square().mean().backward()
+    for p, e in zip(ck.trainable_parameters(net), expected):
+        assert p.dtype == torch.float32 and p.grad.dtype == torch.float32
+        # half-precision activations: a few % of the gradient's scale
+        torch.testing.assert_close(p.grad, e, atol=0.05 * float(e.abs().max()), rtol=0.05)
+
+
+@pytest.mark.parametrize("mode", ["reentrant", "non-reentrant"])
+def test_torch_checkpointing(mode):
+    x = torch.randn(4, 7, 32, requires_grad=True)  # reentrant checkpointing needs an input that requires grad
+    expected = grads(adapted_net(), x)
+    got = grads(adapted_net(checkpointing=mode), x)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_hugging_face_gradient_checkpointing(reentrant):
+    transformers = pytest.importorskip("transformers")
+
+    def build():
+        torch.manual_seed(0)
+        cfg = transformers.BertConfig(
+            vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=16,
+        )
+        model = transformers.BertModel(cfg).train()
+        model.config.hidden_dropout_prob = model.config.attention_probs_dropout_prob = 0.0
+        for m in model.modules():
+            if isinstance(m, nn.Dropout):
+                m.p = 0.0
+        ck.apply(model, "cersa", energy=0.9)
+        return model
+
+    ids = torch.randint(0, 64, (2, 9))
+    plain = build()
+    plain(input_ids=ids).last_hidden_state.square().mean().backward()
+    ckpt = build()
+    ckpt.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    ckpt.enable_input_require_grads()  # frozen embeddings: reentrant checkpointing needs it (as with PEFT)
+    assert ckpt.is_gradient_checkpointing
+    ckpt(input_ids=ids).last_hidden_state.square().mean().backward()
+    for a, b in zip(ck.trainable_parameters(plain), ck.trainable_parameters(ckpt)):
+        torch.testing.assert_close(b.grad, a.grad, atol=1e-6, rtol=1e-5)
+
+
+# --- distributed: 2 processes, gloo, CPU ---------------------------------------------------------
+
+STEPS, LR = 3, 0.5
+
+
+def global_batch():
+    g = torch.Generator().manual_seed(123)
+    return torch.randn(8, 5, 32, generator=g), torch.randn(8, 5, 8, generator=g)
+
+
+def train(net, x, y):
+    opt = torch.optim.SGD(ck.trainable_parameters(net), lr=LR)
+    for _ in range(STEPS):
+        torch.nn.functional.mse_loss(net(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def _worker(rank, world, port, wrapper, out_path):
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        net = adapted_net()
+        if wrapper == "ddp":
+            model = torch.nn.parallel.DistributedDataParallel(net)
+        else:
+            from torch.distributed.fsdp import fully_shard
+
+            for block in net.blocks:
+                fully_shard(block)
+            model = fully_shard(net)
+        x, y = global_batch()
+        shard = slice(rank * 4, (rank + 1) * 4)  # each rank sees half of the global batch
+        train(model, x[shard], y[shard])
+        state = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone() for k, v in net.state_dict().items()}
+        if rank == 0:
+            torch.save(state, out_path)
+    finally:
+        dist.destroy_process_group()
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("wrapper", ["ddp", "fsdp2"])
+def test_distributed_matches_single_process(wrapper, tmp_path):
+    single = adapted_net()
+    train(single, *global_batch())
+    out = tmp_path / "rank0.pt"
+    mp.spawn(_worker, args=(2, free_port(), wrapper, str(out)), nprocs=2, join=True)
+    state = torch.load(out)
+    moved = 0
+    for name, value in single.state_dict().items():
+        torch.testing.assert_close(state[name], value, atol=1e-6, rtol=1e-5, msg=lambda m: f"{name}: {m}")
+        moved += name.endswith(".S")
+    assert moved == 4
+    assert not torch.equal(state["blocks.0.up.S"], adapted_net().blocks[0].up.S.detach())  # training happened
