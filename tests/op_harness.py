@@ -16,7 +16,7 @@ def run(backend, fn, inputs, grads, dy_seed=1):
     with use_backend(backend):
         y = fn(**ins)
         # drawn in float32 whatever y.dtype is, so every run (oracle included) gets the same dy
-        dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(dy_seed)).to(y.dtype)
+        dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(dy_seed)).to(y.device, y.dtype)
         y.backward(dy)
     return y.detach(), {k: ins[k].grad for k in grads}
 
@@ -27,8 +27,16 @@ def as64(inputs):
     }
 
 
+def on_gpu(inputs, dtype):
+    """The inputs on the GPU in `dtype` (integer tensors, e.g. a seed, stay where they are)."""
+    return {
+        k: (v.to("cuda", dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
+        for k, v in inputs.items()
+    }
+
+
 def check_triton_against_reference(fn, inputs, grads, what=""):
-    """Triton (fp32, interpreted) within twice the fp32-reference error of the float64 oracle."""
+    """Triton within twice the same-dtype reference's error of the float64 oracle (tolerances.py)."""
     y64, g64 = run("torch", fn, as64(inputs), grads)
     y32, g32 = run("torch", fn, inputs, grads)
     yt, gt = run("triton", fn, inputs, grads)

@@ -9,7 +9,7 @@ from cersa_kernels.backends import use_backend
 from cersa_kernels.ops import lora_linear
 from cersa_kernels.reference.lora import dropout_keep, hash32
 
-from op_harness import check_triton_against_reference, run, saved_bytes
+from op_harness import check_triton_against_reference, on_gpu, run, saved_bytes
 
 # (T, n, m, r): odd and prime sizes, r = 1, and a T long enough to split the reductions over T.
 SHAPES = [(37, 130, 77, 8), (37, 130, 77, 1), (700, 33, 19, 7)]
@@ -34,6 +34,17 @@ def test_triton_matches_reference(shape, bias, p):
     inputs = make(*shape, bias=bias)
     fn = lambda x, W, A, B, bias: lora_linear(x, W, A, B, bias, scale=1.7, dropout_p=p, seed=1234)  # noqa: E731
     check_triton_against_reference(fn, inputs, grads_of(inputs), f"{shape} bias={bias} p={p}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("shape", SHAPES + [(1000, 257, 193, 16)], ids=lambda s: "T{}n{}m{}r{}".format(*s))
+@pytest.mark.parametrize("p", [0.0, 0.3], ids=["nodrop", "drop0.3"])
+def test_triton_on_gpu(shape, dtype, p):
+    """The compiled Triton kernels on the real chip in every dtype (the interpreter's bf16 is wrong)."""
+    inputs = on_gpu(make(*shape), dtype)
+    fn = lambda x, W, A, B, bias: lora_linear(x, W, A, B, bias, scale=1.7, dropout_p=p, seed=1234)  # noqa: E731
+    check_triton_against_reference(fn, inputs, grads_of(inputs), f"{shape} {dtype} p={p}")
 
 
 def test_triton_3d_input():

@@ -10,7 +10,7 @@ from cersa_kernels.backends import use_backend
 from cersa_kernels.nn.pica import apply_pica
 from cersa_kernels.ops import pica_linear, pica_lowrank_linear
 
-from op_harness import check_triton_against_reference, run, saved_bytes
+from op_harness import check_triton_against_reference, on_gpu, run, saved_bytes
 
 # (T, n, m, r): odd and prime sizes, r = 1, and a T long enough to split dM's reduction over T.
 SHAPES = [(37, 130, 77, 8), (37, 130, 77, 1), (700, 33, 19, 7)]
@@ -56,6 +56,17 @@ def test_pica_triton_matches_reference(shape, bias):
 def test_pica_lowrank_triton_matches_reference(shape, bias):
     inputs = make_lowrank(*shape, bias=bias)
     check_triton_against_reference(lowrank_fn, inputs, ["x", "S", "M"] + (["bias"] if bias else []), f"{shape}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("shape", SHAPES + [(1000, 257, 193, 64)], ids=lambda s: "T{}n{}m{}r{}".format(*s))
+def test_triton_on_gpu(shape, dtype):
+    """Both PiCa ops compiled on the real chip in every dtype (the interpreter's bf16 is wrong)."""
+    check_triton_against_reference(pica_fn, on_gpu(make(*shape), dtype), ["x", "M", "bias"], f"pica {shape} {dtype}")
+    check_triton_against_reference(
+        lowrank_fn, on_gpu(make_lowrank(*shape), dtype), ["x", "S", "M", "bias"], f"pica_lowrank {shape} {dtype}"
+    )
 
 
 def test_3d_inputs():
