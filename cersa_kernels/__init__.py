@@ -4,14 +4,12 @@ Importing this package touches no GPU and does not import triton; kernels load o
 """
 from . import backends, ops
 from .decompose import decompose, global_ranks, select_rank, truncated_svd
-from .model import apply, load, merge, save, trainable_parameters
-from .nn import CersaLinear, SnellLinear
+from .model import apply, export_peft_lora, load, merge, save, trainable_parameters
+from .nn import CersaLinear, LoraLinear, PicaLinear, SnellLinear
 
 __version__ = "0.1.0"
 __all__ = [
-    "CersaLinear", "SnellLinear", "decompose", "select_rank", "truncated_svd", "global_ranks", "ops", "backends",
-    "apply", "merge", "save", "load", "trainable_parameters", "__version__",
+    "CersaLinear", "LoraLinear", "PicaLinear", "SnellLinear",
+    "decompose", "select_rank", "truncated_svd", "global_ranks", "ops", "backends",
+    "apply", "merge", "save", "load", "trainable_parameters", "export_peft_lora", "__version__",
 ]
-from .nn import LoraLinear, PicaLinear  # noqa: E402
-
-__all__ += ["LoraLinear", "PicaLinear"]

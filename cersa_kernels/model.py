@@ -24,7 +24,7 @@ from torch import nn
 
 __all__ = [
     "named_linears", "replace_module", "find_targets", "as_linear", "apply", "merge", "trainable_parameters",
-    "save", "load", "ApplyReport", "adapter_layers",
+    "save", "load", "ApplyReport", "adapter_layers", "export_peft_lora",
 ]
 
 TargetSpec = Union[str, Sequence[str], None]
@@ -38,9 +38,14 @@ def is_conv1d(module: nn.Module) -> bool:
 
 
 def named_linears(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """(qualified name, layer) for every nn.Linear and HF Conv1D in `model`, in module order."""
+    """(qualified name, layer) for every nn.Linear and HF Conv1D in `model`, in module order.
+    nn.MultiheadAttention's out_proj is left out: that module reads its weight directly, so a
+    replaced layer would be bypassed."""
+    inside_mha = {
+        id(child) for module in model.modules() if isinstance(module, nn.MultiheadAttention) for child in module.children()
+    }
     for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) or is_conv1d(module):
+        if (isinstance(module, nn.Linear) or is_conv1d(module)) and id(module) not in inside_mha:
             yield name, module
 
 
@@ -77,9 +82,12 @@ def _matches(name: str, spec: TargetSpec) -> bool:
 
 def find_targets(model: nn.Module, target_modules: TargetSpec = "all-linear", exclude_modules: TargetSpec = None) -> list[str]:
     """Names of the Linear/Conv1D layers selected by the PEFT-style specs (see module docstring)."""
+    from .nn import CersaLinear
+
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    candidates = list(named_linears(model)) + [(n, m) for n, m in model.named_modules() if isinstance(m, CersaLinear)]
     names = []
-    for name, module in named_linears(model):
+    for name, module in candidates:
         if target_modules == "all-linear":
             chosen = module is not output
         else:
@@ -181,8 +189,18 @@ def _per_layer_method(class_name: str) -> Callable[..., dict[str, nn.Module]]:
     return method
 
 
+def _pica_method(model: nn.Module, bases: dict[str, nn.Module], rank: int = 64) -> dict[str, nn.Module]:
+    """PicaLinear on every target, one shared M per role (module-name suffix). A CersaLinear target
+    keeps its factors and the PiCa branch reuses its h = x·V."""
+    from .nn.pica import pica_layers
+
+    return pica_layers(bases, rank)
+
+
 METHODS: dict[str, Callable[..., dict[str, nn.Module]]] = {
     "cersa": _cersa_method,
+    "lora": _per_layer_method("LoraLinear"),
+    "pica": _pica_method,
     "snell": _per_layer_method("SnellLinear"),
 }
 
@@ -204,30 +222,45 @@ def apply(
 
     method: "cersa" (options: energy, energy_power, rank, max_rank, trainable_rank, train_bias,
     energy_scope="layer"|"global", budget (parameters), budget_bytes, core_dtype=torch.float32);
-    "snell" (SnellLinear.from_linear options: rank, heads, sparsity, coeffs, train_bias). With freeze_base, every parameter that is not an adapter
+    "lora" (rank, alpha, dropout); "pica" (rank; one M shared per role; targets may be CersaLinear
+    layers of an earlier apply, whose h = x·V the branch reuses); "snell" (rank, heads, sparsity,
+    coeffs, train_bias). With freeze_base, every parameter that is not an adapter
     parameter stops requiring grad (as PEFT does). Returns an ApplyReport.
     """
     if method not in METHODS:
         raise ValueError(f"apply: method must be one of {sorted(METHODS)}, got {method!r}")
+    from .nn import CersaLinear
+
     names = find_targets(model, target_modules, exclude_modules)
-    linears = {name: as_linear(model.get_submodule(name)) for name in names}
+    originals = {name: model.get_submodule(name) for name in names}
+    # CersaLinear targets (PiCa over CERSA) are passed as they are; the rest as nn.Linear
+    linears = {name: m if isinstance(m, CersaLinear) else as_linear(m) for name, m in originals.items()}
+    if method != "pica" and any(isinstance(m, CersaLinear) for m in linears.values()):
+        raise ValueError(f"apply(method={method!r}): targets {[n for n, m in linears.items() if isinstance(m, CersaLinear)]} "
+                         "are already CersaLinear; only method='pica' adapts a CersaLinear")
     new_layers = METHODS[method](model, linears, **options)
     if freeze_base:  # before the new layers go in: they keep the requires_grad their method set
         for p in model.parameters():
             p.requires_grad_(False)
     report = ApplyReport(method)
+    counted: set[int] = set()  # a shared parameter (PiCa's M) counts once, in its first layer
     for name, layer in new_layers.items():
+        for inner in layer.modules():  # an adapter wrapped by the new one (CERSA under PiCa) is part of it now
+            if getattr(inner, "_cersa_adapter", False):
+                inner._cersa_adapter = False
         layer.layer_name = name
         layer._cersa_adapter = True
         layer._cersa_method = method
+        layer._cersa_base_type = getattr(originals[name], "_cersa_base_type", type(originals[name]).__name__)
         replace_module(model, name, layer)
-        linear = linears[name]
+        base = linears[name]
+        new_trainable = [p for p in layer.parameters() if p.requires_grad and id(p) not in counted]
+        counted.update(id(p) for p in new_trainable)
         report.rows.append(
             dict(
-                name=name, shape=(linear.out_features, linear.in_features), rank=_layer_rank(layer),
-                trainable=sum(p.numel() for p in layer.parameters() if p.requires_grad),
-                bytes_before=linear.weight.numel() * linear.weight.element_size(),
-                bytes_after=_base_bytes(layer, linear),
+                name=name, shape=(base.out_features, base.in_features), rank=_layer_rank(layer),
+                trainable=sum(p.numel() for p in new_trainable),
+                bytes_before=_base_bytes(base, base), bytes_after=_base_bytes(layer, base),
             )
         )
     return report
@@ -237,11 +270,12 @@ def _layer_rank(layer: nn.Module) -> int:
     return int(getattr(layer, "rank", 0))
 
 
-def _base_bytes(layer: nn.Module, linear: nn.Linear) -> int:
-    """Bytes that stand for the frozen base weight after the change (CERSA: its factors)."""
-    if hasattr(layer, "weight_bytes"):
-        return int(layer.weight_bytes())
-    return linear.weight.numel() * linear.weight.element_size()
+def _base_bytes(layer: nn.Module, base: nn.Module) -> int:
+    """Bytes that stand for the frozen base weight (a CersaLinear, or PiCa over one: its factors)."""
+    for candidate in (layer, getattr(layer, "base", None)):
+        if hasattr(candidate, "weight_bytes"):
+            return int(candidate.weight_bytes())
+    return base.weight.numel() * base.weight.element_size()
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -283,6 +317,7 @@ def save(model: nn.Module, directory: Union[str, Path]) -> None:
                 tensors[f"{name}.{key}"] = t.detach().contiguous().cpu()
         config["layers"][name] = dict(
             cls=type(layer).__name__, method=layer._cersa_method, config=layer.config(),
+            base_type=getattr(layer, "_cersa_base_type", "Linear"),
             trainable=[k for k, p in layer.named_parameters() if p.requires_grad],
         )
     inside = {id(p) for layer in layers.values() for p in layer.parameters()}
@@ -312,7 +347,8 @@ def layer_classes() -> dict[str, type]:
 
 def load(model: nn.Module, directory: Union[str, Path]) -> nn.Module:
     """Rebuild in `model` (a fresh copy of the original architecture and base weights) the adapter
-    layers saved by `save`, load their weights, and set requires_grad as they were saved."""
+    layers saved by `save`, load their weights, and set requires_grad as they were saved. Parameters
+    a layer's config marks as tied (PiCa's per-role M) become one shared Parameter again."""
     from safetensors.torch import load_file
 
     directory = Path(directory)
@@ -321,6 +357,7 @@ def load(model: nn.Module, directory: Union[str, Path]) -> nn.Module:
     classes = layer_classes()
     for p in model.parameters():
         p.requires_grad_(False)
+    tied: dict[str, nn.Parameter] = {}
     for name, entry in config["layers"].items():
         base = model.get_submodule(name)
         device = next(iter(base.parameters())).device
@@ -337,8 +374,11 @@ def load(model: nn.Module, directory: Union[str, Path]) -> nn.Module:
         layer.layer_name = name
         layer._cersa_adapter = True
         layer._cersa_method = entry["method"]
+        layer._cersa_base_type = entry.get("base_type", "Linear")
         for key, p in layer.named_parameters():
             p.requires_grad_(key in entry["trainable"])
+        for attr, tie in entry["config"].get("tied", {}).items():
+            setattr(layer, attr, tied.setdefault(tie, getattr(layer, attr)))
         replace_module(model, name, layer)
     for pname in config["trainable"]:
         p = dict(model.named_parameters())[pname]
@@ -346,3 +386,68 @@ def load(model: nn.Module, directory: Union[str, Path]) -> nn.Module:
             p.copy_(tensors[pname])
         p.requires_grad_(True)
     return model
+
+
+# --- export --------------------------------------------------------------------------------------
+
+def _update_over_original(layer: nn.Module, name: str):
+    """The layer's update over the ORIGINAL weight W0 as LoRA factors ΔW = scale·B·A (float32).
+
+    LoRA: s·B·A. PiCa: M·P. CERSA: U·ΔS·Vᵀ with ΔS = S − Σ_k (METHODS §1: the exported model is
+    W0 + U ΔS Vᵀ, which keeps the residual σ_{k+1..} that the CERSA layer itself discarded).
+    PiCa over CERSA: (U ΔS + [M | 0])·Vᵀ."""
+    from .nn import CersaLinear, LoraLinear, PicaLinear
+    from .para import LoraFactors
+
+    if isinstance(layer, LoraLinear):
+        return LoraFactors(A=layer.lora_A.detach().float(), B=layer.lora_B.detach().float(), scale=layer.scaling)
+    cersa = layer if isinstance(layer, CersaLinear) else getattr(layer, "base", None)
+    if isinstance(cersa, CersaLinear):
+        B = cersa.U.float() @ cersa.delta_core().detach().float()
+        if isinstance(layer, PicaLinear):
+            B[:, : layer.rank] += layer.M.detach().float()
+        return LoraFactors(A=cersa.V.float().T.contiguous(), B=B, scale=1.0)
+    if isinstance(layer, PicaLinear):
+        return LoraFactors(A=layer.P.float(), B=layer.M.detach().float(), scale=1.0)
+    raise ValueError(
+        f"export_peft_lora: layer {name} is a {type(layer).__name__}, whose update is not low-rank "
+        "(SNELL's is sparse); merge() it instead"
+    )
+
+
+def export_peft_lora(
+    model: nn.Module,
+    directory: Union[str, Path],
+    energy: Optional[float] = 1.0,
+    budget: Optional[int] = None,
+    base_model_name_or_path: Optional[str] = None,
+):
+    """Write the CERSA, PiCa and LoRA updates of `model` as one PEFT LoRA adapter over the original
+    weights (`adapter_config.json` + `adapter_model.safetensors`, per-module `rank_pattern` /
+    `alpha_pattern`), loadable with `peft.PeftModel.from_pretrained(original_model, directory)`.
+
+    Ranks come from PARA over all the updates: `energy=1.0` (default) keeps every non-zero singular
+    value (exact, at each update's true rank); a lower `energy` or a `budget` (adapter parameters)
+    prunes with one global threshold. Returns the PARA result (per-layer ranks)."""
+    from .para import compress
+    from .para_peft import write_lora_adapter
+
+    layers = adapter_layers(model)
+    if not layers:
+        raise ValueError("export_peft_lora: the model has no adapter layer (call apply first)")
+    factors = {name: _update_over_original(layer, name) for name, layer in layers.items()}
+    base_types = {getattr(layer, "_cersa_base_type", "Linear") for layer in layers.values()}
+    if len(base_types) > 1:
+        raise ValueError(f"export_peft_lora: PEFT needs one fan_in_fan_out for all modules; the targets mix {sorted(base_types)}")
+    result = compress(factors, energy=energy, budget=budget)
+    if not any(f is not None for f in result.adapters.values()):
+        raise ValueError("export_peft_lora: every update is zero (or pruned): nothing to export")
+    kept_ranks = [f.A.shape[0] for f in result.adapters.values() if f is not None]
+    config = {
+        "peft_type": "LORA", "task_type": None, "r": max(kept_ranks), "lora_alpha": max(kept_ranks),
+        "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": base_types == {"Conv1D"},
+        "use_rslora": False, "use_dora": False, "inference_mode": True,
+        "base_model_name_or_path": base_model_name_or_path or getattr(getattr(model, "config", None), "_name_or_path", None),
+    }
+    write_lora_adapter(directory, result.adapters, config, {name: "base_model.model." for name in factors})
+    return result

@@ -19,7 +19,7 @@ import torch
 
 from .para import LoraFactors, ParaResult, compress
 
-__all__ = ["para_peft"]
+__all__ = ["para_peft", "write_lora_adapter"]
 
 _KEY = re.compile(r"^(?P<prefix>base_model\.model\.)?(?P<module>.+)\.lora_(?P<which>[AB])\.weight$")
 
@@ -34,7 +34,7 @@ def _pattern_value(patterns: dict, module: str, default):
 
 def para_peft(in_dir, out_dir, energy: Optional[float] = None, budget: Optional[int] = None) -> ParaResult:
     """Compress the PEFT LoRA adapter in `in_dir` with PARA and write it to `out_dir` (see module doc)."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     in_dir, out_dir = Path(in_dir), Path(out_dir)
     config_path, weights_path = in_dir / "adapter_config.json", in_dir / "adapter_model.safetensors"
@@ -76,22 +76,40 @@ def para_peft(in_dir, out_dir, energy: Optional[float] = None, budget: Optional[
         alpha = float(_pattern_value(alpha_pattern, module, config["lora_alpha"]))
         adapters[module] = LoraFactors(A=ab["A"], B=ab["B"], scale=alpha / (math.sqrt(r) if rslora else r))
     result = compress(adapters, energy=energy, budget=budget)
-    kept = {name: f for name, f in result.adapters.items() if f is not None}
-    if not kept:
+    if not any(f is not None for f in result.adapters.values()):
         raise ValueError("para-peft: the threshold removes every adapter; raise energy or budget")
-    out = dict(others)
+    write_lora_adapter(out_dir, result.adapters, config, prefixes, rslora, extra_tensors=others)
+    return result
+
+
+def write_lora_adapter(
+    out_dir,
+    adapters: dict[str, Optional[LoraFactors]],
+    config: dict,
+    prefixes: dict[str, str],
+    rslora: bool = False,
+    extra_tensors: Optional[dict[str, torch.Tensor]] = None,
+) -> None:
+    """Write a PEFT LoRA adapter directory: `<prefix><module>.lora_{A,B}.weight` for every adapter
+    that is not None, and `config` with per-module `rank_pattern` / `alpha_pattern` (alpha' = s·k,
+    s·√k with rslora, so each module's scale s is exact) and `target_modules` = the kept modules."""
+    from safetensors.torch import save_file
+
+    out = dict(extra_tensors or {})
     new_ranks, new_alphas = {}, {}
-    for name, f in kept.items():
+    for name, f in adapters.items():
+        if f is None:
+            continue
         k = f.A.shape[0]
         out[f"{prefixes[name]}{name}.lora_A.weight"] = f.A.contiguous()
         out[f"{prefixes[name]}{name}.lora_B.weight"] = f.B.contiguous()
         new_ranks[name] = k
-        new_alphas[name] = f.scale * (math.sqrt(k) if rslora else k)  # keeps s = alpha/r exact
-    config = dict(config, rank_pattern=new_ranks, alpha_pattern=new_alphas, target_modules=sorted(kept))
+        new_alphas[name] = f.scale * (math.sqrt(k) if rslora else k)
+    config = dict(config, rank_pattern=new_ranks, alpha_pattern=new_alphas, target_modules=sorted(new_ranks))
+    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
     save_file(out, str(out_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
-    return result
 
 
 def main(in_dir, out_dir, energy: Optional[float] = None, budget: Optional[int] = None) -> ParaResult:

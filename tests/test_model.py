@@ -57,27 +57,36 @@ def train_steps(model, ids, steps=3):
         opt.zero_grad()
 
 
-# method -> (options, layer class name, trainable tensors per layer)
+def roles(rows):
+    return len({r["name"].rsplit(".", 1)[-1] for r in rows})
+
+
+# method -> (options, layer class name, number of trainable tensors given the report rows)
 METHOD_CASES = {
-    "cersa": (dict(energy=0.9), "CersaLinear", 1),
-    "snell": (dict(rank=8, sparsity=0.5), "SnellLinear", 2),
+    "cersa": (dict(energy=0.9), "CersaLinear", len),
+    "lora": (dict(rank=4, alpha=8), "LoraLinear", lambda rows: 2 * len(rows)),
+    "pica": (dict(rank=4), "PicaLinear", roles),  # one M per role, shared by its layers
+    "snell": (dict(rank=8, sparsity=0.5), "SnellLinear", lambda rows: 2 * len(rows)),
 }
 
 
 @pytest.mark.parametrize("method", sorted(METHOD_CASES))
 @pytest.mark.parametrize("kind", ["llama", "bert", "gpt2"])
 def test_apply_train_save_load_merge(kind, method, tmp_path):
-    options, class_name, per_layer = METHOD_CASES[method]
+    options, class_name, expected_trainable = METHOD_CASES[method]
     layer_class = getattr(ck.nn, class_name)
     model, ids = tiny(kind)
     fresh = copy.deepcopy(model)  # the original architecture and base weights, as a user reloads them
-    report = ck.apply(model, method, target_modules="all-linear", **options)
-    assert len(report.rows) == len(find_targets(fresh, "all-linear"))
+    # PiCa shares M by name suffix: BERT's three kinds of "dense" differ in out_features (an error)
+    targets = ["query", "key", "value"] if (kind, method) == ("bert", "pica") else "all-linear"
+    report = ck.apply(model, method, target_modules=targets, **options)
+    assert len(report.rows) == len(find_targets(fresh, targets))
     assert all(isinstance(model.get_submodule(r["name"]), layer_class) for r in report.rows)
     if kind != "bert":
         assert not isinstance(model.get_output_embeddings(), layer_class)  # all-linear skips lm_head
     trainable = ck.trainable_parameters(model)
-    assert len(trainable) == per_layer * len(report.rows) and all(p.dtype == torch.float32 for p in trainable)
+    assert len(trainable) == expected_trainable(report.rows) and all(p.dtype == torch.float32 for p in trainable)
+    assert report.trainable == sum(p.numel() for p in trainable)
     before = [p.detach().clone() for p in trainable]
     train_steps(model, ids)
     assert all(not torch.equal(b, p) for b, p in zip(before, trainable))  # every core moved
@@ -115,6 +124,11 @@ class TestTargets:
         model, _ = tiny("bert")
         with pytest.raises(ValueError, match=r"target_modules=\['q_proj'\].*selects no Linear layer"):
             ck.apply(model, "cersa", target_modules=["q_proj"])
+
+    def test_pica_role_with_different_out_features(self):
+        model, _ = tiny("bert")
+        with pytest.raises(ValueError, match=r"role 'dense' shares one M .* differ in out_features"):
+            ck.apply(model, "pica", rank=4)
 
     def test_unknown_method(self):
         with pytest.raises(ValueError, match="method must be one of"):

@@ -84,6 +84,17 @@ class LoraLinear(nn.Module):
         layer.reset_adapter()
         return layer
 
+    # Tensors the original model already holds: `save` writes them only if they were trained.
+    BASE_KEYS = ("weight", "bias")
+
+    def config(self) -> dict:
+        return dict(rank=self.rank, alpha=self.alpha, dropout=self.dropout)
+
+    @classmethod
+    def from_config(cls, config: dict, base: nn.Linear, device=None) -> "LoraLinear":
+        """The layer around the original Linear `base`; lora_A and lora_B come from a state_dict."""
+        return cls.from_linear(base, config["rank"], config["alpha"], config["dropout"])
+
     def _name(self) -> str:
         return self.layer_name or f"LoraLinear(in_features={self.in_features}, out_features={self.out_features})"
 

@@ -18,7 +18,7 @@ from ..model import replace_module
 from ..ops.pica import pica_linear, pica_lowrank_linear
 from .cersa import CersaLinear
 
-__all__ = ["PicaLinear", "apply_pica"]
+__all__ = ["PicaLinear", "apply_pica", "pica_layers"]
 
 
 class PicaLinear(nn.Module):
@@ -77,6 +77,38 @@ class PicaLinear(nn.Module):
         """ΔW = M P (out, in): the PiCa update over the base."""
         return self.M.to(self.projection().dtype) @ self.projection()
 
+    @torch.no_grad()
+    def to_linear(self) -> nn.Linear:
+        """Merge into a plain nn.Linear: weight W_base + M P (W_base = W0, or U S Vᵀ of a CERSA base)."""
+        if self.base is None:
+            linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                               device=self.weight.device, dtype=self.weight.dtype)
+            linear.weight.copy_(self.weight)
+            if self.bias is not None:
+                linear.bias.copy_(self.bias)
+        else:
+            linear = self.base.to_linear()
+        linear.weight.add_(self.delta_weight().float().to(linear.weight.dtype))
+        return linear
+
+    # Tensors the original model already holds (dense base): `save` writes them only if trained.
+    BASE_KEYS = ("weight", "bias")
+
+    def config(self) -> dict:
+        """What `from_config` needs; `tied` makes `load` share one M across the layers of a role."""
+        config = dict(rank=self.rank, role=_role(self.layer_name or ""), tied={"M": f"pica:{_role(self.layer_name or '')}"})
+        if self.base is not None:
+            config["cersa"] = self.base.config()
+        return config
+
+    @classmethod
+    def from_config(cls, config: dict, base: nn.Linear, device=None) -> "PicaLinear":
+        """The layer around the original Linear `base` (or an empty CERSA base); P, M and the CERSA
+        factors come from a state_dict (P is saved, not recomputed: SVD signs are arbitrary)."""
+        if "cersa" in config:
+            base = CersaLinear.from_config(config["cersa"], device=device)
+        return cls(base, config["rank"])
+
     def extra_repr(self) -> str:
         base = "cersa" if self.base is not None else "dense"
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, base={base}"
@@ -96,13 +128,26 @@ def apply_pica(model: nn.Module, rank: int, target_modules: Optional[Iterable[st
     min(out, in) (or its CERSA rank k), or when nothing matches.
     """
     targets = None if target_modules is None else set(target_modules)
-    groups: dict[str, list[tuple[str, nn.Module]]] = {}
-    for name, module in model.named_modules():
-        if isinstance(module, (nn.Linear, CersaLinear)) and name and (targets is None or _role(name) in targets):
-            groups.setdefault(_role(name), []).append((name, module))
-    if not groups:
+    found = {
+        name: module for name, module in model.named_modules()
+        if isinstance(module, (nn.Linear, CersaLinear)) and name and (targets is None or _role(name) in targets)
+    }
+    if not found:
         raise ValueError(f"apply_pica: no nn.Linear or CersaLinear layer matches target_modules={sorted(targets or [])}")
-    shared: dict[str, nn.Parameter] = {}
+    layers = pica_layers(found, rank)
+    for name, layer in layers.items():
+        replace_module(model, name, layer)
+    return {_role(name): layer.M for name, layer in layers.items()}
+
+
+def pica_layers(bases: dict[str, nn.Module], rank: int) -> dict[str, PicaLinear]:
+    """{name: PicaLinear} around each base layer (nn.Linear or CersaLinear), with one zero M per
+    role shared by all the layers of that role. Raises ValueError when a role's layers differ in
+    out_features (the message names the role and every layer's shape)."""
+    groups: dict[str, list[tuple[str, nn.Module]]] = {}
+    for name, module in bases.items():
+        groups.setdefault(_role(name), []).append((name, module))
+    out: dict[str, PicaLinear] = {}
     for role, layers in groups.items():
         outs = {m.out_features for _, m in layers}
         if len(outs) > 1:
@@ -115,6 +160,5 @@ def apply_pica(model: nn.Module, rank: int, target_modules: Optional[Iterable[st
         ref = first.U if isinstance(first, CersaLinear) else first.weight
         M = nn.Parameter(torch.zeros(outs.pop(), rank, device=ref.device, dtype=ref.dtype))
         for name, module in layers:
-            replace_module(model, name, PicaLinear(module, rank, M, layer_name=name))
-        shared[role] = M
-    return shared
+            out[name] = PicaLinear(module, rank, M, layer_name=name)
+    return out
