@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from ..decompose import truncated_svd
 from ..ops.lowrank import lowrank_linear
+from ._autocast import autocast_cast
 
 __all__ = ["CersaLinear"]
 
@@ -135,14 +136,8 @@ class CersaLinear(nn.Module):
         return self.layer_name or f"CersaLinear(in_features={self.in_features}, out_features={self.out_features})"
 
     def forward(self, x: Tensor) -> Tensor:
-        U, V, bias = self.U, self.V, self.bias
-        device_type = x.device.type
-        if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
-            # Custom ops are not autocast by the dispatcher: cast like autocast casts nn.Linear,
-            # but leave S in its own (typically fp32) dtype so its gradient stays fp32.
-            dtype = torch.get_autocast_dtype(device_type)
-            x, U, V = x.to(dtype), U.to(dtype), V.to(dtype)
-            bias = None if bias is None else bias.to(dtype)
+        # S is not cast: the op takes an fp32 core beside half-precision factors (fp32 dS)
+        x, U, V, bias = autocast_cast(x, self.U, self.V, self.bias)
         return lowrank_linear(x, V, self.core(), U, bias, layer=self._name())
 
     def config(self) -> dict:

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from ..ops.lora import lora_linear
+from ._autocast import autocast_cast
 
 __all__ = ["LoraLinear"]
 
@@ -102,9 +103,8 @@ class LoraLinear(nn.Module):
         p = self.dropout if self.training else 0.0
         # the seed lives on the CPU: the kernels read it as a Python int, which must not sync a GPU
         seed = torch.randint(0, 2**31 - 1, (), dtype=torch.int64) if p > 0 else None
-        return lora_linear(
-            x, self.weight, self.lora_A, self.lora_B, self.bias, self.scaling, p, seed, layer=self._name()
-        )
+        x, weight, A, B, bias = autocast_cast(x, self.weight, self.lora_A, self.lora_B, self.bias)
+        return lora_linear(x, weight, A, B, bias, self.scaling, p, seed, layer=self._name())
 
     def delta_weight(self) -> Tensor:
         """ΔW = s·B·A (out, in)."""

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from ..decompose import truncated_svd
 from ..model import replace_module
 from ..ops.pica import pica_linear, pica_lowrank_linear
+from ._autocast import autocast_cast
 from .cersa import CersaLinear
 
 __all__ = ["PicaLinear", "apply_pica", "pica_layers"]
@@ -69,9 +70,11 @@ class PicaLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.base is None:
-            return pica_linear(x, self.weight, self.P, self.M, self.bias, layer=self._name())
+            x, weight, P, M, bias = autocast_cast(x, self.weight, self.P, self.M, self.bias)
+            return pica_linear(x, weight, P, M, bias, layer=self._name())
         b = self.base
-        return pica_lowrank_linear(x, b.V, b.core(), b.U, self.M, b.bias, layer=self._name())
+        x, V, U, M, bias = autocast_cast(x, b.V, b.U, self.M, b.bias)  # S keeps its dtype, as in CersaLinear
+        return pica_lowrank_linear(x, V, b.core(), U, M, bias, layer=self._name())
 
     def delta_weight(self) -> Tensor:
         """ΔW = M P (out, in): the PiCa update over the base."""

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from ..ops.snell import check_snell_config, snell_delta, snell_linear, snell_threshold
+from ._autocast import autocast_cast
 
 __all__ = ["SnellLinear"]
 
@@ -112,9 +113,8 @@ class SnellLinear(nn.Module):
         return self.layer_name or f"SnellLinear(in_features={self.in_features}, out_features={self.out_features})"
 
     def forward(self, x: Tensor) -> Tensor:
-        return snell_linear(
-            x, self.weight, self.bias, self.A, self.B, self.coeffs, self.sparsity, layer=self._name()
-        )
+        x, weight, bias, A, B = autocast_cast(x, self.weight, self.bias, self.A, self.B)
+        return snell_linear(x, weight, bias, A, B, self.coeffs, self.sparsity, layer=self._name())
 
     @torch.no_grad()
     def threshold(self) -> Tensor:

@@ -1,0 +1,26 @@
+"""Autocast for layers built on custom ops: the dispatcher does not autocast a custom op, so each
+layer casts its inputs itself, the way autocast casts nn.Linear's input and weight."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+
+def autocast_dtype(x: Tensor) -> Optional[torch.dtype]:
+    """The autocast dtype in force for x's device type, or None outside autocast."""
+    device_type = x.device.type
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
+def autocast_cast(x: Tensor, *tensors: Optional[Tensor]) -> tuple[Optional[Tensor], ...]:
+    """(x, *tensors) cast to the autocast dtype when autocast is on, unchanged otherwise (None
+    entries stay None). Trainable tensors keep their own dtype; their gradients flow back through
+    the cast, so fp32 parameters get fp32 gradients."""
+    dtype = autocast_dtype(x)
+    if dtype is None:
+        return (x, *tensors)
+    return tuple(None if t is None else t.to(dtype) for t in (x, *tensors))
