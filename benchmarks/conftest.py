@@ -45,6 +45,18 @@ def saved_activation_bytes(fn, own_tensors) -> int:
     return total
 
 
+def make_step(fwd, mode: str, dy):
+    """The timed step: `fwd()` under no_grad for mode "fwd", else `fwd().backward(dy)`."""
+    if mode == "fwd":
+        def step():
+            with torch.no_grad():
+                fwd()
+    else:
+        def step():
+            fwd().backward(dy)
+    return step
+
+
 def time_it(benchmark, fn, flops: float, extra: dict) -> None:
     """Benchmark fn (synchronised, warmed up: Triton compiles and autotunes outside the timed
     region) and record TFLOP/s and peak memory beside `extra`."""

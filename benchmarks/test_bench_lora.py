@@ -15,7 +15,7 @@ from torch import nn
 from cersa_kernels.backends import unavailable_reasons, use_backend
 from cersa_kernels.ops import lora_linear
 
-from conftest import DEVICE, HAS_GPU, saved_activation_bytes, time_it
+from conftest import DEVICE, HAS_GPU, make_step, saved_activation_bytes, time_it
 
 if HAS_GPU:
     DTYPE = torch.bfloat16
@@ -82,12 +82,6 @@ def test_lora(benchmark, shape, row, mode, p):
     benchmark.group = f"lora T{T} n{n} m{m} r{r} p{p} {str(DTYPE).replace('torch.', '')} {mode}"
     # x is counted: it is an activation the op keeps alive (only the weights are excluded)
     saved = saved_activation_bytes(fwd, [W, bias, A, B] + own)
-    if mode == "fwd":
-        def step():
-            with torch.no_grad():
-                fwd()
-    else:
-        def step():
-            fwd().backward(dy)
+    step = make_step(fwd, mode, dy)
     work = 2 * T * n * m * (1 if mode == "fwd" else 2) if row == "dense" else flops(T, n, m, r, mode)
     time_it(benchmark, step, work, {"saved_activation_bytes": saved, "T": T, "n": n, "m": m, "r": r, "p": p, "row": row})

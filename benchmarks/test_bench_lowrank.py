@@ -14,7 +14,7 @@ from torch import nn
 from cersa_kernels.backends import unavailable_reasons, use_backend
 from cersa_kernels.ops import lowrank_linear
 
-from conftest import DEVICE, HAS_GPU, saved_activation_bytes, time_it
+from conftest import DEVICE, HAS_GPU, make_step, saved_activation_bytes, time_it
 
 if HAS_GPU:
     DTYPE = torch.bfloat16
@@ -72,13 +72,7 @@ def test_lowrank(benchmark, shape, row, mode):
     fwd = forward_fn(row, x, V, S, U, bias, dense)
     benchmark.group = f"lowrank T{T} n{n} m{m} k{k} {str(DTYPE).replace('torch.', '')} {mode}"
     saved = saved_activation_bytes(fwd, [x, V, S, U, bias, dense.weight, dense.bias])
-    if mode == "fwd":
-        def step():
-            with torch.no_grad():
-                fwd()
-    else:
-        def step():
-            fwd().backward(dy)
+    step = make_step(fwd, mode, dy)
     work = 2 * T * n * m * (1 if mode == "fwd" else 2) if row == "dense" else flops(T, n, m, k, mode)
     info = dict(op="lowrank", row=row, mode=mode, dtype=str(DTYPE).replace("torch.", ""), T=T, n=n, m=m, k=k)
     time_it(benchmark, step, work, {"saved_activation_bytes": saved, **info})

@@ -16,7 +16,7 @@ from torch import nn
 from cersa_kernels.backends import unavailable_reasons, use_backend
 from cersa_kernels.ops import lowrank_linear, pica_linear, pica_lowrank_linear
 
-from conftest import DEVICE, HAS_GPU, saved_activation_bytes, time_it
+from conftest import DEVICE, HAS_GPU, make_step, saved_activation_bytes, time_it
 
 if HAS_GPU:
     DTYPE = torch.bfloat16
@@ -46,13 +46,7 @@ def skip_unless(row, op, tensors):
 
 
 def step_for(fwd, mode, dy):
-    if mode == "fwd":
-        def step():
-            with torch.no_grad():
-                fwd()
-    else:
-        def step():
-            fwd().backward(dy)
+    step = make_step(fwd, mode, dy)
     return step
 
 

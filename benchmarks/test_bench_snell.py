@@ -21,7 +21,7 @@ from cersa_kernels._alloc import AllocationRecorder
 from cersa_kernels.backends import unavailable_reasons, use_backend
 from cersa_kernels.ops import snell_linear
 
-from conftest import DEVICE, HAS_GPU, saved_activation_bytes, time_it
+from conftest import DEVICE, HAS_GPU, make_step, saved_activation_bytes, time_it
 
 COEFFS = (0.1, -0.1)
 SPARSITY = 0.9
@@ -98,13 +98,7 @@ def test_snell(benchmark, shape, row, mode):
     fwd = forward_fn(row, x, W0, bias, A, B, lora_A, lora_B)
     benchmark.group = f"snell T{T} n{n} m{m} q{q} s{SPARSITY} {str(dtype).replace('torch.', '')} {mode}"
     saved = saved_activation_bytes(fwd, [W0, bias, A, B, lora_A, lora_B])  # x counts: it is the activation
-    if mode == "fwd":
-        def step():
-            with torch.no_grad():
-                fwd()
-    else:
-        def step():
-            fwd().backward(dy)
+    step = make_step(fwd, mode, dy)
     extra = {"saved_activation_bytes": saved, "T": T, "n": n, "m": m, "q": q, "row": row, "sparsity": SPARSITY}
     if not HAS_GPU:  # CPU: no allocator statistics; count what the call allocates instead
         with AllocationRecorder() as rec:

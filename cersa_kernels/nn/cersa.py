@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from ..decompose import truncated_svd
 from ..ops.lowrank import lowrank_linear
 from ._autocast import autocast_cast
+from ._merge import merged_linear
 
 __all__ = ["CersaLinear"]
 
@@ -161,15 +162,11 @@ class CersaLinear(nn.Module):
     @torch.no_grad()
     def to_linear(self) -> nn.Linear:
         """Merge into a plain nn.Linear with weight U S Vᵀ (computed in float32)."""
-        S = self.core().float()
-        weight = (self.U.float() @ S @ self.V.float().T).to(self.U.dtype)
-        linear = nn.Linear(
-            self.in_features, self.out_features, bias=self.bias is not None, device=self.U.device, dtype=self.U.dtype
-        )
-        linear.weight.copy_(weight)
-        if self.bias is not None:
-            linear.bias.copy_(self.bias)
-        return linear
+        return merged_linear(self.dense_weight(), self.bias, self.U.dtype)
+
+    def dense_weight(self) -> Tensor:
+        """U S Vᵀ (out, in) in float32: the weight this layer applies."""
+        return self.U.float() @ self.core().detach().float() @ self.V.float().T
 
     def weight_bytes(self) -> int:
         """Bytes of everything that stands for the dense weight: U, V, S and sigma (bias excluded)."""

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from ..ops.lora import lora_linear
 from ._autocast import autocast_cast
+from ._merge import merged_linear
 
 __all__ = ["LoraLinear"]
 
@@ -113,15 +114,8 @@ class LoraLinear(nn.Module):
     @torch.no_grad()
     def to_linear(self) -> nn.Linear:
         """Merge into a plain nn.Linear with weight W0 + s·B·A (computed in float32)."""
-        linear = nn.Linear(
-            self.in_features, self.out_features, bias=self.bias is not None, device=self.weight.device,
-            dtype=self.weight.dtype,
-        )
         merged = self.weight.float() + self.scaling * (self.lora_B.float() @ self.lora_A.float())
-        linear.weight.copy_(merged.to(self.weight.dtype))
-        if self.bias is not None:
-            linear.bias.copy_(self.bias)
-        return linear
+        return merged_linear(merged, self.bias, self.weight.dtype)
 
     def extra_repr(self) -> str:
         return (

@@ -17,6 +17,7 @@ from ..decompose import truncated_svd
 from ..model import replace_module
 from ..ops.pica import pica_linear, pica_lowrank_linear
 from ._autocast import autocast_cast
+from ._merge import merged_linear
 from .cersa import CersaLinear
 
 __all__ = ["PicaLinear", "apply_pica", "pica_layers"]
@@ -84,15 +85,10 @@ class PicaLinear(nn.Module):
     def to_linear(self) -> nn.Linear:
         """Merge into a plain nn.Linear: weight W_base + M P (W_base = W0, or U S Vᵀ of a CERSA base)."""
         if self.base is None:
-            linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                               device=self.weight.device, dtype=self.weight.dtype)
-            linear.weight.copy_(self.weight)
-            if self.bias is not None:
-                linear.bias.copy_(self.bias)
+            base_weight, bias, dtype = self.weight.float(), self.bias, self.weight.dtype
         else:
-            linear = self.base.to_linear()
-        linear.weight.add_(self.delta_weight().float().to(linear.weight.dtype))
-        return linear
+            base_weight, bias, dtype = self.base.dense_weight(), self.base.bias, self.base.U.dtype
+        return merged_linear(base_weight + self.delta_weight().detach().float(), bias, dtype)
 
     # Tensors the original model already holds (dense base): `save` writes them only if trained.
     BASE_KEYS = ("weight", "bias")

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from ..ops.snell import check_snell_config, snell_delta, snell_linear, snell_threshold
 from ._autocast import autocast_cast
+from ._merge import merged_linear
 
 __all__ = ["SnellLinear"]
 
@@ -129,15 +130,7 @@ class SnellLinear(nn.Module):
     @torch.no_grad()
     def to_linear(self) -> nn.Linear:
         """Merge into a plain nn.Linear with weight W0 + ΔW_s (summed in float32)."""
-        weight = (self.weight.float() + self.delta_weight().float()).to(self.weight.dtype)
-        linear = nn.Linear(
-            self.in_features, self.out_features, bias=self.bias is not None,
-            device=self.weight.device, dtype=self.weight.dtype,
-        )
-        linear.weight.copy_(weight)
-        if self.bias is not None:
-            linear.bias.copy_(self.bias)
-        return linear
+        return merged_linear(self.weight.float() + self.delta_weight().float(), self.bias, self.weight.dtype)
 
     def extra_repr(self) -> str:
         return (
