@@ -239,3 +239,22 @@ def test_analyze_break_even_and_global_alternative():
     same_budget = a.total_bytes(a.ranks[0.9])
     assert a.total_bytes(a.global_alt[0.9]) <= same_budget
     assert a.pooled_energy(a.global_alt[0.9]) >= a.pooled_energy(a.ranks[0.9]) - 1e-12
+
+
+def test_analyze_progress_bar_appears_only_for_slow_work():
+    import io
+
+    from cersa_kernels.analyze import Progress
+
+    quick, slow = io.StringIO(), io.StringIO()
+    bar = Progress(4, "SVD", after=60.0, stream=quick)
+    bar.update(2, "layer")
+    bar.close()
+    assert quick.getvalue() == ""  # finished before the bar was due: nothing printed
+    bar = Progress(4, "SVD", after=0.0, stream=slow)
+    bar.update(2, "encoder.layer.0.query")
+    bar.update(4, "pooler.dense")
+    bar.close()
+    text = slow.getvalue()
+    assert "SVD [###############...............] 2/4 encoder.layer.0.query" in text
+    assert "4/4 pooler.dense" in text and text.endswith("\n")
