@@ -44,3 +44,12 @@ def check_floating(name: str, t: Tensor, layer: str) -> None:
 
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_frozen(layer: str, **tensors: Optional[Tensor]) -> None:
+    """A frozen operand (a base weight, a projection) must not require grad while grad is on: the
+    ops return no gradient for it, so training it would silently do nothing."""
+    if torch.is_grad_enabled():
+        for name, t in tensors.items():
+            if t is not None and t.requires_grad:
+                raise ValueError(f"{layer}: {name} is frozen and gets no gradient, but requires_grad is set on it")

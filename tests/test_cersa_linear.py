@@ -111,7 +111,7 @@ class TestErrors:
     def test_frozen_factor_with_grad(self):
         layer = CersaLinear(16, 8, 4)
         layer.U.requires_grad_(True)
-        with pytest.raises(ValueError, match="U and V are frozen"):
+        with pytest.raises(ValueError, match="U is frozen"):
             layer(torch.randn(2, 16))
 
 

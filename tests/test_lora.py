@@ -189,7 +189,7 @@ class TestErrors:
 
     def test_frozen_weight(self):
         i = make(4, 10, 6, 2)
-        with pytest.raises(ValueError, match="base weight W is frozen"):
+        with pytest.raises(ValueError, match="W is frozen"):
             lora_linear(i["x"], i["W"].requires_grad_(), i["A"], i["B"])
 
     def test_dropout_arguments(self):

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from ..decompose import truncated_svd
 from ..model import replace_module
-from ..ops.pica import pica_linear, pica_lowrank_linear
+from ..ops import pica_linear, pica_lowrank_linear
 from ._autocast import autocast_cast
 from ._merge import merged_linear
 from .cersa import CersaLinear

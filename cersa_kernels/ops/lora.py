@@ -1,6 +1,5 @@
-"""The LoRA op: `y = x W0ᵀ + b + s·(drop(x) Aᵀ) Bᵀ` with W0 frozen, A and B trainable (METHODS.md §5).
+"""The LoRA op: `y = x W0ᵀ + b + s·(drop(x) Aᵀ) Bᵀ` with W0 frozen, A and B trainable (docs/methods.md §5).
 
-Custom ops (each runs on the backend `cersa_kernels.backends` selects for the call):
 - `cersa::lora_fwd(x, W, bias, A, B, scale, dropout_p, seed) -> (y, xa)`, xa = drop(x) Aᵀ.
 - `cersa::lora_bwd(dy, x, xa, W, A, B, scale, dropout_p, seed, need_dx) -> (dx, dA, dB)`.
 Saved for backward: x and xa only (plus the 8-byte seed when dropout is on). The dropout mask is
@@ -14,68 +13,28 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from .._checks import check_features, check_floating, check_same_device, check_same_dtype, check_shape
-from ..backends import kernel_for
+from .._checks import check_features, check_floating, check_frozen, check_same_device, check_same_dtype, check_shape
+from ._define import define_op_pair, flatten_tokens
 
 __all__ = ["lora_linear"]
 
 
-@torch.library.custom_op("cersa::lora_fwd", mutates_args=())
-def lora_fwd(
-    x: Tensor, W: Tensor, bias: Optional[Tensor], A: Tensor, B: Tensor, scale: float, dropout_p: float, seed: Tensor
-) -> tuple[Tensor, Tensor]:
-    """x (T, n), W (m, n), bias (m,), A (r, n), B (m, r), seed () int64 -> y (T, m), xa (T, r)."""
-    tensors = [t for t in (x, W, bias, A, B) if t is not None]
-    return kernel_for("lora_fwd", tensors)(x, W, bias, A, B, scale, dropout_p, seed)
-
-
-@lora_fwd.register_fake
-def _(x, W, bias, A, B, scale, dropout_p, seed):
-    return x.new_empty((x.shape[0], W.shape[0])), x.new_empty((x.shape[0], A.shape[0]))
-
-
-@torch.library.custom_op("cersa::lora_bwd", mutates_args=())
-def lora_bwd(
-    dy: Tensor, x: Tensor, xa: Tensor, W: Tensor, A: Tensor, B: Tensor, scale: float, dropout_p: float,
-    seed: Tensor, need_dx: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """dy (T, m) -> dx (T, n) ((0, n) unless need_dx), dA (r, n), dB (m, r)."""
-    return kernel_for("lora_bwd", [dy, x, xa, W, A, B])(dy, x, xa, W, A, B, scale, dropout_p, seed, need_dx)
-
-
-@lora_bwd.register_fake
-def _(dy, x, xa, W, A, B, scale, dropout_p, seed, need_dx):
-    rows = dy.shape[0] if need_dx else 0
-    return dy.new_empty((rows, W.shape[1])), A.new_empty(A.shape), B.new_empty(B.shape)
-
-
-def _setup_context(ctx, inputs, output):
-    x, W, bias, A, B, scale, dropout_p, seed = inputs
-    _, xa = output
-    ctx.mark_non_differentiable(xa)
-    ctx.scale, ctx.dropout_p = scale, dropout_p
-    ctx.bias_dtype = None if bias is None else bias.dtype
-    # x and xa are the activations; W, A, B are the layer's own weights. The seed is kept only
-    # when there is a mask to regenerate.
-    ctx.has_seed = dropout_p > 0
-    ctx.save_for_backward(x, xa, W, A, B, *([seed] if ctx.has_seed else []))
-
-
-def _backward(ctx, dy, _dxa):
-    x, xa, W, A, B, *rest = ctx.saved_tensors
-    seed = rest[0] if ctx.has_seed else torch.zeros((), dtype=torch.int64)
-    need_dx, _, need_dbias, need_dA, need_dB = ctx.needs_input_grad[:5]
-    dx = dA = dB = dbias = None
-    if need_dx or need_dA or need_dB:
-        dx, dA, dB = torch.ops.cersa.lora_bwd(dy, x, xa, W, A, B, ctx.scale, ctx.dropout_p, seed, need_dx)
-    if need_dbias:
-        dbias = dy.sum(0, dtype=torch.float32).to(ctx.bias_dtype)
-    return (
-        dx if need_dx else None, None, dbias, dA if need_dA else None, dB if need_dB else None, None, None, None
-    )
-
-
-lora_fwd.register_autograd(_backward, setup_context=_setup_context)
+LORA = define_op_pair(
+    "lora",
+    inputs="Tensor x, Tensor W, Tensor? bias, Tensor A, Tensor B, float scale, float dropout_p, Tensor seed",
+    outputs=("y", "xa"),
+    # x and xa are the activations; W, A, B are the layer's own weights
+    backward_uses=("x", "xa", "W", "A", "B", "scale", "dropout_p", "seed"),
+    gradients=("x", "A", "B"),
+    fake_forward=lambda x, W, bias, A, B, scale, dropout_p, seed: (
+        x.new_empty((x.shape[0], W.shape[0])), x.new_empty((x.shape[0], A.shape[0]))
+    ),
+    fake_backward=lambda dy, x, xa, W, A, B, scale, dropout_p, seed, need_dx: (
+        dy.new_empty((dy.shape[0] if need_dx else 0, W.shape[1])), A.new_empty(A.shape), B.new_empty(B.shape)
+    ),
+    # the seed is kept only when there is a mask to regenerate
+    save_when={"seed": lambda constants: constants["dropout_p"] > 0},
+)
 
 
 def lora_linear(
@@ -110,8 +69,7 @@ def lora_linear(
     check_floating("x", x, layer)
     check_same_dtype({"x": x, "W": W, "A": A, "B": B, "bias": bias}, layer)
     check_same_device({"x": x, "W": W, "A": A, "B": B, "bias": bias}, layer)
-    if torch.is_grad_enabled() and W.requires_grad:
-        raise ValueError(f"{layer}: the base weight W is frozen and gets no gradient, but requires_grad is set on it")
+    check_frozen(layer, W=W)
     dropout_p = float(dropout_p)
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"{layer}: dropout_p must be in [0, 1), got {dropout_p}")
@@ -124,6 +82,6 @@ def lora_linear(
         seed = torch.tensor(int(seed), dtype=torch.int64)
     if seed.dtype != torch.int64 or seed.dim() != 0:
         raise TypeError(f"{layer}: seed must be an int64 scalar tensor, got {seed.dtype} of shape {tuple(seed.shape)}")
-    lead = x.shape[:-1]
-    y, _ = torch.ops.cersa.lora_fwd(x.reshape(-1, n), W, bias, A, B, float(scale), dropout_p, seed)
+    x2, lead = flatten_tokens(x)
+    y, _ = LORA.forward(x2, W, bias, A, B, float(scale), dropout_p, seed)
     return y.reshape(*lead, m)
