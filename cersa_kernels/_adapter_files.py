@@ -85,7 +85,7 @@ def read_safetensors(path: Path, where: str) -> tuple[dict[str, torch.Tensor], d
         raise FileNotFoundError(f"{where}: {path} not found")
     data = path.read_bytes()
     try:
-        tensors = load(data)
+        tensors = dict(sorted(load(data).items()))  # by name, as safetensors' load_file gives them
         header_size = int.from_bytes(data[:8], "little")  # safetensors: u64 header size, then JSON header
         metadata = json.loads(data[8 : 8 + header_size]).get("__metadata__") or {}
     except Exception as e:  # safetensors raises its own SafetensorError (and others) on bad bytes
