@@ -9,7 +9,10 @@ save and load the adapted layers.
 Target selection follows PEFT: a list of names matches module-name suffixes (`"query"` matches
 `encoder.layer.0.attention.self.query`), a string is a regular expression matched against the
 full name, and `"all-linear"` takes every Linear (and Hugging Face Conv1D) except the model's
-output embedding (`lm_head`).
+output embedding (`lm_head`). A list or regex that names a module no method adapts (Embedding,
+LayerNorm, a container) raises, as in PEFT; a tied module (`m.l2 = m.l1`) gets one adapter under
+all its names. `save` writes both files atomically, each carrying a fingerprint of the other; `load`
+checks the pair and every layer against the model before it replaces anything.
 """
 from __future__ import annotations
 
@@ -41,12 +44,15 @@ def named_linears(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """(qualified name, layer) for every nn.Linear and HF Conv1D in `model`, in module order.
     nn.MultiheadAttention's out_proj is left out: that module reads its weight directly, so a
     replaced layer would be bypassed."""
-    inside_mha = {
-        id(child) for module in model.modules() if isinstance(module, nn.MultiheadAttention) for child in module.children()
-    }
+    inside_mha = _inside_mha(model)
     for name, module in model.named_modules():
         if (isinstance(module, nn.Linear) or is_conv1d(module)) and id(module) not in inside_mha:
             yield name, module
+
+
+def _inside_mha(model: nn.Module) -> set[int]:
+    """ids of the children of every nn.MultiheadAttention (its out_proj): not replaceable."""
+    return {id(child) for module in model.modules() if isinstance(module, nn.MultiheadAttention) for child in module.children()}
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -93,13 +99,15 @@ def _adapter_types() -> tuple[type, ...]:
     return tuple(layer_classes().values())
 
 
-def _unsupported_reason(module: nn.Module, inside_mha: set[int], inside_adapter: dict[int, str]) -> Optional[str]:
+def _unsupported_reason(
+    module: nn.Module, adapters: tuple[type, ...], inside_mha: set[int], inside_adapter: dict[int, str]
+) -> Optional[str]:
     """Why no method can adapt `module` (None when it is a Linear, Conv1D or adapter layer)."""
     if id(module) in inside_adapter:
         return f"a part of the adapter layer {inside_adapter[id(module)]!r}"
     if id(module) in inside_mha:
         return f"a {type(module).__name__} inside a MultiheadAttention, which reads its weight directly (a replaced layer would be bypassed)"
-    if isinstance(module, (nn.Linear,) + _adapter_types()) or is_conv1d(module):
+    if isinstance(module, (nn.Linear,) + adapters) or is_conv1d(module):
         return None
     return f"a {type(module).__name__}, not a Linear or Conv1D layer"
 
@@ -114,9 +122,7 @@ def find_targets(model: nn.Module, target_modules: TargetSpec = "all-linear", ex
     adapters = _adapter_types()
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     aliases = module_aliases(model)
-    inside_mha = {
-        id(child) for module in model.modules() if isinstance(module, nn.MultiheadAttention) for child in module.children()
-    }
+    inside_mha = _inside_mha(model)
     inside_adapter = {
         id(inner): name for name, module in model.named_modules() if isinstance(module, adapters)
         for inner in module.modules() if inner is not module
@@ -125,7 +131,7 @@ def find_targets(model: nn.Module, target_modules: TargetSpec = "all-linear", ex
     for name, module in model.named_modules():  # each module once, under its first name
         if not name or any(_matches(alias, exclude_modules) for alias in aliases[id(module)]):
             continue
-        reason = _unsupported_reason(module, inside_mha, inside_adapter)
+        reason = _unsupported_reason(module, adapters, inside_mha, inside_adapter)
         if target_modules == "all-linear":
             if reason is None and module is not output:
                 names.append(name)
