@@ -6,6 +6,8 @@ resolved through the config's `rank_pattern` / `alpha_pattern` the way PEFT reso
 Output: the rebuilt factors and a config whose `rank_pattern` / `alpha_pattern` name every kept
 module in full, with alpha' = s·k_l (s·√k_l with rslora) so each module's scale s is unchanged; a
 module whose k_l = 0 is dropped from `target_modules` and from the weights (its adapter is removed).
+The output is written atomically; its safetensors metadata carries the id of its config (the
+config itself stays standard PEFT), and an input whose metadata names another config is refused.
 """
 from __future__ import annotations
 
@@ -21,6 +23,9 @@ from .para import LoraFactors, ParaResult, compress
 
 __all__ = ["para_peft", "write_lora_adapter"]
 
+CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"  # PEFT's names
+FORMAT, FORMAT_VERSION = "peft_lora", 1  # what our safetensors metadata says we wrote
+
 _KEY = re.compile(r"^(?P<prefix>base_model\.model\.)?(?P<module>.+)\.lora_(?P<which>[AB])\.weight$")
 
 
@@ -34,19 +39,28 @@ def _pattern_value(patterns: dict, module: str, default):
 
 def para_peft(in_dir, out_dir, energy: Optional[float] = None, budget: Optional[int] = None) -> ParaResult:
     """Compress the PEFT LoRA adapter in `in_dir` with PARA and write it to `out_dir` (see module doc)."""
-    from safetensors.torch import load_file
+    from ._adapter_files import VERSION_KEY, check_pair, read_json_object, read_safetensors
 
     in_dir, out_dir = Path(in_dir), Path(out_dir)
-    config_path, weights_path = in_dir / "adapter_config.json", in_dir / "adapter_model.safetensors"
+    config_path, weights_path = in_dir / CONFIG_NAME, in_dir / WEIGHTS_NAME
     for path in (config_path, weights_path):
         if not path.is_file():
             raise FileNotFoundError(f"para-peft: {path} not found (expected a PEFT LoRA adapter directory)")
-    config = json.loads(config_path.read_text())
+    config = read_json_object(config_path, "para-peft")
+    for key in ("r", "lora_alpha"):
+        if key not in config:
+            raise ValueError(f"para-peft: {config_path} has no {key!r} (not a PEFT LoRA adapter config)")
     if config.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"para-peft: {config_path} has peft_type={config.get('peft_type')!r}, expected 'LORA'")
     if config.get("use_dora"):
         raise ValueError(f"para-peft: {config_path} is a DoRA adapter (use_dora=true); PARA handles plain LoRA only")
-    tensors = load_file(str(weights_path))
+    tensors, metadata, _ = read_safetensors(weights_path, "para-peft")
+    if metadata.get(VERSION_KEY, str(FORMAT_VERSION)) != str(FORMAT_VERSION):
+        raise ValueError(
+            f"para-peft: {weights_path} was written in cersa_kernels format version {metadata[VERSION_KEY]}; "
+            f"this version reads {FORMAT_VERSION}"
+        )
+    check_pair(config, config_path, metadata, weights_path, "para-peft")
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     prefixes: dict[str, str] = {}
     others = {}
@@ -92,8 +106,10 @@ def write_lora_adapter(
 ) -> None:
     """Write a PEFT LoRA adapter directory: `<prefix><module>.lora_{A,B}.weight` for every adapter
     that is not None, and `config` with per-module `rank_pattern` / `alpha_pattern` (alpha' = s·k,
-    s·√k with rslora, so each module's scale s is exact) and `target_modules` = the kept modules."""
-    from safetensors.torch import save_file
+    s·√k with rslora, so each module's scale s is exact) and `target_modules` = the kept modules.
+    Both files are serialised first, then written to temporary names and renamed into place; the
+    safetensors metadata carries the config's id (`_adapter_files.config_id`)."""
+    from ._adapter_files import CONFIG_ID_KEY, FORMAT_KEY, VERSION_KEY, config_id, serialize_tensors, write_files_atomically
 
     out = dict(extra_tensors or {})
     new_ranks, new_alphas = {}, {}
@@ -106,10 +122,10 @@ def write_lora_adapter(
         new_ranks[name] = k
         new_alphas[name] = f.scale * (math.sqrt(k) if rslora else k)
     config = dict(config, rank_pattern=new_ranks, alpha_pattern=new_alphas, target_modules=sorted(new_ranks))
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-    save_file(out, str(out_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
+    text = json.dumps(config, indent=2, sort_keys=True)
+    metadata = {FORMAT_KEY: FORMAT, VERSION_KEY: str(FORMAT_VERSION), CONFIG_ID_KEY: config_id(config)}
+    weights = serialize_tensors(out, metadata)
+    write_files_atomically(Path(out_dir), {WEIGHTS_NAME: weights, CONFIG_NAME: text.encode()})
 
 
 def main(in_dir, out_dir, energy: Optional[float] = None, budget: Optional[int] = None) -> ParaResult:
