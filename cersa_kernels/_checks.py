@@ -3,9 +3,11 @@ expected and the actual value. The tensor checks read shapes, dtypes and types o
 data, so they are free under torch.compile. `UsageError` marks a user's mistake for the CLI."""
 from __future__ import annotations
 
+import json
 import math
 import numbers
 import operator
+from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
@@ -128,3 +130,26 @@ def check_seed(seed, layer: str) -> Tensor:
         return seed
     seed = check_int("seed (int64)", seed, layer, minimum=-(2**63), maximum=2**63 - 1)
     return torch.tensor(seed, dtype=torch.int64)
+
+
+def read_json_object(path, caller: str) -> dict:
+    """The JSON object in file `path`; UsageError naming the file for invalid JSON or another type."""
+    try:
+        value = json.loads(Path(path).read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UsageError(f"{caller}: {path} is not valid JSON ({error})") from None
+    if not isinstance(value, dict):
+        raise UsageError(f"{caller}: {path} must hold a JSON object, got a JSON {type(value).__name__}")
+    return value
+
+
+def check_safetensors_file(path, caller: str) -> None:
+    """Reads the header of a .safetensors file (not its data): UsageError naming the file when it is
+    corrupted or truncated (the header's offsets must cover the file exactly)."""
+    from safetensors import SafetensorError, safe_open  # optional dependency (the `interop` extra)
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            f.keys()
+    except (SafetensorError, OSError) as error:
+        raise UsageError(f"{caller}: {path} is not a readable safetensors file ({error})") from None

@@ -39,7 +39,7 @@ class TruncatedSVD:
         return self.sigma.numel()
 
 
-def _check_energy(energy: float | None, energy_power: float, where: str) -> None:
+def check_energy(energy: float | None, energy_power: float, where: str) -> None:
     """energy in (0, 1] (None: not used, e.g. a budget is given) and a finite energy_power > 0.
     Checked even when a rank is given: a bad value is a bug in the call whichever rule wins, and
     energy_power also shapes the reported energy_kept."""
@@ -75,7 +75,7 @@ def select_rank(
     spectrum: (r,) singular values, descending.
     """
     full = spectrum.numel()
-    _check_energy(energy, energy_power, where)
+    check_energy(energy, energy_power, where)
     if rank is not None:
         k = check_int("rank", rank, where)
         if not 1 <= k <= full:
@@ -109,7 +109,7 @@ def truncated_svd(
         raise TypeError(f"{where}: weight must be floating point, got {weight.dtype}")
     if weight.is_meta:
         raise ValueError(f"{where}: weight is a meta tensor (shape {tuple(weight.shape)}, no data); load or materialise it first")
-    _check_energy(energy, energy_power, where)
+    check_energy(energy, energy_power, where)
     if rank is not None:  # before the SVD: a wrong type should not cost a decomposition first
         check_int("rank", rank, where)
     if max_rank is not None:
@@ -176,7 +176,7 @@ def global_ranks(
         budget = check_int("budget", budget, "global_ranks", minimum=0)
     elif energy is None:
         raise ValueError("global_ranks: give energy or budget, got neither")
-    _check_energy(energy, energy_power, "global_ranks")
+    check_energy(energy, energy_power, "global_ranks")
     if not names:
         return {}
     values = torch.cat([spectra[n].detach().to("cpu", torch.float64).clamp_min(0) ** float(energy_power) for n in names])
