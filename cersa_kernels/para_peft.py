@@ -43,14 +43,13 @@ def para_peft(in_dir, out_dir, energy: Optional[float] = None, budget: Optional[
         raise InputNotFoundError(f"para-peft: {in_dir} does not exist; {expected}")
     if not in_dir.is_dir():
         raise UsageError(f"para-peft: {in_dir} is a file; {expected}")
-    if not any(in_dir.iterdir()):
-        raise UsageError(f"para-peft: {in_dir} is an empty directory; {expected}")
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"para-peft: the output {out_dir} is a file; expected a directory to write the adapter into")
     config_path, weights_path = in_dir / "adapter_config.json", in_dir / "adapter_model.safetensors"
     for path in (config_path, weights_path):
         if not path.is_file():
-            raise InputNotFoundError(f"para-peft: {path} not found; {expected}")
+            empty = "" if any(in_dir.iterdir()) else f" ({in_dir} is an empty directory)"
+            raise InputNotFoundError(f"para-peft: {path} not found{empty}; {expected}")
     config = read_json_object(config_path, "para-peft")
     for key, kind in (("r", int), ("lora_alpha", (int, float))):
         if isinstance(config.get(key), bool) or not isinstance(config.get(key), kind):

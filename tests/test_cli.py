@@ -204,7 +204,7 @@ def test_para_peft_output_is_a_file(capsys, tmp_path):
 def test_para_peft_empty_directory(capsys, tmp_path):
     (tmp_path / "in").mkdir()
     line = user_error(capsys, ["para-peft", str(tmp_path / "in"), str(tmp_path / "out")])
-    assert "is an empty directory" in line
+    assert f"adapter_config.json not found ({tmp_path / 'in'} is an empty directory)" in line
 
 
 def test_para_peft_directory_without_weights(capsys, tmp_path):
