@@ -17,6 +17,8 @@ from typing import Optional
 
 import torch
 
+from ._checks import InputNotFoundError, UsageError
+
 CONFIG_ID_KEY = "cersa_kernels_config_id"
 VERSION_KEY = "cersa_kernels_version"
 FORMAT_KEY = "cersa_kernels_format"
@@ -64,15 +66,15 @@ def _one_line(error: BaseException) -> str:
 
 
 def read_json_object(path: Path, where: str) -> dict:
-    """The JSON object in `path`; FileNotFoundError / ValueError naming the file otherwise."""
+    """The JSON object in `path`; InputNotFoundError / UsageError naming the file otherwise."""
     if not path.is_file():
-        raise FileNotFoundError(f"{where}: {path} not found")
+        raise InputNotFoundError(f"{where}: {path} not found")
     try:
         value = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{where}: {path} is not valid JSON ({_one_line(e)})") from None
+        raise UsageError(f"{where}: {path} is not valid JSON ({_one_line(e)})") from None
     if not isinstance(value, dict):
-        raise ValueError(f"{where}: {path} must hold a JSON object, got a {type(value).__name__}")
+        raise UsageError(f"{where}: {path} must hold a JSON object, got a JSON {type(value).__name__}")
     return value
 
 
@@ -82,14 +84,14 @@ def read_safetensors(path: Path, where: str) -> tuple[dict[str, torch.Tensor], d
     from safetensors.torch import load
 
     if not path.is_file():
-        raise FileNotFoundError(f"{where}: {path} not found")
+        raise InputNotFoundError(f"{where}: {path} not found")
     data = path.read_bytes()
     try:
         tensors = dict(sorted(load(data).items()))  # by name, as safetensors' load_file gives them
         header_size = int.from_bytes(data[:8], "little")  # safetensors: u64 header size, then JSON header
         metadata = json.loads(data[8 : 8 + header_size]).get("__metadata__") or {}
     except Exception as e:  # safetensors raises its own SafetensorError (and others) on bad bytes
-        raise ValueError(f"{where}: {path} is not a readable safetensors file, corrupted or truncated ({_one_line(e)})") from None
+        raise UsageError(f"{where}: {path} is not a readable safetensors file, corrupted or truncated ({_one_line(e)})") from None
     return tensors, metadata, sha256(data)
 
 
@@ -102,8 +104,20 @@ def check_pair(config: dict, config_path: Path, metadata: dict, weights_path: Pa
         return
     expected_id = config_id(config) if expected_id is None else expected_id
     if saved_id != expected_id:
-        raise ValueError(
+        raise UsageError(
             f"{where}: {weights_path} and {config_path} do not belong together: the weights' fingerprint names "
             f"config {saved_id[:12]}…, the config is {expected_id[:12]}… (one file was replaced, edited or "
             "left from another save); save the adapter again"
         )
+
+
+def check_safetensors_file(path, where: str) -> None:
+    """Reads the header of a .safetensors file (not its data): UsageError naming the file when it is
+    corrupted or truncated (the header's offsets must cover the file exactly)."""
+    from safetensors import SafetensorError, safe_open  # optional dependency (the `interop` extra)
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            f.keys()
+    except (SafetensorError, OSError) as error:
+        raise UsageError(f"{where}: {path} is not a readable safetensors file ({error})") from None

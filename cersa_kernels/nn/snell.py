@@ -13,6 +13,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from .._checks import check_features_args
 from ..ops.snell import check_snell_config, snell_delta, snell_linear, snell_threshold
 from ._autocast import autocast_cast
 from ._merge import merged_linear
@@ -41,8 +42,7 @@ class SnellLinear(nn.Module):
         dtype=None,
     ) -> None:
         super().__init__()
-        self.in_features = int(in_features)
-        self.out_features = int(out_features)
+        self.in_features, self.out_features = check_features_args(in_features, out_features, dtype, "SnellLinear")
         self.layer_name: Optional[str] = None  # set by whole-model tools; used in error messages
         check_snell_config(rank, heads, sparsity, tuple(coeffs), self._name())
         self.rank = int(rank)

@@ -14,7 +14,9 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from .._checks import check_features, check_floating, check_same_device, check_same_dtype, check_shape
+from .._checks import (
+    check_features, check_floating, check_same_device, check_same_dtype, check_seed, check_shape, check_tensors,
+)
 from ..backends import kernel_for
 
 __all__ = ["lora_linear"]
@@ -96,6 +98,7 @@ def lora_linear(
     dropout_p > 0 a `seed` (int or int64 scalar tensor, best kept on the CPU) is required: the same
     seed gives the same mask, and the backward regenerates it. `layer` names the caller in errors.
     """
+    check_tensors(layer, x=x, W=W, A=A, B=B, bias=bias)
     if W.dim() != 2 or A.dim() != 2 or B.dim() != 2:
         raise ValueError(
             f"{layer}: W, A and B must be 2-D, got W {tuple(W.shape)}, A {tuple(A.shape)}, B {tuple(B.shape)}"
@@ -118,12 +121,7 @@ def lora_linear(
     if dropout_p > 0 and seed is None:
         raise ValueError(f"{layer}: dropout_p={dropout_p} needs an explicit seed (int or int64 scalar tensor)")
     # A CPU scalar whatever x's device: the kernels read it as a Python int (no GPU sync).
-    if seed is None:
-        seed = torch.zeros((), dtype=torch.int64)
-    elif not isinstance(seed, Tensor):
-        seed = torch.tensor(int(seed), dtype=torch.int64)
-    if seed.dtype != torch.int64 or seed.dim() != 0:
-        raise TypeError(f"{layer}: seed must be an int64 scalar tensor, got {seed.dtype} of shape {tuple(seed.shape)}")
+    seed = torch.zeros((), dtype=torch.int64) if seed is None else check_seed(seed, layer)
     lead = x.shape[:-1]
     y, _ = torch.ops.cersa.lora_fwd(x.reshape(-1, n), W, bias, A, B, float(scale), dropout_p, seed)
     return y.reshape(*lead, m)

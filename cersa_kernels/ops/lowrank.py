@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .._checks import check_features, check_floating, check_same_device, check_same_dtype, check_shape
+from .._checks import check_features, check_floating, check_same_device, check_same_dtype, check_shape, check_tensors
 from ..backends import kernel_for
 
 __all__ = ["lowrank_linear"]
@@ -72,6 +72,7 @@ def lowrank_linear(
     U and V are frozen (no gradient flows to them); gradients flow to x, S and bias. Only h = x V
     (T×k) is saved for backward. `layer` names the caller in error messages.
     """
+    check_tensors(layer, x=x, V=V, S=S, U=U, bias=bias)
     if V.dim() != 2 or U.dim() != 2:
         raise ValueError(f"{layer}: U and V must be 2-D, got U {tuple(U.shape)} and V {tuple(V.shape)}")
     n, k = V.shape

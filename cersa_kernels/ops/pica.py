@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .._checks import check_features, check_floating, check_same_device, check_same_dtype, check_shape
+from .._checks import check_features, check_floating, check_same_device, check_same_dtype, check_shape, check_tensors
 from ..backends import kernel_for
 
 __all__ = ["pica_linear", "pica_lowrank_linear"]
@@ -128,6 +128,7 @@ def pica_linear(
     W and P are frozen; gradients flow to x, M and bias. Only h = x Pᵀ (T×r) is saved. M may be
     kept in a wider dtype than x (fp32 master); dM comes back in M's dtype.
     """
+    check_tensors(layer, x=x, W=W, P=P, M=M, bias=bias)
     if W.dim() != 2 or P.dim() != 2 or M.dim() != 2:
         raise ValueError(
             f"{layer}: W, P and M must be 2-D, got W {tuple(W.shape)}, P {tuple(P.shape)}, M {tuple(M.shape)}"
@@ -158,6 +159,7 @@ def pica_lowrank_linear(
     x (..., n), V (n, k), S (k, k), U (m, k), M (m, r) with r ≤ k -> y (..., m). U, V frozen;
     gradients flow to x, S, M and bias. Only h = x V (T×k) is saved.
     """
+    check_tensors(layer, x=x, V=V, S=S, U=U, M=M, bias=bias)
     if V.dim() != 2 or U.dim() != 2 or M.dim() != 2:
         raise ValueError(
             f"{layer}: U, V and M must be 2-D, got U {tuple(U.shape)}, V {tuple(V.shape)}, M {tuple(M.shape)}"

@@ -15,7 +15,9 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from .._checks import check_features, check_floating, check_same_device, check_same_dtype, check_shape
+from .._checks import (
+    check_features, check_floating, check_same_device, check_same_dtype, check_shape, check_snell_factors, check_tensors,
+)
 from ..backends import kernel_for
 
 __all__ = ["snell_linear", "snell_threshold", "snell_delta", "check_snell_config"]
@@ -103,6 +105,7 @@ def check_snell_config(
 
 
 def _check_factors(A: Tensor, B: Tensor, coeffs: Sequence[float], layer: str) -> None:
+    check_snell_factors(A, B, layer)
     if A.dim() != 3 or B.dim() != 3 or A.shape[0] != B.shape[0] or A.shape[2] != B.shape[2]:
         raise ValueError(
             f"{layer}: A must be (H, in_features, d_h) and B (H, out_features, d_h) with the same H and d_h, "
@@ -152,6 +155,7 @@ def snell_linear(
     B (H, m, d_h), K[i, j] = Σ_h coeffs[h]·‖B[h, i] − A[h, j]‖, τ = the s-quantile of |K| and
     ΔW_s = K ⊙ sg(|K|) ⊙ 1[|K| > τ] (METHODS §4). Gradients flow to x, A, B and bias. Autograd keeps
     x and τ only; `layer` names the caller in error messages."""
+    check_tensors(layer, x=x, W0=W0, bias=bias)
     if W0.dim() != 2:
         raise ValueError(f"{layer}: W0 must be 2-D (out_features, in_features), got {tuple(W0.shape)}")
     m, n = W0.shape
