@@ -3,11 +3,9 @@ expected and the actual value. The tensor checks read shapes, dtypes and types o
 data, so they are free under torch.compile. `UsageError` marks a user's mistake for the CLI."""
 from __future__ import annotations
 
-import json
 import math
 import numbers
 import operator
-from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
