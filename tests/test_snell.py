@@ -250,9 +250,10 @@ def small64(sparsity=0.5, seed=0):
 def plain_snell(x, W0, b, A, B, coeffs, sparsity):
     """The published recipe, written independently: cdist-style norms, torch.quantile, sg via detach."""
     K = sum(c * torch.linalg.vector_norm(B[h][:, None, :] - A[h][None, :, :], dim=-1) for h, c in enumerate(coeffs))
+    if sparsity == 0:  # plain kernelized LoRA: ΔW = K (METHODS §4)
+        return x @ (W0 + K).T + b
     mag = K.abs().detach()
-    if sparsity > 0:
-        mag = mag * (mag > torch.quantile(mag.flatten(), sparsity))
+    mag = mag * (mag > torch.quantile(mag.flatten(), sparsity))
     return x @ (W0 + K * mag).T + b
 
 
