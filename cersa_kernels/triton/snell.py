@@ -289,18 +289,18 @@ _BLOCKS = {"select": ("BLOCK_M", "BLOCK_N"), "matrix": ("BLOCK_M", "BLOCK_N"),
 # changes no tile.
 _GPU_CONFIGS = {
     "16bit": {
-        "select": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=1),
-        "fwd": dict(BLOCK_T=64, BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
-        "dx": dict(BLOCK_T=64, BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
-        "dab": dict(BLOCK_T=32, BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
-        "matrix": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=1),
+        "select": dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=1),
+        "fwd": dict(BLOCK_T=64, BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2),
+        "dx": dict(BLOCK_T=64, BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2),
+        "dab": dict(BLOCK_T=32, BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2),
+        "matrix": dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=1),
     },
     "32bit": {
-        "select": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=1),
-        "fwd": dict(BLOCK_T=64, BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2),
-        "dx": dict(BLOCK_T=64, BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=2),
-        "dab": dict(BLOCK_T=32, BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
-        "matrix": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=1),
+        "select": dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=1),
+        "fwd": dict(BLOCK_T=64, BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2),
+        "dx": dict(BLOCK_T=64, BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=2),
+        "dab": dict(BLOCK_T=32, BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2),
+        "matrix": dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=1),
     },
 }
 KERNELS = ("select", "fwd", "dx", "dab", "matrix")
