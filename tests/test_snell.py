@@ -579,7 +579,7 @@ def test_nan_and_inf_propagate_like_the_reference(where, value, sparsity):
     results = {be: run(be, x, W0, b, A, B, coeffs=tuple(coeffs), sparsity=sparsity) for be in ("torch", "triton")}
     expected_any = False
     for name, r, g in zip(NAMES, results["torch"], results["triton"]):
-        expected_any |= bool(r.isnan().any())
+        expected_any |= not bool(r.isfinite().all())
         assert torch.equal(g.isnan(), r.isnan()), f"{name}: NaN pattern differs ({where}={value})"
         assert torch.equal(g.isinf(), r.isinf()), f"{name}: Inf pattern differs ({where}={value})"
     assert expected_any  # the injected value does reach the outputs
@@ -651,16 +651,20 @@ def test_dab_is_bitwise_repeatable_when_deterministic():
     dy = torch.randn(37, 77, generator=torch.Generator().manual_seed(3))
     tau = snell_threshold(A, B, COEFFS, 0.5)
     atomic = snell_bwd_triton(dy, x, W0, A, B, COEFFS, tau, False)
-    with torch.testing._internal.common_utils.DeterministicGuard(True):
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
         first = snell_bwd_triton(dy, x, W0, A, B, COEFFS, tau, False)
         second = snell_bwd_triton(dy, x, W0, A, B, COEFFS, tau, False)
+    finally:
+        torch.use_deterministic_algorithms(was)
     for a, b, c in zip(first[1:], second[1:], atomic[1:]):
         assert torch.equal(a, b)
         torch.testing.assert_close(a, c, atol=1e-6, rtol=1e-5)
 
 
 _COMPILE_SCRIPT = r"""
-import os, sys
+import os, re, sys
 os.environ["TRITON_INTERPRET"] = "0"
 import torch, triton
 from triton.compiler import ASTSource
@@ -669,7 +673,7 @@ from cersa_kernels.triton import snell as S
 kernels = {"select": S._snell_select_kernel, "fwd": S._snell_fwd_kernel, "dx": S._snell_dx_kernel,
            "dab": S._snell_dab_kernel, "matrix": S._kernel_matrix_kernel}
 flags = {"select": dict(FROM_VALUES=False, SHIFT=20, NBITS=11), "fwd": dict(HAS_BIAS=True, DOT_PRECISION="tf32"),
-         "dx": dict(DOT_PRECISION="tf32"), "dab": dict(DOT_PRECISION="tf32", DETERMINISTIC=DET), "matrix": {}}
+         "dx": dict(DOT_PRECISION="tf32"), "dab": dict(DOT_PRECISION="tf32", DETERMINISTIC=sys.argv[1] == "True"), "matrix": {}}
 fp32_ptrs = {"c_ptr", "tau_ptr", "da_ptr", "db_ptr", "out_ptr"}
 for name, fn in kernels.items():
     cfg = dict(S.snell_configs(torch.bfloat16, 4, 90)[name])
@@ -678,7 +682,7 @@ for name, fn in kernels.items():
     sig = {a: "constexpr" if a in const else ("*fp32" if a in fp32_ptrs else "*i32" if a in ("prefix_ptr", "hist_ptr")
            else "*bf16") if a.endswith("_ptr") else "i32" for a in fn.arg_names}
     ptx = triton.compile(ASTSource(fn, sig, const), target=GPUTarget("cuda", 90, 32), options=opts).asm["ptx"]
-    atom = any(op in ptx for op in ("atom.global.add.f32", "red.global.add.f32", "atom.add.f32", "red.add.f32"))
+    atom = re.search(r"\b(atom|red)\.[\w.]*add\.f32", ptx) is not None
     print(name, "sqrt.rn" in ptx, "sqrt.approx" in ptx, "div.rn" in ptx, "div.full" in ptx or "div.approx" in ptx, atom)
 """
 
@@ -694,7 +698,7 @@ def test_compiled_kernels_use_correctly_rounded_sqrt_and_division():
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     for det in (False, True):
-        out = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT.replace("DET", str(det))], cwd=root,
+        out = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT, str(det)], cwd=root,
                              capture_output=True, text=True, timeout=600, env={**os.environ, "TRITON_INTERPRET": "0"})
         assert out.returncode == 0, out.stderr[-3000:]
         rows = {line.split()[0]: line.split()[1:] for line in out.stdout.splitlines()}

@@ -27,7 +27,8 @@ as it does in the reference (a `where(keep, K·|K|, 0)` would turn it into 0).
 - dx (`_snell_dx_kernel`): per (T-tile, n-tile), loop over m-tiles: acc += dy_tile @ W_tile.
 - dA, dB (`_snell_dab_kernel`): per (m-tile, n-tile), G tile = Σ_T dy_tileᵀ x_tile, G' = G ⊙ mag,
   then per head E_h = G' ⊘ D_h and, per feature d, the direct sums
-  dB_h[i, d] = c_h Σ_j E_ij (B_id − A_jd), dA_h[j, d] = −c_h Σ_i E_ij (B_id − A_jd).
+  dB_h[i, d] = c_h Σ_j E_ij (B_id − A_jd), dA_h[j, d] = −c_h Σ_i E_ij (B_id − A_jd) (c_h applied
+  after the tiles are summed, as in the reference).
   Deterministic under `torch.use_deterministic_algorithms(True)`: each tile then writes its partial
   sums to its own slot (fp32, (n-tiles, H, m, d_h) and (m-tiles, H, n, d_h), i.e. m·n·q/BLOCK
   values each) and they are summed in a fixed order. Otherwise relaxed fp32 atomics (faster; the
@@ -210,7 +211,9 @@ def _snell_dab_kernel(
     DOT_PRECISION: tl.constexpr, DETERMINISTIC: tl.constexpr, H: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """For one (m-tile, n-tile): G = dyᵀx over all T, then this tile's share of dA and dB.
+    """For one (m-tile, n-tile): G = dyᵀx over all T, then this tile's share of dA/c_h and dB/c_h
+    (the launcher scales by c_h once the tiles are summed, as the reference does, so that an
+    infinite c_h times sums of either sign gives the reference's ±inf, not inf − inf = NaN).
     DETERMINISTIC: da_ptr (m-tiles, H, n, d), db_ptr (n-tiles, H, m, d) fp32 partials, one slot per
     tile, every entry written; else da_ptr (H, n, d), db_ptr (H, m, d) fp32 accumulators (atomics)."""
     pid_m = tl.program_id(0)
@@ -242,7 +245,6 @@ def _snell_dab_kernel(
                               stride_ah, stride_an, stride_ad, stride_bh, stride_bm, stride_bd, BLOCK_M, BLOCK_N)
         # E = G'/D, 0 where D = 0; a NaN D (NaN in A or B) gives a NaN E, as in the reference
         e = tl.where(dist == 0.0, 0.0, tl.div_rn(gp, dist))
-        c = tl.load(c_ptr + h)
         b_rows = b_ptr + h * stride_bh + offs_m * stride_bm
         a_rows = a_ptr + h * stride_ah + offs_n * stride_an
         db_rows = db_base + h * m * d + offs_m * d
@@ -252,8 +254,8 @@ def _snell_dab_kernel(
             a = tl.load(a_rows + dd * stride_ad, mask=in_n, other=0.0).to(tl.float32)
             # padding contributes exactly 0 (0·(b − a) would be NaN for an infinite b or a)
             p = tl.where(inside, e * (b[:, None] - a[None, :]), 0.0)
-            db = c * tl.sum(p, axis=1)
-            da = -c * tl.sum(p, axis=0)
+            db = tl.sum(p, axis=1)
+            da = -tl.sum(p, axis=0)
             if DETERMINISTIC:
                 tl.store(db_rows + dd, db, mask=in_m)
                 tl.store(da_rows + dd, da, mask=in_n)
@@ -447,6 +449,7 @@ def snell_bwd_triton(
         dB.zero_()
     if deterministic:
         dA, dB = dA.sum(0), dB.sum(0)  # a fixed-order reduction over the tiles
+    dA, dB = dA * c[:, None, None], dB * c[:, None, None]
     if need_dx:
         dx = torch.empty((T, n), dtype=dy.dtype, device=dy.device)
         if dx.numel() > 0:
