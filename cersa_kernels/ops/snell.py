@@ -18,9 +18,9 @@ from torch import Tensor
 from .._checks import (
     check_features, check_floating, check_same_device, check_same_dtype, check_shape, check_snell_factors, check_tensors,
 )
-from ..backends import kernel_for
+from ..backends import kernel_for, requested_backend, unavailable_reasons, use_backend
 
-__all__ = ["snell_linear", "snell_threshold", "snell_delta", "check_snell_config"]
+__all__ = ["snell_linear", "snell_threshold", "snell_delta", "merge_backend", "check_snell_config"]
 
 
 def _tau_dtype(A: Tensor) -> torch.dtype:
@@ -133,11 +133,22 @@ def snell_threshold(
     return torch.ops.cersa.snell_threshold(A.detach(), B.detach(), [float(c) for c in coeffs], float(sparsity))
 
 
+def merge_backend(A: Tensor, B: Tensor) -> str:
+    """Where the merge runs: the `cuda` kernel where `_cuda` is built and A, B are CUDA tensors,
+    else the reference, under every backend setting (`torch`, when asked for, always gets the
+    reference). Triton has no merge kernel: the merge forms the m×n result anyway."""
+    if requested_backend() != "torch" and not unavailable_reasons("cuda", "snell_delta", [A, B]):
+        return "cuda"
+    return "torch"
+
+
 def snell_delta(A: Tensor, B: Tensor, coeffs: Sequence[float], tau: float) -> Tensor:
-    """ΔW_s (m, n) in A's dtype for a threshold τ (a float): the merge. Runs on the `cuda` backend's
-    kernel when it can, else the reference (this one does form the m×n matrix: it is the result)."""
+    """ΔW_s (m, n) in A's dtype for a threshold τ (a float; −inf for s = 0, where ΔW = K): the
+    merge, on `merge_backend(A, B)` (this one does form the m×n matrix: it is the result)."""
     _check_factors(A, B, coeffs, "snell_delta")
-    return kernel_for("snell_delta", [A, B])(A.detach(), B.detach(), tuple(float(c) for c in coeffs), float(tau))
+    with use_backend(merge_backend(A, B)):
+        kernel = kernel_for("snell_delta", [A, B])
+    return kernel(A.detach(), B.detach(), tuple(float(c) for c in coeffs), float(tau))
 
 
 def snell_linear(
@@ -153,7 +164,7 @@ def snell_linear(
 ) -> Tensor:
     """`y = x (W0 + ΔW_s)ᵀ + bias`, x (..., n) -> y (..., m), with W0 (m, n) frozen, A (H, n, d_h),
     B (H, m, d_h), K[i, j] = Σ_h coeffs[h]·‖B[h, i] − A[h, j]‖, τ = the s-quantile of |K| and
-    ΔW_s = K ⊙ sg(|K|) ⊙ 1[|K| > τ] (METHODS §4). Gradients flow to x, A, B and bias. Autograd keeps
+    ΔW_s = K ⊙ sg(|K|) ⊙ 1[|K| > τ], or ΔW = K for sparsity 0 (METHODS §4). Gradients flow to x, A, B and bias. Autograd keeps
     x and τ only; `layer` names the caller in error messages."""
     check_tensors(layer, x=x, W0=W0, bias=bias)
     if W0.dim() != 2:
