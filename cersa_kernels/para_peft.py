@@ -56,6 +56,8 @@ def para_peft(in_dir, out_dir, energy: Optional[float] = None, budget: Optional[
             raise InputNotFoundError(f"para-peft: {path} not found{empty}; {expected}")
     config = read_json_object(config_path, "para-peft")
     for key, kind in (("r", int), ("lora_alpha", (int, float))):
+        if key not in config:
+            raise UsageError(f"para-peft: {config_path} has no {key!r} (not a PEFT LoRA adapter config)")
         if isinstance(config.get(key), bool) or not isinstance(config.get(key), kind):
             raise UsageError(f"para-peft: {config_path} needs a number {key!r} (a LoRA config), got {config.get(key)!r}")
     if config.get("peft_type", "LORA") != "LORA":

@@ -233,7 +233,7 @@ def test_para_peft_config_without_r_or_alpha(capsys, tmp_path, missing):
     del config[missing]
     adapter = write_adapter(tmp_path / "in", config)
     line = user_error(capsys, ["para-peft", str(adapter), str(tmp_path / "out")])
-    assert f"adapter_config.json needs a number '{missing}' (a LoRA config), got None" in line
+    assert f"adapter_config.json has no '{missing}' (not a PEFT LoRA adapter config)" in line
 
 
 @pytest.mark.parametrize("config", [[1, 2], "LORA", None], ids=["list", "string", "null"])
