@@ -113,6 +113,7 @@ def run_one(config: dict) -> dict:
     """Train config['method'] with config['seed'] and return its measurements (one dict)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # not the load report of the unused pooler
     from transformers import AutoModel, AutoTokenizer
 
     method = METHODS[config["method"]]
