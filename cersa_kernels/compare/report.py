@@ -101,8 +101,9 @@ def verdict(rows: list[dict]) -> str:
         if not r["method"].startswith("cersa"):
             continue
         comparisons = [c for c in (_against(r, full, "full FT"), _against(r, lora, "LoRA")) if c]
-        weights = r["frozen_weight_bytes"] / full["frozen_weight_bytes"] if full else None
-        tail = f" (frozen weights {weights:.2f}× the dense model's)" if weights else ""
+        # the dense model's weight bytes: everything full FT holds (it freezes nothing)
+        weights = r["weight_bytes"] / full["weight_bytes"] if full else None
+        tail = f" (all weights {weights:.2f}× the dense model's)" if weights else ""
         if comparisons:
             parts.append(f"{r['method']}: " + "; ".join(comparisons) + tail + ".")
     for r in rows:
