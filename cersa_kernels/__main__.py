@@ -6,6 +6,8 @@
                         per-Linear ranks, bytes and break-even, and the global-allocation alternative
                         (no MODEL_DIR: the bundled MiniLM)
   para-peft IN OUT [--energy E | --budget N]   PARA rank allocation of a PEFT LoRA adapter directory
+  compare [--methods ...] [--seeds N] [--device cuda] [--quick]
+                        fine-tune MiniLM on BBC news with every method: accuracy vs peak training memory
 
 A user's mistake (a bad path, file or argument) prints one line `error: …` on stderr and exits
 with status 2; `UsageError` marks those. Any other exception is a bug and keeps its traceback.
@@ -94,7 +96,21 @@ def _add_para_peft(commands) -> None:
     p.set_defaults(run=_run_para_peft)
 
 
-COMMANDS = (_add_minilm, _add_analyze, _add_para_peft)
+def _run_compare(args) -> None:
+    from .compare.cli import run as compare_run
+
+    compare_run(args)
+
+
+def _add_compare(commands) -> None:
+    from .compare.cli import add_arguments  # argparse only: no torch import
+
+    p = commands.add_parser("compare", help="fine-tune MiniLM on BBC news with every method and compare")
+    add_arguments(p)
+    p.set_defaults(run=_run_compare)
+
+
+COMMANDS = (_add_compare, _add_minilm, _add_analyze, _add_para_peft)
 
 
 def build_parser() -> argparse.ArgumentParser:
