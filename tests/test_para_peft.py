@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-peft = pytest.importorskip("peft")
-transformers = pytest.importorskip("transformers")
+import peft  # noqa: E402
+import transformers  # noqa: E402
 
 from cersa_kernels.__main__ import main  # noqa: E402
 
