@@ -82,14 +82,14 @@ LORA_SCALE, LORA_SEED = 1.7, 1234
 @dataclass(frozen=True)
 class OpCase:
     """`make(T, n, m, r, dtype, bias, gen, **kw)` -> inputs dict; `call(**inputs)` the public op;
-    `grads` the inputs that get a gradient; `eager` the reference math under plain autograd (None
-    where the reference's backward is not autograd's: SNELL's stop-gradient and selection)."""
+    `grads` the inputs that get a gradient; `eager` the op's math (METHODS.md) under plain autograd,
+    composed from the reference modules: the same-dtype comparator and the float64 oracle."""
 
     name: str
     make: Callable
     call: Callable
     grads: tuple
-    eager: Callable | None
+    eager: Callable
 
 
 def _randn(gen, dtype, *shape):
@@ -150,14 +150,15 @@ def make_snell(T, n, m, r, dtype, bias, gen, sparsity=0.5, heads=2):
     d = max(1, r // heads)
     bound = 1 / math.sqrt(d)
     for _ in range(50):
-        A = ((torch.rand(heads, n, d, generator=gen, dtype=torch.float64) * 2 - 1) * bound)
-        B = ((torch.rand(heads, m, d, generator=gen, dtype=torch.float64) * 2 - 1) * bound)
+        # the margin is measured on the values the op gets (after the cast to dtype)
+        A = ((torch.rand(heads, n, d, generator=gen, dtype=torch.float64) * 2 - 1) * bound).to(dtype)
+        B = ((torch.rand(heads, m, d, generator=gen, dtype=torch.float64) * 2 - 1) * bound).to(dtype)
         if snell_threshold_margin(A, B, SNELL_COEFFS, sparsity) > SNELL_MARGIN:
             break
     else:
         raise AssertionError(f"snell: no draw with a clear threshold margin in 50 tries (s={sparsity})")
     return dict(x=_randn(gen, dtype, T, n), W0=_randn(gen, dtype, m, n) / n**0.5, bias=_bias(gen, dtype, m, bias),
-                A=A.to(dtype), B=B.to(dtype), coeffs=SNELL_COEFFS, sparsity=sparsity)
+                A=A, B=B, coeffs=SNELL_COEFFS, sparsity=sparsity)
 
 
 def _lora_call(x, W, A, B, bias, scale=LORA_SCALE, dropout_p=0.0):
@@ -176,6 +177,21 @@ def _flat(fwd, out_features):
     def call(x, *args):
         return fwd(x.reshape(-1, x.shape[-1]), *args)[0].reshape(*x.shape[:-1], out_features(*args))
     return call
+
+
+def _snell_eager(x, W0, bias, A, B, coeffs, sparsity):
+    """METHODS §4 under autograd: ΔW_s = K for s = 0, else K ⊙ sg(|K|) ⊙ 1[|K| > τ], τ the
+    reference's selection on |K| in the same precision as K (so the kept set is the reference's)."""
+    K = ref_snell.kernel_matrix(A, B, coeffs)
+    if sparsity == 0:
+        delta = K
+    else:
+        tau = ref_snell.snell_threshold(A.detach(), B.detach(), coeffs, sparsity)
+        absK = K.detach().abs()
+        delta = K * torch.where(absK > tau, absK, torch.zeros_like(absK))
+    W = (W0.to(delta.dtype) + delta).to(x.dtype)
+    y = x @ W.T
+    return y if bias is None else y + bias
 
 
 OPS = {
@@ -198,7 +214,7 @@ OPS = {
     "snell_linear": OpCase(
         "snell_linear", make_snell,
         lambda x, W0, bias, A, B, coeffs, sparsity: ops.snell_linear(x, W0, bias, A, B, coeffs, sparsity),
-        ("x", "A", "B", "bias"), None,
+        ("x", "A", "B", "bias"), _snell_eager,
     ),
 }
 
