@@ -245,6 +245,7 @@ def free_port():
 @pytest.mark.parametrize(
     "wrapper,method", [("ddp", "cersa"), ("fsdp2", "cersa"), ("ddp", "lora"), ("fsdp2", "lora"), ("fsdp2", "pica")]
 )
+@pytest.mark.slow
 def test_distributed_matches_single_process(wrapper, method, tmp_path):
     single = adapted_net(method=method)
     train(single, *global_batch())
