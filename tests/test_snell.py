@@ -185,6 +185,7 @@ def test_all_equal_kernel_drops_everything():
         torch.testing.assert_close(y, x @ W0.T + b)
 
 
+@pytest.mark.slow
 def test_triton_select_above_2_24_elements():
     """4097² > 2^24 values (where torch.quantile refuses); 512×512 tiles keep the interpreter at ~6 s."""
     from cersa_kernels.triton.snell import kth_smallest_abs_triton

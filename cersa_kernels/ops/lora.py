@@ -18,6 +18,7 @@ from .._checks import (
     check_features, check_floating, check_same_device, check_same_dtype, check_seed, check_shape, check_tensors,
 )
 from ..backends import kernel_for
+from ._bias import bias_grad
 
 __all__ = ["lora_linear"]
 
@@ -71,7 +72,7 @@ def _backward(ctx, dy, _dxa):
     if need_dx or need_dA or need_dB:
         dx, dA, dB = torch.ops.cersa.lora_bwd(dy, x, xa, W, A, B, ctx.scale, ctx.dropout_p, seed, need_dx)
     if need_dbias:
-        dbias = dy.sum(0, dtype=torch.float32).to(ctx.bias_dtype)
+        dbias = bias_grad(dy, ctx.bias_dtype)
     return (
         dx if need_dx else None, None, dbias, dA if need_dA else None, dB if need_dB else None, None, None, None
     )

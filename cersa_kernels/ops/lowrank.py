@@ -14,6 +14,7 @@ from torch import Tensor
 
 from .._checks import check_features, check_floating, check_same_device, check_same_dtype, check_shape, check_tensors
 from ..backends import kernel_for
+from ._bias import bias_grad
 
 __all__ = ["lowrank_linear"]
 
@@ -57,7 +58,7 @@ def _backward(ctx, dy, _dh):
     if need_dx or need_dS:
         dx, dS = torch.ops.cersa.lowrank_bwd(dy, h, V, S, U, need_dx)
     if need_dbias:
-        dbias = dy.sum(0, dtype=torch.float32).to(ctx.bias_dtype)
+        dbias = bias_grad(dy, ctx.bias_dtype)
     return (dx if need_dx else None), None, (dS if need_dS else None), None, dbias
 
 

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from .._checks import check_features, check_floating, check_same_device, check_same_dtype, check_shape, check_tensors
 from ..backends import kernel_for
+from ._bias import bias_grad
 
 __all__ = ["pica_linear", "pica_lowrank_linear"]
 
@@ -57,7 +58,7 @@ def _pica_backward(ctx, dy, _dh):
     dx = dM = None
     if need_dx or need_dM:
         dx, dM = torch.ops.cersa.pica_bwd(dy, h, W, P, M, need_dx)
-    dbias = dy.sum(0, dtype=torch.float32).to(ctx.bias_dtype) if need_dbias else None
+    dbias = bias_grad(dy, ctx.bias_dtype) if need_dbias else None
     return (dx if need_dx else None), None, dbias, None, (dM if need_dM else None)
 
 
@@ -104,7 +105,7 @@ def _pica_lowrank_backward(ctx, dy, _dh):
     dx = dS = dM = None
     if need_dx or need_dS or need_dM:
         dx, dS, dM = torch.ops.cersa.pica_lowrank_bwd(dy, h, V, S, U, M, need_dx)
-    dbias = dy.sum(0, dtype=torch.float32).to(ctx.bias_dtype) if need_dbias else None
+    dbias = bias_grad(dy, ctx.bias_dtype) if need_dbias else None
     return (
         dx if need_dx else None, None, dS if need_dS else None, None, dM if need_dM else None, dbias
     )
