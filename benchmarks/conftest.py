@@ -23,6 +23,12 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True)
+def _seed():
+    """Seed the global generators before every benchmark (each also draws from its own Generator)."""
+    torch.manual_seed(0)
+
+
 def synchronize() -> None:
     if HAS_GPU:
         torch.cuda.synchronize()

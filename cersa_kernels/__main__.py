@@ -1,42 +1,135 @@
 """Command line: `python -m cersa_kernels <command>`.
 
-  minilm [--energy A]   convert the real MiniLM encoder to CersaLinear and report k, energy, bytes, drift
-  analyze MODEL_DIR [--energy 0.9 0.95] [--plot out.png]
+  minilm [--energy A] [--model-dir DIR]
+                        convert the real MiniLM encoder to CersaLinear and report k, energy, bytes, drift
+  analyze [MODEL_DIR] [--energy 0.9 0.95] [--plot out.png]
                         per-Linear ranks, bytes and break-even, and the global-allocation alternative
+                        (no MODEL_DIR: the bundled MiniLM)
   para-peft IN OUT [--energy E | --budget N]   PARA rank allocation of a PEFT LoRA adapter directory
+  compare [--methods ...] [--seeds N] [--device cuda] [--quick]
+                        fine-tune MiniLM on BBC news with every method: accuracy vs peak training memory
+
+A user's mistake (a bad path, file or argument) prints one line `error: …` on stderr and exits
+with status 2; `UsageError` marks those. Any other exception is a bug and keeps its traceback.
+Adding a command: one `_add_<command>` that builds its subparser and sets `run`, listed in `COMMANDS`.
 """
 from __future__ import annotations
 
 import argparse
+import sys
+
+from ._checks import UsageError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises UsageError instead of printing usage and exiting, so a bad argument
+    reaches the one error handler in `main` like every other user mistake."""
+
+    def error(self, message: str):
+        raise UsageError(f"{self.prog}: {message} (see --help)")
+
+
+def energy_share(text: str) -> float:
+    """argparse type: an energy share α in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
+    if not 0.0 < value <= 1.0:  # nan fails too
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+# Each command imports its module when it runs: `--help` and argument errors stay instant
+# (no torch/transformers import before the arguments are known to be right).
+def _run_minilm(args) -> None:
+    from .demo import main as minilm_main
+
+    minilm_main(energy=args.energy, model_dir=args.model_dir)
+
+
+def _run_analyze(args) -> None:
+    from .analyze import main as analyze_main
+
+    analyze_main(args.model_dir, args.energy, args.plot)
+
+
+def _run_para_peft(args) -> None:
+    from .para_peft import main as para_peft_main
+
+    para_peft_main(args.in_dir, args.out_dir, energy=args.energy, budget=args.budget)
+
+
+def _add_minilm(commands) -> None:
+    p = commands.add_parser("minilm", help="convert the real MiniLM encoder to CersaLinear and report")
+    p.add_argument("--energy", type=energy_share, default=0.95, help="energy share α kept per layer (default 0.95)")
+    p.add_argument("--model-dir", default=None, help="a Hugging Face BERT-style model directory (default: the bundled MiniLM)")
+    p.set_defaults(run=_run_minilm)
+
+
+def _add_analyze(commands) -> None:
+    p = commands.add_parser("analyze", help="energy/rank/memory analysis of a Hugging Face model directory")
+    p.add_argument("model_dir", nargs="?", default=None, help="model directory (default: the bundled MiniLM)")
+    p.add_argument("--energy", type=energy_share, nargs="+", default=[0.9, 0.95])
+    p.add_argument("--plot", default=None, help="write a PNG of the energy curves here (needs the `plot` extra)")
+    p.set_defaults(run=_run_analyze)
+
+
+def _add_para_peft(commands) -> None:
+    p = commands.add_parser("para-peft", help="PARA: re-allocate the ranks of a PEFT LoRA adapter directory")
+    p.add_argument("in_dir")
+    p.add_argument("out_dir")
+    rule = p.add_mutually_exclusive_group()
+    rule.add_argument("--energy", type=energy_share, default=None, help="share ε of the pooled Σσ² kept (default 0.95)")
+    rule.add_argument("--budget", type=positive_int, default=None, help="instead: most adapter parameters to keep")
+    p.set_defaults(run=_run_para_peft)
+
+
+def _run_compare(args) -> None:
+    from .compare.cli import run as compare_run
+
+    compare_run(args)
+
+
+def _add_compare(commands) -> None:
+    from .compare.cli import add_arguments  # argparse only: no torch import
+
+    p = commands.add_parser("compare", help="fine-tune MiniLM on BBC news with every method and compare")
+    add_arguments(p)
+    p.set_defaults(run=_run_compare)
+
+
+COMMANDS = (_add_compare, _add_minilm, _add_analyze, _add_para_peft)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m cersa_kernels", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    for add in COMMANDS:
+        add(commands)
+    return parser
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m cersa_kernels")
-    commands = parser.add_subparsers(dest="command", required=True)
-    minilm = commands.add_parser("minilm", help="convert the real MiniLM encoder to CersaLinear and report")
-    minilm.add_argument("--energy", type=float, default=0.95, help="energy share α kept per layer (default 0.95)")
-    analyze = commands.add_parser("analyze", help="energy/rank/memory analysis of a Hugging Face model directory")
-    analyze.add_argument("model_dir")
-    analyze.add_argument("--energy", type=float, nargs="+", default=[0.9, 0.95])
-    analyze.add_argument("--plot", default=None, help="write a PNG of the energy curves here")
-    para = commands.add_parser("para-peft", help="PARA: re-allocate the ranks of a PEFT LoRA adapter directory")
-    para.add_argument("in_dir")
-    para.add_argument("out_dir")
-    para.add_argument("--energy", type=float, default=None, help="share ε of the pooled Σσ² kept (default 0.95)")
-    para.add_argument("--budget", type=int, default=None, help="instead: most adapter parameters to keep")
-    args = parser.parse_args(argv)
-    if args.command == "analyze":
-        from .analyze import main as analyze_main
-
-        analyze_main(args.model_dir, args.energy, args.plot)
-    elif args.command == "minilm":
-        from .demo import main as minilm_main
-
-        minilm_main(energy=args.energy)
-    elif args.command == "para-peft":
-        from .para_peft import main as para_peft_main
-
-        para_peft_main(args.in_dir, args.out_dir, energy=args.energy, budget=args.budget)
+    """Parse `argv` (default sys.argv[1:]) and run the command; a UsageError becomes one line
+    `error: …` on stderr and SystemExit(2)."""
+    try:
+        args = build_parser().parse_args(argv)
+        args.run(args)
+    except UsageError as error:
+        print("error: " + " ".join(str(error).split()), file=sys.stderr)  # one line, whatever the message
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

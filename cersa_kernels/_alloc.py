@@ -47,10 +47,14 @@ class AllocationRecorder(TorchDispatchMode):
         inputs = {a.untyped_storage().data_ptr() for a in args if isinstance(a, torch.Tensor)}
         for o in out if isinstance(out, (tuple, list)) else [out]:
             if isinstance(o, torch.Tensor) and o.untyped_storage().data_ptr() not in inputs:
-                self.allocations.append(
-                    Allocation(str(func), tuple(o.shape), o.numel(), o.numel() * o.element_size())
-                )
+                self.on_allocation(func, o)
         return out
+
+    def on_allocation(self, func, tensor: torch.Tensor) -> None:
+        """Called for each tensor an op allocates; subclasses may also keep the tensor's storage."""
+        self.allocations.append(
+            Allocation(str(func), tuple(tensor.shape), tensor.numel(), tensor.numel() * tensor.element_size())
+        )
 
     def largest(self) -> Allocation:
         return max(self.allocations, key=lambda a: a.numel)

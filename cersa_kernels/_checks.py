@@ -1,8 +1,11 @@
-"""Input checks shared by the ops and layers: each error names the layer, the expected and the
-actual value. Shape checks only: they never read tensor data, so they are free under
-torch.compile."""
+"""Input checks shared by the ops, layers and commands: each error names the layer (or caller), the
+expected and the actual value. The tensor checks read shapes, dtypes and types only, never tensor
+data, so they are free under torch.compile. `UsageError` marks a user's mistake for the CLI."""
 from __future__ import annotations
 
+import math
+import numbers
+import operator
 from typing import Optional, Sequence
 
 import torch
@@ -44,6 +47,87 @@ def check_floating(name: str, t: Tensor, layer: str) -> None:
 
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+class UsageError(ValueError):
+    """A mistake in what the user gave (a path, a file, an argument), not a bug: the command line
+    prints it as one line `error: …` and exits with status 2 instead of a traceback."""
+
+
+class InputNotFoundError(UsageError, FileNotFoundError):
+    """A path the user named does not exist (still a FileNotFoundError for callers that catch it)."""
+
+
+def check_int(name: str, value, layer: str, minimum: Optional[int] = None, maximum: Optional[int] = None) -> int:
+    """`value` as an int in [minimum, maximum]. bool and non-integral numbers (2.7, 2.0) are
+    rejected: int(2.7) would silently truncate and True would mean 1."""
+    if isinstance(value, bool) or not hasattr(type(value), "__index__"):
+        raise TypeError(f"{layer}: {name} must be an int, got {value!r} ({type(value).__name__})")
+    value = operator.index(value)
+    if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+        low = "-inf" if minimum is None else minimum
+        high = "inf" if maximum is None else maximum
+        raise ValueError(f"{layer}: {name} must be in [{low}, {high}], got {value}")
+    return value
+
+
+def check_real(name: str, value, layer: str, finite: bool = True) -> float:
+    """`value` as a float; TypeError for a non-number or bool, ValueError for nan/inf when `finite`
+    (a caller with a range check of its own passes finite=False: nan fails any range)."""
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, Tensor)):
+        raise TypeError(f"{layer}: {name} must be a real number, got {value!r} ({type(value).__name__})")
+    value = float(value)
+    if finite and not math.isfinite(value):
+        raise ValueError(f"{layer}: {name} must be finite, got {value}")
+    return value
+
+
+def check_layer_dtype(name: str, dtype, layer: str) -> None:
+    """A layer's `dtype` / `core_dtype` is None (torch's default) or a floating-point torch.dtype:
+    integer and bool parameters cannot train."""
+    if dtype is None:
+        return
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"{layer}: {name} must be a torch.dtype, got {dtype!r} ({type(dtype).__name__})")
+    if not dtype.is_floating_point:
+        expected = ", ".join(str(d).replace("torch.", "") for d in FLOAT_DTYPES)
+        raise TypeError(f"{layer}: {name} must be a floating-point dtype ({expected}), got {str(dtype).replace('torch.', '')}")
+
+
+def check_features_args(in_features, out_features, dtype, layer: str) -> tuple[int, int]:
+    """A layer constructor's (in_features, out_features) as ints >= 1, and its dtype floating point."""
+    in_features = check_int("in_features", in_features, layer, minimum=1)
+    out_features = check_int("out_features", out_features, layer, minimum=1)
+    check_layer_dtype("dtype", dtype, layer)
+    return in_features, out_features
+
+
+def check_tensors(layer: str, **tensors) -> None:
+    """Each named value is a torch.Tensor (None allowed, for an optional bias): a Python list or a
+    NumPy array fails here with its name, instead of as an AttributeError deep inside."""
+    for name, t in tensors.items():
+        if t is not None and not isinstance(t, Tensor):
+            raise TypeError(f"{layer}: {name} must be a torch.Tensor, got {type(t).__name__}")
+
+
+def check_snell_factors(A, B, layer: str) -> None:
+    """SNELL's A (H, n, d_h) and B (H, m, d_h) are tensors with no zero-sized dimension: the
+    threshold is a quantile over m·n entries, which an empty factor leaves undefined."""
+    check_tensors(layer, A=A, B=B)
+    for name, t in (("A", A), ("B", B)):
+        if 0 in t.shape:
+            raise ValueError(f"{layer}: {name} must have at least one head, row and column, got shape {tuple(t.shape)}")
+
+
+def check_seed(seed, layer: str) -> Tensor:
+    """A dropout seed (int or int64 scalar tensor) as a CPU int64 scalar; an int outside int64
+    raises instead of overflowing inside torch.tensor."""
+    if isinstance(seed, Tensor):
+        if seed.dtype != torch.int64 or seed.dim() != 0:
+            raise TypeError(f"{layer}: seed must be an int64 scalar tensor, got {seed.dtype} of shape {tuple(seed.shape)}")
+        return seed
+    seed = check_int("seed (int64)", seed, layer, minimum=-(2**63), maximum=2**63 - 1)
+    return torch.tensor(seed, dtype=torch.int64)
 
 
 def check_frozen(layer: str, **tensors: Optional[Tensor]) -> None:

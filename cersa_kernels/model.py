@@ -9,7 +9,10 @@ save and load the adapted layers.
 Target selection follows PEFT: a list of names matches module-name suffixes (`"query"` matches
 `encoder.layer.0.attention.self.query`), a string is a regular expression matched against the
 full name, and `"all-linear"` takes every Linear (and Hugging Face Conv1D) except the model's
-output embedding (`lm_head`).
+output embedding (`lm_head`). A list or regex that names a module no method adapts (Embedding,
+LayerNorm, a container) raises, as in PEFT; a tied module (`m.l2 = m.l1`) gets one adapter under
+all its names. `save` writes both files atomically, each carrying a fingerprint of the other; `load`
+checks the pair and every layer against the model before it replaces anything.
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ from torch import nn
 
 __all__ = [
     "named_linears", "replace_module", "find_targets", "as_linear", "apply", "merge", "trainable_parameters",
-    "save", "load", "ApplyReport", "adapter_layers", "export_peft_lora",
+    "save", "load", "ApplyReport", "adapter_layers", "export_peft_lora", "module_aliases", "write_adapter",
 ]
 
 TargetSpec = Union[str, Sequence[str], None]
@@ -41,12 +44,15 @@ def named_linears(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """(qualified name, layer) for every nn.Linear and HF Conv1D in `model`, in module order.
     nn.MultiheadAttention's out_proj is left out: that module reads its weight directly, so a
     replaced layer would be bypassed."""
-    inside_mha = {
-        id(child) for module in model.modules() if isinstance(module, nn.MultiheadAttention) for child in module.children()
-    }
+    inside_mha = _inside_mha(model)
     for name, module in model.named_modules():
         if (isinstance(module, nn.Linear) or is_conv1d(module)) and id(module) not in inside_mha:
             yield name, module
+
+
+def _inside_mha(model: nn.Module) -> set[int]:
+    """ids of the children of every nn.MultiheadAttention (its out_proj): not replaceable."""
+    return {id(child) for module in model.modules() if isinstance(module, nn.MultiheadAttention) for child in module.children()}
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -80,19 +86,63 @@ def _matches(name: str, spec: TargetSpec) -> bool:
     return any(name == s or name.endswith("." + s) for s in spec)
 
 
-def find_targets(model: nn.Module, target_modules: TargetSpec = "all-linear", exclude_modules: TargetSpec = None) -> list[str]:
-    """Names of the Linear/Conv1D layers selected by the PEFT-style specs (see module docstring)."""
-    from .nn import CersaLinear
+def module_aliases(model: nn.Module) -> dict[int, list[str]]:
+    """{id(module): every qualified name it is reachable at, in module order}. A tied module
+    (`m.l2 = m.l1`) has several names; the first is the one `named_modules()` gives."""
+    names: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        names.setdefault(id(module), []).append(name)
+    return names
 
+
+def _adapter_types() -> tuple[type, ...]:
+    return tuple(layer_classes().values())
+
+
+def _unsupported_reason(
+    module: nn.Module, adapters: tuple[type, ...], inside_mha: set[int], inside_adapter: dict[int, str]
+) -> Optional[str]:
+    """Why no method can adapt `module` (None when it is a Linear, Conv1D or adapter layer)."""
+    if id(module) in inside_adapter:
+        return f"a part of the adapter layer {inside_adapter[id(module)]!r}"
+    if id(module) in inside_mha:
+        return f"a {type(module).__name__} inside a MultiheadAttention, which reads its weight directly (a replaced layer would be bypassed)"
+    if isinstance(module, (nn.Linear,) + adapters) or is_conv1d(module):
+        return None
+    return f"a {type(module).__name__}, not a Linear or Conv1D layer"
+
+
+def find_targets(model: nn.Module, target_modules: TargetSpec = "all-linear", exclude_modules: TargetSpec = None) -> list[str]:
+    """Names of the layers selected by the PEFT-style specs (see module docstring), one per module:
+    a module tied under several names (`m.l2 = m.l1`) is selected by any of them, excluded by any
+    of them, and listed under its first name. "all-linear" takes every Linear/Conv1D (not lm_head,
+    not MultiheadAttention's out_proj) and every adapter layer, and skips everything else. A list or
+    a regex that names any other module (Embedding, LayerNorm, a container, a part of an adapter
+    layer) raises ValueError naming it, as PEFT does."""
+    adapters = _adapter_types()
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    candidates = list(named_linears(model)) + [(n, m) for n, m in model.named_modules() if isinstance(m, CersaLinear)]
+    aliases = module_aliases(model)
+    inside_mha = _inside_mha(model)
+    inside_adapter = {
+        id(inner): name for name, module in model.named_modules() if isinstance(module, adapters)
+        for inner in module.modules() if inner is not module
+    }
     names = []
-    for name, module in candidates:
+    for name, module in model.named_modules():  # each module once, under its first name
+        if not name or any(_matches(alias, exclude_modules) for alias in aliases[id(module)]):
+            continue
+        reason = _unsupported_reason(module, adapters, inside_mha, inside_adapter)
         if target_modules == "all-linear":
-            chosen = module is not output
-        else:
-            chosen = _matches(name, target_modules)
-        if chosen and not _matches(name, exclude_modules):
+            if reason is None and module is not output:
+                names.append(name)
+            continue
+        matched = [alias for alias in aliases[id(module)] if _matches(alias, target_modules)]
+        if matched and reason is not None:
+            raise ValueError(
+                f"apply: target_modules={target_modules!r} names {matched[0]!r}, which is {reason}; "
+                "name Linear layers only (or leave it out with exclude_modules)"
+            )
+        if matched:
             names.append(name)
     if not names:
         raise ValueError(
@@ -100,6 +150,22 @@ def find_targets(model: nn.Module, target_modules: TargetSpec = "all-linear", ex
             f"layer; the model's Linear layers are: {[n for n, _ in named_linears(model)][:20]}"
         )
     return names
+
+
+def _check_method_supports(method: str, name: str, module: nn.Module) -> None:
+    """An adapter layer can only be adapted again by PiCa, and only a CersaLinear (PiCa over CERSA)."""
+    from .nn import CersaLinear, PicaLinear
+
+    if not isinstance(module, _adapter_types()) or (method == "pica" and type(module) is CersaLinear):
+        return
+    why = (
+        "PiCa over PiCa is not supported" if method == "pica" and isinstance(module, PicaLinear)
+        else "only method='pica' adapts a layer that is already adapted, and only a CersaLinear"
+    )
+    raise ValueError(
+        f"apply(method={method!r}): layer {name!r} is already a {type(module).__name__}: {why}; "
+        "merge() the model first, or leave the layer out with exclude_modules"
+    )
 
 
 # --- methods ------------------------------------------------------------------------------------
@@ -233,11 +299,11 @@ def apply(
 
     names = find_targets(model, target_modules, exclude_modules)
     originals = {name: model.get_submodule(name) for name in names}
+    for name, module in originals.items():
+        _check_method_supports(method, name, module)
+    aliases = module_aliases(model)
     # CersaLinear targets (PiCa over CERSA) are passed as they are; the rest as nn.Linear
     linears = {name: m if isinstance(m, CersaLinear) else as_linear(m) for name, m in originals.items()}
-    if method != "pica" and any(isinstance(m, CersaLinear) for m in linears.values()):
-        raise ValueError(f"apply(method={method!r}): targets {[n for n, m in linears.items() if isinstance(m, CersaLinear)]} "
-                         "are already CersaLinear; only method='pica' adapts a CersaLinear")
     new_layers = METHODS[method](model, linears, **options)
     if freeze_base:  # before the new layers go in: they keep the requires_grad their method set
         for p in model.parameters():
@@ -252,7 +318,8 @@ def apply(
         layer._cersa_adapter = True
         layer._cersa_method = method
         layer._cersa_base_type = getattr(originals[name], "_cersa_base_type", type(originals[name]).__name__)
-        replace_module(model, name, layer)
+        for alias in aliases[id(originals[name])]:  # a tied module: one adapter under every name
+            replace_module(model, alias, layer)
         base = linears[name]
         new_trainable = [p for p in layer.parameters() if p.requires_grad and id(p) not in counted]
         counted.update(id(p) for p in new_trainable)
@@ -290,25 +357,33 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 @torch.no_grad()
 def merge(model: nn.Module) -> nn.Module:
-    """Replace every adapter layer by the plain nn.Linear it equals (`layer.to_linear()`), in place."""
-    for name, layer in adapter_layers(model).items():
-        replace_module(model, name, layer.to_linear())
+    """Replace every adapter layer by the plain nn.Linear it equals (`layer.to_linear()`), in place
+    (a tied adapter by one Linear under all its names)."""
+    aliases = module_aliases(model)
+    for layer in adapter_layers(model).values():
+        merged = layer.to_linear()
+        for alias in aliases[id(layer)]:
+            replace_module(model, alias, merged)
     return model
 
 
 # --- save / load --------------------------------------------------------------------------------
+# The config and the weights name each other (see _adapter_files): the config stores the sha256 of
+# the safetensors bytes, the safetensors metadata the id of the config, so a mixed pair is refused.
+FORMAT = "cersa_kernels"
+FORMAT_VERSION = 2  # 2: fingerprints, layer aliases; version 1 files carry no fingerprint
+_FINGERPRINT_KEYS = ("config_id", "weights_sha256")
+
 
 def save(model: nn.Module, directory: Union[str, Path]) -> None:
     """Write the adapter layers (and any other trainable parameter) of `model` to `directory`:
-    `cersa_adapter.safetensors` and `cersa_config.json` (class, method and config of each layer).
-    Frozen base weights that the original model already holds (a layer's BASE_KEYS) are not written;
-    CERSA's U, S, V are, since its W0 is gone."""
-    from safetensors.torch import save_file
-
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    `cersa_adapter.safetensors` and `cersa_config.json` (class, method, config and names of each
+    layer). Frozen base weights that the original model already holds (a layer's BASE_KEYS) are not
+    written; CERSA's U, S, V are, since its W0 is gone. Both files are written to temporary names
+    and renamed into place, so a failure leaves an earlier adapter in `directory` intact."""
     layers = adapter_layers(model)
-    tensors, config = {}, {"format": "cersa_kernels", "version": 1, "layers": {}, "trainable": []}
+    aliases = module_aliases(model)
+    tensors, config = {}, {"format": FORMAT, "version": FORMAT_VERSION, "layers": {}, "trainable": []}
     for name, layer in layers.items():
         base_keys = set(getattr(type(layer), "BASE_KEYS", ()))
         trained = {k for k, p in layer.named_parameters() if p.requires_grad}
@@ -319,14 +394,28 @@ def save(model: nn.Module, directory: Union[str, Path]) -> None:
             cls=type(layer).__name__, method=layer._cersa_method, config=layer.config(),
             base_type=getattr(layer, "_cersa_base_type", "Linear"),
             trainable=[k for k, p in layer.named_parameters() if p.requires_grad],
+            aliases=aliases[id(layer)],
         )
     inside = {id(p) for layer in layers.values() for p in layer.parameters()}
     for pname, p in model.named_parameters():
         if p.requires_grad and id(p) not in inside:
             tensors[pname] = p.detach().contiguous().cpu()
             config["trainable"].append(pname)
-    save_file(_dedupe_shared(tensors), str(directory / WEIGHTS_NAME))
-    (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2))
+    write_adapter(directory, config, tensors)
+
+
+def write_adapter(directory: Union[str, Path], config: dict, tensors: dict[str, torch.Tensor]) -> None:
+    """Write `config` (its fingerprint keys, if any, are recomputed) and `tensors` to `directory` as
+    one fingerprinted pair, atomically. Everything is serialised before the first byte is written."""
+    from ._adapter_files import CONFIG_ID_KEY, FORMAT_KEY, VERSION_KEY, config_id, serialize_tensors, sha256, write_files_atomically
+
+    body = {k: v for k, v in config.items() if k not in _FINGERPRINT_KEYS}
+    body_id = config_id(body)
+    weights = serialize_tensors(
+        _dedupe_shared(tensors), {FORMAT_KEY: FORMAT, VERSION_KEY: str(FORMAT_VERSION), CONFIG_ID_KEY: body_id}
+    )
+    text = json.dumps(dict(body, config_id=body_id, weights_sha256=sha256(weights)), indent=2)
+    write_files_atomically(Path(directory), {WEIGHTS_NAME: weights, CONFIG_NAME: text.encode()})
 
 
 def _dedupe_shared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -340,51 +429,180 @@ def _dedupe_shared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def layer_classes() -> dict[str, type]:
+    """{class name: class} of every adapter layer in cersa_kernels.nn."""
     from . import nn as cersa_nn
 
-    return {name: getattr(cersa_nn, name) for name in cersa_nn.__all__}
+    return {name: obj for name in cersa_nn.__all__ if isinstance(obj := getattr(cersa_nn, name), type)}
+
+
+def _read_adapter(directory: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The config and tensors `save` wrote to `directory`, checked to be one pair of a known format."""
+    from ._adapter_files import CONFIG_ID_KEY, check_pair, config_id, read_json_object, read_safetensors
+
+    config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+    config = read_json_object(config_path, "load")
+    if config.get("format") != FORMAT:
+        raise ValueError(f"load: {config_path} is not a cersa_kernels adapter config (format={config.get('format')!r})")
+    if config.get("version") != FORMAT_VERSION:
+        raise ValueError(
+            f"load: {config_path} has format version {config.get('version')!r}; this cersa_kernels reads version "
+            f"{FORMAT_VERSION} (version 1 carried no fingerprint pairing it with its weights)"
+        )
+    if not isinstance(config.get("layers"), dict):
+        raise ValueError(f"load: {config_path} has no 'layers' object (the adapter layers saved by `save`)")
+    if not isinstance(config.get("trainable", []), list):
+        raise ValueError(f"load: {config_path}: 'trainable' must be a list of parameter names")
+    tensors, metadata, weights_sha = read_safetensors(weights_path, "load")
+    body = {k: v for k, v in config.items() if k not in _FINGERPRINT_KEYS}
+    if config.get("weights_sha256") != weights_sha or CONFIG_ID_KEY not in metadata:
+        raise ValueError(
+            f"load: {weights_path} and {config_path} do not belong together: the weights' fingerprint "
+            f"{weights_sha[:12]}… is not the one the config names ({str(config.get('weights_sha256'))[:12]}…); "
+            "one file was replaced or left from another save; save the adapter again"
+        )
+    check_pair(body, config_path, metadata, weights_path, "load")
+    return config, tensors
+
+
+def _has_bias(layer: nn.Module) -> bool:
+    """Whether the layer adds a bias (PiCa over CERSA: its CERSA base's)."""
+    if getattr(layer, "bias", None) is not None:
+        return True
+    return getattr(getattr(layer, "base", None), "bias", None) is not None
+
+
+def _build_layer(model, name, entry, tensors, config_path, weights_path, aliases, tied) -> nn.Module:
+    """The adapter layer `entry` describes, rebuilt around the module at `name` and filled from
+    `tensors`, after checking every saved type, shape and name against that module. Touches nothing
+    in `model`."""
+    here = f"load: {config_path}: layer {name!r}"
+    if not isinstance(entry, dict) or not {"cls", "method", "config", "trainable"} <= set(entry):
+        raise ValueError(f"{here}: the entry must hold 'cls', 'method', 'config' and 'trainable'")
+    cls = layer_classes().get(entry["cls"])
+    if cls is None:
+        raise ValueError(f"{here}: unknown layer class {entry['cls']!r}; expected one of {sorted(layer_classes())}")
+    try:
+        target = model.get_submodule(name)
+    except AttributeError:
+        raise ValueError(f"{here} is not in the model") from None
+    base_type = entry.get("base_type", "Linear")
+    if isinstance(target, _adapter_types()):
+        raise ValueError(f"{here}: the model is already adapted there (a {type(target).__name__}); load into a fresh model")
+    if type(target).__name__ != base_type or not (isinstance(target, nn.Linear) or is_conv1d(target)):
+        raise ValueError(f"{here} was saved over a {base_type}, the model's module there is a {type(target).__name__}")
+    saved_names, names = entry.get("aliases", [name]), aliases[id(target)]
+    if saved_names != names:
+        raise ValueError(f"{here} was saved reachable as {saved_names}; in the model that module is reachable as {names}")
+    base = as_linear(target)
+    try:
+        layer = cls.from_config(entry["config"], base=base, device=base.weight.device)
+    except (ValueError, TypeError, KeyError) as e:
+        raise ValueError(f"{here} ({entry['cls']}): cannot rebuild it from its saved config: {e!r}") from None
+    got = dict(in_features=layer.in_features, out_features=layer.out_features, bias=_has_bias(layer))
+    expected = dict(in_features=base.in_features, out_features=base.out_features, bias=base.bias is not None)
+    if got != expected:
+        raise ValueError(
+            f"{here} ({entry['cls']}) was saved for {', '.join(f'{k}={v}' for k, v in got.items())}; the model's "
+            f"{base_type} there has {', '.join(f'{k}={v}' for k, v in expected.items())}"
+        )
+    prefix = name + "."
+    state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    wanted = layer.state_dict()
+    missing = set(wanted) - set(state) - set(getattr(cls, "BASE_KEYS", ()))
+    unexpected = set(state) - set(wanted)
+    if missing or unexpected:
+        raise ValueError(
+            f"{here} ({entry['cls']}): {weights_path} lacks tensors {sorted(missing)} and has unexpected tensors {sorted(unexpected)}"
+        )
+    for key, value in state.items():
+        if tuple(value.shape) != tuple(wanted[key].shape):
+            raise ValueError(
+                f"{here} ({entry['cls']}): tensor {key!r} has shape {tuple(value.shape)} in {weights_path}, "
+                f"the model needs {tuple(wanted[key].shape)}"
+            )
+    layer.load_state_dict(state, strict=False)
+    parameters = dict(layer.named_parameters())
+    if set(entry["trainable"]) - set(parameters):
+        raise ValueError(f"{here}: trainable names {sorted(set(entry['trainable']) - set(parameters))} are not parameters of {entry['cls']}")
+    layer.layer_name = name
+    layer._cersa_adapter = True
+    layer._cersa_method = entry["method"]
+    layer._cersa_base_type = base_type
+    for key, p in parameters.items():
+        p.requires_grad_(key in entry["trainable"])
+    for attr, tie in entry["config"].get("tied", {}).items():
+        shared = tied.setdefault(tie, getattr(layer, attr))
+        if shared.shape != getattr(layer, attr).shape:
+            raise ValueError(f"{here}: {attr} is tied to {tie!r} of shape {tuple(shared.shape)}, its own is {tuple(getattr(layer, attr).shape)}")
+        setattr(layer, attr, shared)
+    return layer
 
 
 def load(model: nn.Module, directory: Union[str, Path]) -> nn.Module:
     """Rebuild in `model` (a fresh copy of the original architecture and base weights) the adapter
     layers saved by `save`, load their weights, and set requires_grad as they were saved. Parameters
-    a layer's config marks as tied (PiCa's per-role M) become one shared Parameter again."""
-    from safetensors.torch import load_file
+    a layer's config marks as tied (PiCa's per-role M) become one shared Parameter again, a tied
+    module (`m.l2 = m.l1`) one adapter under all its names.
 
+    All or nothing: the pair of files, every layer's type, shapes and names are checked against
+    `model` before anything is replaced; on any error (one line, naming the file and the layer)
+    `model` is left exactly as it was."""
     directory = Path(directory)
-    config = json.loads((directory / CONFIG_NAME).read_text())
-    tensors = load_file(str(directory / WEIGHTS_NAME))
-    classes = layer_classes()
-    for p in model.parameters():
-        p.requires_grad_(False)
+    config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+    config, tensors = _read_adapter(directory)
+    present = [(n, m) for n, m in model.named_modules() if isinstance(m, _adapter_types())]
+    if present:
+        name, module = present[0]
+        raise ValueError(
+            f"load: {config_path}: the model is already adapted (layer {name!r} is a {type(module).__name__}); "
+            "load into a fresh copy of the original model"
+        )
+    aliases = module_aliases(model)
     tied: dict[str, nn.Parameter] = {}
-    for name, entry in config["layers"].items():
-        base = model.get_submodule(name)
-        device = next(iter(base.parameters())).device
-        layer = classes[entry["cls"]].from_config(entry["config"], base=as_linear(base), device=device)
-        prefix = name + "."
-        state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-        missing, unexpected = layer.load_state_dict(state, strict=False)
-        allowed = set(getattr(type(layer), "BASE_KEYS", ()))
-        if unexpected or set(missing) - allowed:
-            raise ValueError(
-                f"load: layer {name} ({entry['cls']}) expected keys {sorted(set(layer.state_dict()) - allowed)}, "
-                f"missing {sorted(set(missing) - allowed)}, unexpected {sorted(unexpected)}"
-            )
-        layer.layer_name = name
-        layer._cersa_adapter = True
-        layer._cersa_method = entry["method"]
-        layer._cersa_base_type = entry.get("base_type", "Linear")
-        for key, p in layer.named_parameters():
-            p.requires_grad_(key in entry["trainable"])
-        for attr, tie in entry["config"].get("tied", {}).items():
-            setattr(layer, attr, tied.setdefault(tie, getattr(layer, attr)))
-        replace_module(model, name, layer)
+    built = {
+        name: _build_layer(model, name, entry, tensors, config_path, weights_path, aliases, tied)
+        for name, entry in config["layers"].items()
+    }
+    parameters = dict(model.named_parameters())
+    claimed = {k for k in tensors for name in built if k.startswith(name + ".")}
     for pname in config["trainable"]:
-        p = dict(model.named_parameters())[pname]
+        if pname not in parameters or pname not in tensors:
+            raise ValueError(f"load: {config_path}: trainable parameter {pname!r} is not in the model or not in {weights_path}")
+        if tuple(tensors[pname].shape) != tuple(parameters[pname].shape):
+            raise ValueError(
+                f"load: {config_path}: parameter {pname!r} has shape {tuple(tensors[pname].shape)} in {weights_path}, "
+                f"the model's is {tuple(parameters[pname].shape)}"
+            )
+        claimed.add(pname)
+    if set(tensors) - claimed:
+        raise ValueError(f"load: {weights_path} holds tensors no saved layer claims: {sorted(set(tensors) - claimed)[:8]}")
+
+    # Everything is checked; put it in place, and undo it all if anything still fails.
+    requires_grad = [(p, p.requires_grad) for p in model.parameters()]
+    replaced: list[tuple[str, nn.Module]] = []
+    copied: list[tuple[torch.Tensor, torch.Tensor]] = []
+    try:
+        for p, _ in requires_grad:
+            p.requires_grad_(False)
+        for name, layer in built.items():
+            for alias in aliases[id(model.get_submodule(name))]:
+                replaced.append((alias, model.get_submodule(alias)))
+                replace_module(model, alias, layer)
         with torch.no_grad():
-            p.copy_(tensors[pname])
-        p.requires_grad_(True)
+            for pname in config["trainable"]:
+                p = parameters[pname]
+                copied.append((p, p.detach().clone()))
+                p.copy_(tensors[pname])
+                p.requires_grad_(True)
+    except BaseException:
+        for alias, old in reversed(replaced):
+            replace_module(model, alias, old)
+        with torch.no_grad():
+            for p, old in copied:
+                p.copy_(old)
+        for p, flag in requires_grad:
+            p.requires_grad_(flag)
+        raise
     return model
 
 

@@ -21,6 +21,7 @@ from typing import Mapping, Optional, Union
 import torch
 from torch import Tensor, nn
 
+from ._checks import check_int
 from .decompose import select_rank, truncated_svd
 from .model import replace_module
 
@@ -244,7 +245,9 @@ def compress(
         raise ValueError(f"para.compress: give energy or budget, not both (got energy={energy}, budget={budget})")
     if budget is None and energy is None:
         energy = 0.95
-    if budget is not None and (int(budget) != budget or budget < 0):
+    if budget is not None:  # a count of parameters: 2.5 or True is a mistake, not 2 or 1
+        budget = check_int("budget", budget, "para.compress")
+    if budget is not None and budget < 0:
         raise ValueError(f"para.compress: budget must be a non-negative number of parameters, got {budget}")
     if energy is not None and not 0.0 < float(energy) <= 1.0:
         raise ValueError(f"para.compress: energy must be in (0, 1], got {energy}")

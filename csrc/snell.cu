@@ -1,5 +1,7 @@
 // SNELL's sparse update for merging (METHODS.md §4), one fused pass with no m×n intermediate:
-//   K[i, j] = Σ_h c_h·‖B[h, i] − A[h, j]‖₂ (fp32),  out[i, j] = K·|K| if |K| > tau else 0.
+//   K[i, j] = Σ_h c_h·‖B[h, i] − A[h, j]‖₂ (fp32),  out[i, j] = K·|K| if |K| > tau else 0,
+//   and out = K for tau = −inf (sparsity 0: plain kernelized LoRA, no |K| scaling).
+// out is K·mag, a product, so a NaN in K stays NaN (as in the reference) instead of becoming 0.
 // The distance is summed from the differences, not from ‖b‖² + ‖a‖² − 2b·a, which cancels badly
 // when b ≈ a; d_h is small (4–16), so the O(m·n·d) direct form costs little.
 #include "common.cuh"
@@ -43,12 +45,13 @@ __global__ void __launch_bounds__(TILE* TILE) snell_delta_kernel(Tensor3 A, Tens
       }
       __syncthreads();
     }
-    k_ij = fmaf(coeffs.c[h], sqrtf(dist2), k_ij);
+    k_ij = fmaf(coeffs.c[h], __fsqrt_rn(dist2), k_ij);  // correctly rounded, as in the Triton kernels
   }
   const int64_t i = i0 + threadIdx.y, j = j0 + threadIdx.x;
   if (i < m && j < n) {
-    const float mag = fabsf(k_ij);
-    static_cast<T*>(out.data)[i * out.stride_row + j * out.stride_col] = from_f32<T>(mag > tau ? k_ij * mag : 0.0f);
+    const float abs_k = fabsf(k_ij);
+    const float mag = isinf(tau) && tau < 0.0f ? 1.0f : (abs_k > tau ? abs_k : 0.0f);
+    static_cast<T*>(out.data)[i * out.stride_row + j * out.stride_col] = from_f32<T>(k_ij * mag);
   }
 }
 

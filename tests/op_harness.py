@@ -7,8 +7,9 @@ from cersa_kernels.backends import use_backend
 from tolerances import assert_matches_reference
 
 
-def run(backend, fn, inputs, grads, dy_seed=1):
-    """fn(**inputs) forward + backward on `backend`; returns (y, {name: grad}) for names in `grads`."""
+def run(backend, fn, inputs, grads, dy_seed=1, edit_dy=None):
+    """fn(**inputs) forward + backward on `backend`; returns (y, {name: grad}) for names in `grads`.
+    `edit_dy(dy)`, if given, changes the upstream gradient in place (e.g. to inject a NaN)."""
     ins = {
         k: (v.detach().clone().requires_grad_(k in grads) if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
         for k, v in inputs.items()
@@ -17,6 +18,8 @@ def run(backend, fn, inputs, grads, dy_seed=1):
         y = fn(**ins)
         # drawn in float32 whatever y.dtype is, so every run (oracle included) gets the same dy
         dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(dy_seed)).to(y.device, y.dtype)
+        if edit_dy is not None:
+            edit_dy(dy)
         y.backward(dy)
     return y.detach(), {k: ins[k].grad for k in grads}
 
@@ -59,3 +62,163 @@ def saved_bytes(fn, own):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = fn()
     return sum(sizes), out
+
+
+# One description per public op, shared by the NaN-propagation and property tests: how to draw its
+# inputs, how to call it, which inputs get gradients, and its differentiable eager reference.
+import math  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from typing import Callable  # noqa: E402
+
+from cersa_kernels import ops  # noqa: E402
+from cersa_kernels.reference import lora as ref_lora, lowrank as ref_lowrank  # noqa: E402
+from cersa_kernels.reference import pica as ref_pica, pica_lowrank as ref_pica_lowrank  # noqa: E402
+from cersa_kernels.reference import snell as ref_snell  # noqa: E402
+
+SNELL_COEFFS = (0.1, -0.1)
+LORA_SCALE, LORA_SEED = 1.7, 1234
+
+
+@dataclass(frozen=True)
+class OpCase:
+    """`make(T, n, m, r, dtype, bias, gen, **kw)` -> inputs dict; `call(**inputs)` the public op;
+    `grads` the inputs that get a gradient; `eager` the op's math (METHODS.md) under plain autograd,
+    composed from the reference modules: the same-dtype comparator and the float64 oracle."""
+
+    name: str
+    make: Callable
+    call: Callable
+    grads: tuple
+    eager: Callable
+
+
+def _randn(gen, dtype, *shape):
+    return torch.randn(*shape, generator=gen, dtype=torch.float64).to(dtype)
+
+
+def _orthonormal(gen, dtype, rows, cols):
+    """rows × cols with orthonormal columns (cols ≤ rows)."""
+    return torch.linalg.qr(torch.randn(rows, cols, generator=gen, dtype=torch.float64))[0].to(dtype)
+
+
+def _bias(gen, dtype, m, bias):
+    return _randn(gen, dtype, m) if bias else None
+
+
+def make_lowrank(T, n, m, r, dtype, bias, gen):
+    k = min(r, n, m)
+    S = torch.diag(torch.rand(k, generator=gen, dtype=torch.float64) + 0.5) + 0.1 * _randn(gen, torch.float64, k, k)
+    return dict(x=_randn(gen, dtype, T, n), V=_orthonormal(gen, dtype, n, k), S=S.to(dtype),
+                U=_orthonormal(gen, dtype, m, k), bias=_bias(gen, dtype, m, bias))
+
+
+def make_lora(T, n, m, r, dtype, bias, gen):
+    return dict(x=_randn(gen, dtype, T, n), W=_randn(gen, dtype, m, n) / n**0.5, A=_randn(gen, dtype, r, n) / n**0.5,
+                B=_randn(gen, dtype, m, r), bias=_bias(gen, dtype, m, bias))
+
+
+def make_pica(T, n, m, r, dtype, bias, gen):
+    r = min(r, n)
+    return dict(x=_randn(gen, dtype, T, n), W=_randn(gen, dtype, m, n) / n**0.5,
+                P=_orthonormal(gen, dtype, n, r).T, M=_randn(gen, dtype, m, r), bias=_bias(gen, dtype, m, bias))
+
+
+def make_pica_lowrank(T, n, m, r, dtype, bias, gen):
+    inputs = make_lowrank(T, n, m, r, dtype, bias, gen)
+    k = inputs["S"].shape[0]
+    inputs["M"] = _randn(gen, dtype, m, max(1, k // 2))
+    return inputs
+
+
+def snell_threshold_margin(A, B, coeffs, sparsity) -> float:
+    """Distance, relative to max|K| and in float64, from τ to the nearest other |K|; inf for s = 0."""
+    if sparsity == 0:
+        return math.inf
+    vals = ref_snell.kernel_matrix(A.double(), B.double(), coeffs).abs().flatten().sort().values
+    k = ref_snell.kth_rank(vals.numel(), sparsity)
+    below = vals[k - 1] - vals[k - 2] if k >= 2 else math.inf
+    above = vals[k] - vals[k - 1] if k < vals.numel() else math.inf
+    return float(min(below, above)) / float(vals[-1])
+
+
+SNELL_MARGIN = 1e-5  # of max|K|: fp32 |K| is within ~1e-7·max|K| of exact at these sizes
+
+
+def make_snell(T, n, m, r, dtype, bias, gen, sparsity=0.5, heads=2):
+    """A, B kaiming-like as in SnellLinear (r = heads·d_h), redrawn (bounded tries) until τ is
+    SNELL_MARGIN·max|K| away from every other |K|, so rounding cannot move an entry across τ."""
+    d = max(1, r // heads)
+    bound = 1 / math.sqrt(d)
+    for _ in range(50):
+        # the margin is measured on the values the op gets (after the cast to dtype)
+        A = ((torch.rand(heads, n, d, generator=gen, dtype=torch.float64) * 2 - 1) * bound).to(dtype)
+        B = ((torch.rand(heads, m, d, generator=gen, dtype=torch.float64) * 2 - 1) * bound).to(dtype)
+        if snell_threshold_margin(A, B, SNELL_COEFFS, sparsity) > SNELL_MARGIN:
+            break
+    else:
+        raise AssertionError(f"snell: no draw with a clear threshold margin in 50 tries (s={sparsity})")
+    return dict(x=_randn(gen, dtype, T, n), W0=_randn(gen, dtype, m, n) / n**0.5, bias=_bias(gen, dtype, m, bias),
+                A=A, B=B, coeffs=SNELL_COEFFS, sparsity=sparsity)
+
+
+def _lora_call(x, W, A, B, bias, scale=LORA_SCALE, dropout_p=0.0):
+    return ops.lora_linear(x, W, A, B, bias, scale=scale, dropout_p=dropout_p, seed=LORA_SEED)
+
+
+def _lora_eager(x, W, A, B, bias, scale=LORA_SCALE, dropout_p=0.0):
+    lead = x.shape[:-1]
+    y, _ = ref_lora.lora_fwd(x.reshape(-1, x.shape[-1]), W, bias, A, B, scale, dropout_p,
+                             torch.tensor(LORA_SEED, dtype=torch.int64))
+    return y.reshape(*lead, W.shape[0])
+
+
+def _flat(fwd, out_features):
+    """An eager reference `fwd(x2d, ...) -> (y, saved)` applied to x of any leading shape."""
+    def call(x, *args):
+        return fwd(x.reshape(-1, x.shape[-1]), *args)[0].reshape(*x.shape[:-1], out_features(*args))
+    return call
+
+
+def _snell_eager(x, W0, bias, A, B, coeffs, sparsity):
+    """METHODS §4 under autograd: ΔW_s = K for s = 0, else K ⊙ sg(|K|) ⊙ 1[|K| > τ], τ the
+    reference's selection on |K| in the same precision as K (so the kept set is the reference's)."""
+    K = ref_snell.kernel_matrix(A, B, coeffs)
+    if sparsity == 0:
+        delta = K
+    else:
+        tau = ref_snell.snell_threshold(A.detach(), B.detach(), coeffs, sparsity)
+        absK = K.detach().abs()
+        delta = K * torch.where(absK > tau, absK, torch.zeros_like(absK))
+    W = (W0.to(delta.dtype) + delta).to(x.dtype)
+    y = x @ W.T
+    return y if bias is None else y + bias
+
+
+OPS = {
+    "lowrank_linear": OpCase(
+        "lowrank_linear", make_lowrank, lambda x, V, S, U, bias: ops.lowrank_linear(x, V, S, U, bias),
+        ("x", "S", "bias"),
+        lambda x, V, S, U, bias: _flat(ref_lowrank.lowrank_fwd, lambda V, S, U, b: U.shape[0])(x, V, S, U, bias),
+    ),
+    "lora_linear": OpCase("lora_linear", make_lora, _lora_call, ("x", "A", "B", "bias"), _lora_eager),
+    "pica_linear": OpCase(
+        "pica_linear", make_pica, lambda x, W, P, M, bias: ops.pica_linear(x, W, P, M, bias), ("x", "M", "bias"),
+        lambda x, W, P, M, bias: _flat(ref_pica.pica_fwd, lambda W, b, P, M: W.shape[0])(x, W, bias, P, M),
+    ),
+    "pica_lowrank_linear": OpCase(
+        "pica_lowrank_linear", make_pica_lowrank,
+        lambda x, V, S, U, M, bias: ops.pica_lowrank_linear(x, V, S, U, M, bias), ("x", "S", "M", "bias"),
+        lambda x, V, S, U, M, bias: _flat(ref_pica_lowrank.pica_lowrank_fwd, lambda V, S, U, M, b: U.shape[0])(
+            x, V, S, U, M, bias),
+    ),
+    "snell_linear": OpCase(
+        "snell_linear", make_snell,
+        lambda x, W0, bias, A, B, coeffs, sparsity: ops.snell_linear(x, W0, bias, A, B, coeffs, sparsity),
+        ("x", "A", "B", "bias"), _snell_eager,
+    ),
+}
+
+
+def grads_present(case: OpCase, inputs: dict) -> list:
+    """The case's gradient names, less bias when there is none."""
+    return [g for g in case.grads if inputs.get(g) is not None]

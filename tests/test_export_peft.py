@@ -5,14 +5,14 @@ import copy
 import json
 import os
 
+import peft
 import pytest
 import torch
+import transformers
 
 import cersa_kernels as ck
 from cersa_kernels.nn import CersaLinear, PicaLinear
 
-peft = pytest.importorskip("peft")
-transformers = pytest.importorskip("transformers")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
@@ -126,3 +126,45 @@ def test_pica_over_cersa_through_apply_save_load_merge_export(tmp_path):
         )
         ck.merge(model)
         torch.testing.assert_close(model(input_ids=ids).logits, expected, atol=1e-5, rtol=1e-4)
+
+
+# --- export output fingerprinted and written atomically (issue 9, item 5) -----------------------
+
+def test_export_is_fingerprinted_standard_peft_and_atomic(tmp_path, monkeypatch):
+    import warnings
+
+    import safetensors.torch
+    from safetensors import safe_open
+
+    from cersa_kernels._adapter_files import config_id
+    from cersa_kernels.para_peft import para_peft
+
+    original = tiny("llama")
+    model = copy.deepcopy(original)
+    ck.apply(model, "lora", rank=8, alpha=8)
+    perturb(model)
+    ck.export_peft_lora(model, tmp_path / "a")
+    ck.export_peft_lora(model, tmp_path / "b", energy=0.8)  # other ranks: another config
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    with safe_open(str(tmp_path / "a" / "adapter_model.safetensors"), framework="pt") as f:
+        assert f.metadata()["cersa_kernels_config_id"] == config_id(config)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        peft.PeftModel.from_pretrained(copy.deepcopy(original), tmp_path / "a")
+    assert not [w for w in caught if "Unexpected keyword" in str(w.message)]  # no key PEFT does not know
+
+    before = {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir()}
+
+    def disk_full(*args, **kwargs):
+        raise OSError("disk full")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(safetensors.torch, "save", disk_full)
+        patch.setattr(safetensors.torch, "save_file", disk_full)
+        with pytest.raises(OSError, match="disk full"):
+            ck.export_peft_lora(model, tmp_path / "a", energy=0.8)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir()} == before
+
+    (tmp_path / "a" / "adapter_config.json").write_bytes((tmp_path / "b" / "adapter_config.json").read_bytes())
+    with pytest.raises(ValueError, match="do not belong together"):
+        para_peft(tmp_path / "a", tmp_path / "c")

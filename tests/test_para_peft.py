@@ -5,13 +5,12 @@ import copy
 import json
 import math
 
+import peft
 import pytest
 import torch
+import transformers
 
-peft = pytest.importorskip("peft")
-transformers = pytest.importorskip("transformers")
-
-from cersa_kernels.__main__ import main  # noqa: E402
+from cersa_kernels.__main__ import main
 
 TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]
 
@@ -132,3 +131,71 @@ def test_para_peft_errors(tmp_path):
     (tmp_path / "in" / "adapter_config.json").write_text(json.dumps(dict(cfg, r=4, rank_pattern={})))
     with pytest.raises(ValueError, match=r"module .model.layers.0.mlp.down_proj.: config rank r=4, but lora_A is \(8, 48\)"):
         para_peft(tmp_path / "in", tmp_path / "out")
+
+
+# --- output fingerprinted and written atomically; unreadable input refused (issue 9, item 5) ------
+
+def files(directory):
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+
+
+def test_para_peft_output_is_fingerprinted_and_a_mixed_pair_refused(tmp_path):
+    from safetensors import safe_open
+
+    from cersa_kernels._adapter_files import config_id
+    from cersa_kernels.para_peft import para_peft
+
+    make_adapter(tmp_path / "in")
+    para_peft(tmp_path / "in", tmp_path / "a", energy=0.9)
+    para_peft(tmp_path / "in", tmp_path / "b", energy=0.5)
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    with safe_open(str(tmp_path / "a" / "adapter_model.safetensors"), framework="pt") as f:
+        metadata = f.metadata()
+    assert metadata["format"] == "pt" and metadata["cersa_kernels_version"] == "1"
+    assert metadata["cersa_kernels_config_id"] == config_id(config)
+    assert not any(key.startswith("cersa") for key in config)  # the PEFT config stays standard
+    para_peft(tmp_path / "a", tmp_path / "again", energy=0.8)  # our own output reads back
+    (tmp_path / "a" / "adapter_config.json").write_bytes((tmp_path / "b" / "adapter_config.json").read_bytes())
+    with pytest.raises(ValueError, match=r"adapter_model.safetensors and .*adapter_config.json do not belong together"):
+        para_peft(tmp_path / "a", tmp_path / "c", energy=0.9)
+
+
+def test_para_peft_failed_write_leaves_earlier_output_intact(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    from cersa_kernels.para_peft import para_peft
+
+    make_adapter(tmp_path / "in")
+    para_peft(tmp_path / "in", tmp_path / "out", energy=0.9)
+    before = files(tmp_path / "out")
+
+    def disk_full(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save", disk_full)
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
+    with pytest.raises(OSError, match="disk full"):
+        para_peft(tmp_path / "in", tmp_path / "out", energy=0.5)
+    assert files(tmp_path / "out") == before  # both files as they were, no temporaries
+
+
+def test_para_peft_unreadable_input_names_the_file(tmp_path):
+    from cersa_kernels.para_peft import para_peft
+
+    make_adapter(tmp_path / "in")
+    weights, config = tmp_path / "in" / "adapter_model.safetensors", tmp_path / "in" / "adapter_config.json"
+    data, text = weights.read_bytes(), config.read_text()
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=rf"{weights}.*corrupted or truncated"):
+        para_peft(tmp_path / "in", tmp_path / "out")
+    weights.write_bytes(data)
+    config.write_text(text[:-5])
+    with pytest.raises(ValueError, match=rf"{config} is not valid JSON"):
+        para_peft(tmp_path / "in", tmp_path / "out")
+    config.write_text('"LORA"')
+    with pytest.raises(ValueError, match=rf"{config} must hold a JSON object"):
+        para_peft(tmp_path / "in", tmp_path / "out")
+    config.write_text(json.dumps({k: v for k, v in json.loads(text).items() if k != "lora_alpha"}))
+    with pytest.raises(ValueError, match=rf"{config} has no 'lora_alpha'"):
+        para_peft(tmp_path / "in", tmp_path / "out")
+    assert not (tmp_path / "out").exists()

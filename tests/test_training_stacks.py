@@ -6,6 +6,7 @@ import socket
 import pytest
 import torch
 import torch.multiprocessing as mp
+import transformers
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -114,7 +115,6 @@ def test_torch_compile_fullgraph_of_an_adapted_model():
 
 def test_torch_compile_fullgraph_of_a_hugging_face_llama():
     """A whole adapted HF model traces in one graph (aot_eager: the inductor path is covered above)."""
-    transformers = pytest.importorskip("transformers")
     torch._dynamo.reset()
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(
@@ -163,7 +163,6 @@ def test_torch_checkpointing(mode):
 
 @pytest.mark.parametrize("reentrant", [True, False])
 def test_hugging_face_gradient_checkpointing(reentrant):
-    transformers = pytest.importorskip("transformers")
 
     def build():
         torch.manual_seed(0)
@@ -246,6 +245,7 @@ def free_port():
 @pytest.mark.parametrize(
     "wrapper,method", [("ddp", "cersa"), ("fsdp2", "cersa"), ("ddp", "lora"), ("fsdp2", "lora"), ("fsdp2", "pica")]
 )
+@pytest.mark.slow
 def test_distributed_matches_single_process(wrapper, method, tmp_path):
     single = adapted_net(method=method)
     train(single, *global_batch())

@@ -20,6 +20,8 @@ def autocast_cast(x: Tensor, *tensors: Optional[Tensor]) -> tuple[Optional[Tenso
     """(x, *tensors) cast to the autocast dtype when autocast is on, unchanged otherwise (None
     entries stay None). Trainable tensors keep their own dtype; their gradients flow back through
     the cast, so fp32 parameters get fp32 gradients."""
+    if not isinstance(x, Tensor):
+        return (x, *tensors)  # not a tensor: the op's input checks name the layer and the type
     dtype = autocast_dtype(x)
     if dtype is None:
         return (x, *tensors)

@@ -11,6 +11,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from .._checks import check_features_args, check_int, check_layer_dtype
 from ..decompose import truncated_svd
 from ..ops.lowrank import lowrank_linear
 from ._autocast import autocast_cast
@@ -45,12 +46,15 @@ class CersaLinear(nn.Module):
         core_dtype: Optional[torch.dtype] = None,
     ) -> None:
         super().__init__()
+        in_features, out_features = check_features_args(in_features, out_features, dtype, "CersaLinear")
+        check_layer_dtype("core_dtype", core_dtype, "CersaLinear")
+        rank = check_int("rank", rank, "CersaLinear")
         if not 1 <= rank <= min(in_features, out_features):
             raise ValueError(
                 f"CersaLinear: rank must be in [1, min(in_features, out_features) = "
                 f"{min(in_features, out_features)}], got {rank}"
             )
-        trainable_rank = rank if trainable_rank is None else trainable_rank
+        trainable_rank = rank if trainable_rank is None else check_int("trainable_rank", trainable_rank, "CersaLinear")
         if not 1 <= trainable_rank <= rank:
             raise ValueError(f"CersaLinear: trainable_rank must be in [1, rank = {rank}], got {trainable_rank}")
         factory = dict(device=device, dtype=dtype)
@@ -103,6 +107,9 @@ class CersaLinear(nn.Module):
         `core_dtype` (default: the weight's dtype) is the dtype of S and sigma."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"CersaLinear.from_linear: expected an nn.Linear, got {type(linear).__name__}")
+        check_layer_dtype("core_dtype", core_dtype, "CersaLinear.from_linear")
+        if trainable_rank is not None:
+            check_int("trainable_rank", trainable_rank, "CersaLinear.from_linear", minimum=1)
         svd = truncated_svd(linear.weight, energy, energy_power, rank, max_rank, where="CersaLinear.from_linear")
         w = linear.weight
         layer = cls(

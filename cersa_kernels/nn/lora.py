@@ -11,6 +11,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from .._checks import check_features_args, check_int, check_real
 from ..ops.lora import lora_linear
 from ._autocast import autocast_cast
 from ._merge import merged_linear
@@ -32,12 +33,16 @@ class LoraLinear(nn.Module):
         bias: bool = True, device=None, dtype=None,
     ) -> None:
         super().__init__()
+        in_features, out_features = check_features_args(in_features, out_features, dtype, "LoraLinear")
+        rank = check_int("rank", rank, "LoraLinear")
+        if alpha is not None:
+            check_real("alpha", alpha, "LoraLinear")
         if not 1 <= rank <= min(in_features, out_features):
             raise ValueError(
                 f"LoraLinear: rank must be in [1, min(in_features, out_features) = "
                 f"{min(in_features, out_features)}], got {rank}"
             )
-        if not 0.0 <= float(dropout) < 1.0:
+        if not 0.0 <= check_real("dropout", dropout, "LoraLinear") < 1.0:
             raise ValueError(f"LoraLinear: dropout must be in [0, 1), got {dropout}")
         factory = dict(device=device, dtype=dtype)
         self.in_features, self.out_features, self.rank = int(in_features), int(out_features), int(rank)

@@ -13,6 +13,7 @@ from typing import Iterable, Optional, Union
 import torch
 from torch import Tensor, nn
 
+from .._checks import check_int
 from ..decompose import truncated_svd
 from ..model import replace_module
 from ..ops import pica_linear, pica_lowrank_linear
@@ -36,22 +37,23 @@ class PicaLinear(nn.Module):
         super().__init__()
         self.layer_name = layer_name
         name = layer_name or type(base).__name__
-        self.in_features, self.out_features, self.rank = base.in_features, base.out_features, int(rank)
+        if not isinstance(base, (nn.Linear, CersaLinear)):  # before reading base.in_features
+            raise TypeError(f"PicaLinear ({name}): base must be an nn.Linear or a CersaLinear, got {type(base).__name__}")
+        rank = check_int("rank", rank, f"PicaLinear ({name})")
+        self.in_features, self.out_features, self.rank = base.in_features, base.out_features, rank
         if isinstance(base, CersaLinear):
             if not 1 <= rank <= base.rank:
                 raise ValueError(
                     f"PicaLinear ({name}): rank must be in [1, CERSA rank k = {base.rank}] to reuse h = x·V, got {rank}"
                 )
             self.base = base
-        elif isinstance(base, nn.Linear):
+        else:
             w = base.weight.detach()
             svd = truncated_svd(w, rank=rank, where=f"PicaLinear ({name})")
             self.weight = nn.Parameter(w.clone(), requires_grad=False)
             self.bias = None if base.bias is None else nn.Parameter(base.bias.detach().clone(), requires_grad=False)
             self.register_buffer("P", svd.V.T.contiguous())
             self.base = None
-        else:
-            raise TypeError(f"PicaLinear ({name}): base must be an nn.Linear or a CersaLinear, got {type(base).__name__}")
         ref = base.U if isinstance(base, CersaLinear) else base.weight
         if M is None:
             M = nn.Parameter(torch.zeros(self.out_features, rank, device=ref.device, dtype=ref.dtype))

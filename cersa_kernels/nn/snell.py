@@ -2,7 +2,7 @@
 
 `y = x (W0 + ΔW_s)ᵀ + b`, W0 and b frozen, A (H×n×d_h) and B (H×m×d_h) trainable,
 K[i, j] = Σ_h c_h ‖B_h[i] − A_h[j]‖, τ = the s-quantile of |K| (recomputed every call, no mask
-stored), ΔW_s = K ⊙ sg(|K|) ⊙ 1[|K| > τ]. On the Triton backend neither K nor ΔW_s is ever
+stored), ΔW_s = K ⊙ sg(|K|) ⊙ 1[|K| > τ] (ΔW = K at sparsity 0). On the Triton backend neither K nor ΔW_s is ever
 materialised.
 """
 from __future__ import annotations
@@ -13,7 +13,9 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..ops.snell import check_snell_config, snell_delta, snell_linear, snell_threshold
+from .._checks import check_features_args
+from ..backends import use_backend
+from ..ops.snell import check_snell_config, merge_backend, snell_delta, snell_linear, snell_threshold
 from ._autocast import autocast_cast
 from ._merge import merged_linear
 
@@ -41,8 +43,7 @@ class SnellLinear(nn.Module):
         dtype=None,
     ) -> None:
         super().__init__()
-        self.in_features = int(in_features)
-        self.out_features = int(out_features)
+        self.in_features, self.out_features = check_features_args(in_features, out_features, dtype, "SnellLinear")
         self.layer_name: Optional[str] = None  # set by whole-model tools; used in error messages
         check_snell_config(rank, heads, sparsity, tuple(coeffs), self._name())
         self.rank = int(rank)
@@ -124,8 +125,13 @@ class SnellLinear(nn.Module):
 
     @torch.no_grad()
     def delta_weight(self) -> Tensor:
-        """ΔW_s (out_features, in_features): the sparse update, formed once (the merge)."""
-        return snell_delta(self.A, self.B, self.coeffs, float(self.threshold()))
+        """ΔW_s (out_features, in_features): the sparse update (K itself at sparsity 0), formed once
+        (the merge): on the CUDA kernel where built and on CUDA tensors, else the reference, under
+        every backend setting. τ comes from the reference selection (the merge forms the m×n
+        matrix anyway, and the `cuda` backend has no selection kernel)."""
+        with use_backend("torch"):
+            tau = float(self.threshold())
+        return snell_delta(self.A, self.B, self.coeffs, tau)
 
     @torch.no_grad()
     def to_linear(self) -> nn.Linear:

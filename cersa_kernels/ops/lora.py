@@ -13,7 +13,10 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from .._checks import check_features, check_floating, check_frozen, check_same_device, check_same_dtype, check_shape
+from .._checks import (
+    check_features, check_floating, check_frozen, check_same_device, check_same_dtype, check_seed, check_shape,
+    check_tensors,
+)
 from ._define import define_op_pair, flatten_tokens
 
 __all__ = ["lora_linear"]
@@ -55,6 +58,7 @@ def lora_linear(
     dropout_p > 0 a `seed` (int or int64 scalar tensor, best kept on the CPU) is required: the same
     seed gives the same mask, and the backward regenerates it. `layer` names the caller in errors.
     """
+    check_tensors(layer, x=x, W=W, A=A, B=B, bias=bias)
     if W.dim() != 2 or A.dim() != 2 or B.dim() != 2:
         raise ValueError(
             f"{layer}: W, A and B must be 2-D, got W {tuple(W.shape)}, A {tuple(A.shape)}, B {tuple(B.shape)}"
@@ -76,12 +80,7 @@ def lora_linear(
     if dropout_p > 0 and seed is None:
         raise ValueError(f"{layer}: dropout_p={dropout_p} needs an explicit seed (int or int64 scalar tensor)")
     # A CPU scalar whatever x's device: the kernels read it as a Python int (no GPU sync).
-    if seed is None:
-        seed = torch.zeros((), dtype=torch.int64)
-    elif not isinstance(seed, Tensor):
-        seed = torch.tensor(int(seed), dtype=torch.int64)
-    if seed.dtype != torch.int64 or seed.dim() != 0:
-        raise TypeError(f"{layer}: seed must be an int64 scalar tensor, got {seed.dtype} of shape {tuple(seed.shape)}")
+    seed = torch.zeros((), dtype=torch.int64) if seed is None else check_seed(seed, layer)
     x2, lead = flatten_tokens(x)
     y, _ = LORA.forward(x2, W, bias, A, B, float(scale), dropout_p, seed)
     return y.reshape(*lead, m)

@@ -9,7 +9,9 @@ from typing import Optional
 
 from torch import Tensor
 
-from .._checks import check_features, check_floating, check_frozen, check_same_device, check_same_dtype, check_shape
+from .._checks import (
+    check_features, check_floating, check_frozen, check_same_device, check_same_dtype, check_shape, check_tensors,
+)
 from ._define import define_op_pair, flatten_tokens
 
 __all__ = ["lowrank_linear"]
@@ -36,6 +38,7 @@ def lowrank_linear(
     (T×k) is saved for backward. S may be kept in a wider dtype than x (an fp32 master copy): it is
     cast for the matmuls and dS comes back in S's dtype. `layer` names the caller in errors.
     """
+    check_tensors(layer, x=x, V=V, S=S, U=U, bias=bias)
     if V.dim() != 2 or U.dim() != 2:
         raise ValueError(f"{layer}: U and V must be 2-D, got U {tuple(U.shape)} and V {tuple(V.shape)}")
     n, k = V.shape

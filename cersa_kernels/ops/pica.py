@@ -10,7 +10,9 @@ from typing import Optional
 
 from torch import Tensor
 
-from .._checks import check_features, check_floating, check_frozen, check_same_device, check_same_dtype, check_shape
+from .._checks import (
+    check_features, check_floating, check_frozen, check_same_device, check_same_dtype, check_shape, check_tensors,
+)
 from ._define import define_op_pair, flatten_tokens
 
 __all__ = ["pica_linear"]
@@ -36,6 +38,7 @@ def pica_linear(
     W and P are frozen; gradients flow to x, M and bias. Only h = x Pᵀ (T×r) is saved. M may be
     kept in a wider dtype than x (fp32 master); dM comes back in M's dtype.
     """
+    check_tensors(layer, x=x, W=W, P=P, M=M, bias=bias)
     if W.dim() != 2 or P.dim() != 2 or M.dim() != 2:
         raise ValueError(
             f"{layer}: W, P and M must be 2-D, got W {tuple(W.shape)}, P {tuple(P.shape)}, M {tuple(M.shape)}"

