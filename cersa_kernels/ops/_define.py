@@ -19,7 +19,7 @@ from typing import Callable, Mapping, Optional, Sequence
 import torch
 from torch import Tensor
 
-from ..backends import kernel_for
+from ..backends import kernel_for, use_backend
 
 __all__ = ["OpPair", "define_op", "define_op_pair", "bias_grad", "flatten_tokens"]
 
@@ -35,11 +35,18 @@ def _dispatch_tensors(args: Sequence[object]) -> list[Tensor]:
     return [a for a in args if isinstance(a, Tensor) and a.is_floating_point() and a.dim() > 0]
 
 
-def define_op(qualname: str, params: str, returns: str, fake: Callable) -> Callable:
-    """Register `cersa::<qualname>(<params>) -> <returns>`, dispatched by `kernel_for(qualname)`."""
+def define_op(
+    qualname: str, params: str, returns: str, fake: Callable, backend: Optional[Callable[..., str]] = None
+) -> Callable:
+    """Register `cersa::<qualname>(<params>) -> <returns>`, dispatched by `kernel_for(qualname)`;
+    `backend(*args)`, if given, names the backend instead of the user's request (SNELL's merge)."""
 
     def dispatch(*args):
-        return kernel_for(qualname, _dispatch_tensors(args))(*args)
+        tensors = _dispatch_tensors(args)
+        if backend is None:
+            return kernel_for(qualname, tensors)(*args)
+        with use_backend(backend(*args)):
+            return kernel_for(qualname, tensors)(*args)
 
     op = torch.library.custom_op(f"cersa::{qualname}", dispatch, mutates_args=(), schema=f"({params}) -> {returns}")
     op.register_fake(fake)
