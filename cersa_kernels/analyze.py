@@ -23,7 +23,7 @@ import torch
 from ._adapter_files import check_safetensors_file, read_json_object
 from ._checks import InputNotFoundError, UsageError
 from .decompose import cersa_parameter_count, check_energy, energy_curve, global_ranks, select_rank
-from .model import as_linear, named_linears
+from .nn.tree import as_linear, named_linears
 
 
 class Progress:

@@ -9,7 +9,7 @@ import torch
 
 from .analyze import bundled_minilm_dir, check_model_dir, load_pretrained
 from .decompose import check_energy
-from .model import named_linears, replace_module
+from .nn.tree import named_linears, replace_module
 from .nn import CersaLinear
 
 SENTENCES = [

@@ -1,12 +1,12 @@
-"""PARA: post-optimisation, data-free rank allocation across all the adapters of a model (METHODS.md §3).
+"""PARA: post-optimisation, data-free rank allocation across all the adapters of a model (docs/methods.md §3).
 
-Every adapter is an update ΔW = L·C·Rᵀ whose small core C carries the spectrum:
-- LoRA (ΔW = s·B·A): thin QR B = Q_B R_B, Aᵀ = Q_A R_A, C = s·R_B R_Aᵀ (r0×r0); L = Q_B, R = Q_A.
-- CERSA (ΔW = U·ΔS·Vᵀ, U and V orthonormal): C = ΔS = S − Σ (k×k), compressed in the U/V basis.
-- PiCa (ΔW_l = M·P_l for every layer l sharing M, P_l orthonormal rows): C = M (m×r), one adapter.
-The SVD of each core (no m×n matrix is formed) gives σ; every σ of every adapter is pooled, one
+Every adapter layer hands PARA its update as ΔW = s·B·A (`para_update()`, cersa_kernels.nn.base):
+LoRA its own factors, CERSA B = U·ΔS and A = Vᵀ, PiCa B = M and A = P (M's spectrum: P has
+orthonormal rows; layers sharing one M are one adapter). Thin QR B = Q_B R_B, Aᵀ = Q_A R_A gives a
+small core C = s·R_B R_Aᵀ whose SVD carries the spectrum. The SVD of each core (no m×n matrix is formed) gives σ; every σ of every adapter is pooled, one
 global threshold τ is set, and each adapter is rebuilt with k_l = #{σ ≥ τ}: the rebuilt ΔW is the
-dense rank-k_l truncation of ΔW exactly (0 removes the adapter).
+dense rank-k_l truncation of ΔW exactly (0 removes the adapter), written back by the layer's
+`apply_para_update` (a LoRA layer of the new rank; CERSA's S; PiCa's M).
 
 Threshold modes: `energy=ε` (τ = the σ at which the pooled, descending Σσ² first reaches ε·total)
 or `budget=N` (the smallest τ whose kept adapters fit in N parameters). Parameters are counted per
@@ -15,6 +15,7 @@ whichever is smaller (LoRA: k·(m+n); CERSA's ΔS: min(2k·k_l, k²); PiCa's M: 
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Mapping, Optional, Union
 
@@ -23,21 +24,18 @@ from torch import Tensor, nn
 
 from ._checks import check_int
 from .decompose import select_rank, truncated_svd
-from .model import replace_module
+from .nn.base import AdapterLayer, LowRankUpdate
+from .nn.tree import module_aliases, replace_module
 
-__all__ = ["LoraFactors", "ParaLayer", "ParaResult", "compress", "para_spectrum"]
+__all__ = ["ParaLayer", "ParaResult", "compress", "para_spectrum"]
 
 
-@dataclass(frozen=True)
-class LoraFactors:
-    """A LoRA update ΔW = scale·B·A: A (r, n), B (m, r). The input and output of dict-mode PARA."""
-
-    A: Tensor
-    B: Tensor
-    scale: float
-
-    def delta_weight(self) -> Tensor:
-        return self.scale * (self.B @ self.A)
+def __getattr__(name: str):
+    # LoraFactors carried CERSA and PiCa updates too: it is nn.base.LowRankUpdate now
+    if name == "LoraFactors":
+        warnings.warn("cersa_kernels.para.LoraFactors is now cersa_kernels.nn.LowRankUpdate", DeprecationWarning, stacklevel=2)
+        return LowRankUpdate
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass(frozen=True)
@@ -56,13 +54,13 @@ class ParaLayer:
 
 @dataclass
 class ParaResult:
-    """What `compress` did. ranks: {adapter name: k_l}; adapters: the rebuilt LoraFactors (None when
+    """What `compress` did. ranks: {adapter name: k_l}; adapters: the rebuilt LowRankUpdate (None when
     removed) in dict mode, empty for a model (rebuilt in place)."""
 
     threshold: float
     energy_kept: float
     layers: list[ParaLayer]
-    adapters: dict[str, Optional[LoraFactors]] = field(default_factory=dict)
+    adapters: dict[str, Optional[LowRankUpdate]] = field(default_factory=dict)
 
     @property
     def ranks(self) -> dict[str, int]:
@@ -113,31 +111,23 @@ def para_spectrum(B: Tensor, A: Tensor, scale: float, where: str = "para") -> tu
 
 
 def _collect_model(model: nn.Module) -> list[_Spectrum]:
-    from .nn.cersa import CersaLinear
-    from .nn.lora import LoraLinear
-    from .nn.pica import PicaLinear
-
+    """One spectrum per adapter update of `model`, through each layer's PARA hooks (nn.base)."""
     spectra: list[_Spectrum] = []
-    seen_M: dict[int, _Spectrum] = {}
+    seen: set[object] = set()
     for name, module in model.named_modules():
-        if isinstance(module, LoraLinear):
-            L, s, R = para_spectrum(module.lora_B, module.lora_A, module.scaling, where=f"para ({name})")
-            spectra.append(_Spectrum(name, "lora", L, s, R, (module.out_features, module.in_features), module))
-        elif isinstance(module, CersaLinear):
-            L, s, R = _svd_of_core(module.delta_core().detach(), where=f"para ({name})")
-            spectra.append(_Spectrum(name, "cersa", L, s, R, (module.rank, module.rank), module))
-        elif isinstance(module, PicaLinear):
-            if id(module.M) in seen_M:  # a shared M is one adapter: compressed once
-                seen_M[id(module.M)].target.append(module)
-                continue
-            L, s, R = _svd_of_core(module.M.detach(), where=f"para ({name}.M)")
-            spec = _Spectrum(f"{name}.M", "pica", L, s, R, tuple(module.M.shape), [module])
-            seen_M[id(module.M)] = spec
-            spectra.append(spec)
+        if not isinstance(module, AdapterLayer) or module.para_key() in seen:
+            continue  # a shared update (PiCa's M) is one adapter: compressed once, through its first layer
+        update = module.para_update()
+        if update is None:
+            continue
+        seen.add(module.para_key())
+        label = name + module.para_label
+        L, s, R = para_spectrum(update.B, update.A, update.scale, where=f"para ({label})")
+        spectra.append(_Spectrum(label, module.method, L, s, R, module.para_core_shape(), (name, module, update.scale)))
     return spectra
 
 
-def _collect_dict(adapters: Mapping[str, LoraFactors]) -> list[_Spectrum]:
+def _collect_dict(adapters: Mapping[str, LowRankUpdate]) -> list[_Spectrum]:
     spectra = []
     for name, f in adapters.items():
         if f.B.dim() != 2 or f.A.dim() != 2 or f.B.shape[1] != f.A.shape[0]:
@@ -174,66 +164,36 @@ def _threshold(spectra: list[_Spectrum], energy: Optional[float], budget: Option
     return tau
 
 
-def _lora_factors(L: Tensor, sigma: Tensor, R: Tensor, scale: float, like: Tensor) -> LoraFactors:
+def _lora_factors(L: Tensor, sigma: Tensor, R: Tensor, scale: float, like: Tensor) -> LowRankUpdate:
     """B', A' with scale·B'·A' = L diag(σ) Rᵀ: σ/|scale| is split evenly, the sign goes to B'."""
     root = (sigma / abs(scale)).sqrt()
     sign = 1.0 if scale > 0 else -1.0
     B = (sign * L * root).to(like.dtype)
     A = (root[:, None] * R.T).to(like.dtype)
-    return LoraFactors(A=A.to(like.device), B=B.to(like.device), scale=scale)
+    return LowRankUpdate(A=A.to(like.device), B=B.to(like.device), scale=scale)
 
 
-def _rebuild(sp: _Spectrum, k: int, model: Optional[nn.Module], dict_input: Mapping) -> Optional[LoraFactors]:
+def _rebuild(sp: _Spectrum, k: int, model: Optional[nn.Module], dict_input: Mapping) -> Optional[LowRankUpdate]:
     """Write the rank-k truncation L_k diag(σ_k) R_kᵀ back into the adapter (dict mode: return it)."""
     L, s, R = sp.left[:, :k], sp.sigma[:k].to(sp.left.dtype), sp.right[:, :k]
-    if sp.kind == "cersa":
-        layer = sp.target
-        with torch.no_grad():
-            S = torch.diag(layer.sigma).to(L.dtype) + (L * s) @ R.T
-            layer.S.copy_(S[: layer.trainable_rank, : layer.trainable_rank])
-        return None
-    if sp.kind == "pica":
-        with torch.no_grad():
-            sp.target[0].M.copy_((L * s) @ R.T)  # every layer of the role holds this same M
-        return None
-    if model is None:  # dict of LoraFactors
+    if model is None:  # dict of LowRankUpdate
         f = dict_input[sp.target]
         return None if k == 0 else _lora_factors(L, s, R, f.scale, f.B)
-    from .nn.lora import LoraLinear
-
-    layer = sp.target
-    if k == 0:  # the adapter is removed: the frozen base layer alone
-        base = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
-                         device=layer.weight.device, dtype=layer.weight.dtype).requires_grad_(False)
-        with torch.no_grad():
-            base.weight.copy_(layer.weight)
-            if layer.bias is not None:
-                base.bias.copy_(layer.bias)
-        replace_module(model, sp.name, base)
-        return None
-    # keep the layer's scale s exact: alpha' = s·k
-    f = _lora_factors(L, s, R, layer.scaling, layer.weight)
-    new = LoraLinear(layer.in_features, layer.out_features, k, alpha=layer.scaling * k, dropout=layer.dropout,
-                     bias=layer.bias is not None, device="meta", dtype=layer.weight.dtype)
-    new.to_empty(device=layer.weight.device)
-    with torch.no_grad():
-        new.weight.copy_(layer.weight)
-        if layer.bias is not None:
-            new.bias.copy_(layer.bias)
-        new.lora_A.copy_(f.A)
-        new.lora_B.copy_(f.B)
-    new.layer_name = layer.layer_name
-    replace_module(model, sp.name, new)
+    name, layer, scale = sp.target
+    replacement = layer.apply_para_update(None if k == 0 else _lora_factors(L, s, R, scale, like=L))
+    if replacement is not None:  # e.g. a LoRA of the new rank, or the bare base at rank 0
+        for alias in module_aliases(model)[id(layer)]:
+            replace_module(model, alias, replacement)
     return None
 
 
 def compress(
-    model_or_adapters: Union[nn.Module, Mapping[str, LoraFactors]],
+    model_or_adapters: Union[nn.Module, Mapping[str, LowRankUpdate]],
     energy: Optional[float] = None,
     budget: Optional[int] = None,
 ) -> ParaResult:
     """PARA over every adapter of a model (LoraLinear, CersaLinear's ΔS, PicaLinear's shared M),
-    rebuilt in place, or over a dict {name: LoraFactors} (the rebuilt factors come back in
+    rebuilt in place, or over a dict {name: LowRankUpdate} (the rebuilt factors come back in
     `result.adapters`, None where k_l = 0).
 
     Exactly one of `energy` (ε in (0, 1]; the default 0.95 when neither is given) or `budget` (the
@@ -254,7 +214,7 @@ def compress(
     is_model = isinstance(model_or_adapters, nn.Module)
     spectra = _collect_model(model_or_adapters) if is_model else _collect_dict(model_or_adapters)
     if not spectra:
-        raise ValueError("para.compress: found no adapter (LoraLinear, CersaLinear, PicaLinear, or LoraFactors)")
+        raise ValueError("para.compress: found no adapter with a low-rank update (LoRA, CERSA, PiCa), nor a dict of LowRankUpdate")
     tau = _threshold(spectra, energy, budget)
     total = sum(float((sp.sigma.double() ** 2).sum()) for sp in spectra)
     kept_energy = 0.0

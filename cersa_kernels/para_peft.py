@@ -21,7 +21,8 @@ import torch
 
 from ._adapter_files import VERSION_KEY, check_pair, read_json_object, read_safetensors
 from ._checks import InputNotFoundError, UsageError
-from .para import LoraFactors, ParaResult, compress
+from .nn.base import LowRankUpdate
+from .para import ParaResult, compress
 
 __all__ = ["para_peft", "write_lora_adapter"]
 
@@ -98,7 +99,7 @@ def para_peft(in_dir, out_dir, energy: Optional[float] = None, budget: Optional[
                 f"and lora_B is {tuple(ab['B'].shape)}"
             )
         alpha = float(_pattern_value(alpha_pattern, module, config["lora_alpha"]))
-        adapters[module] = LoraFactors(A=ab["A"], B=ab["B"], scale=alpha / (math.sqrt(r) if rslora else r))
+        adapters[module] = LowRankUpdate(A=ab["A"], B=ab["B"], scale=alpha / (math.sqrt(r) if rslora else r))
     if all(f.scale == 0 or not bool((f.B @ f.A).any()) for f in adapters.values()):
         raise UsageError(
             f"para-peft: every adapter in {weights_path} has ΔW = s·B·A = 0 (e.g. a LoRA that was never trained: "
@@ -113,7 +114,7 @@ def para_peft(in_dir, out_dir, energy: Optional[float] = None, budget: Optional[
 
 def write_lora_adapter(
     out_dir,
-    adapters: dict[str, Optional[LoraFactors]],
+    adapters: dict[str, Optional[LowRankUpdate]],
     config: dict,
     prefixes: dict[str, str],
     rslora: bool = False,

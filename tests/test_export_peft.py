@@ -11,7 +11,7 @@ import torch
 import transformers
 
 import cersa_kernels as ck
-from cersa_kernels.nn import CersaLinear, PicaLinear
+from cersa_kernels.nn import CersaLinear, PicaCersaLinear, PicaLinear
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -37,14 +37,15 @@ def perturb(model):
 
 
 def expected_model(original, adapted):
-    """The original model with every adapted layer's weight replaced by W0 + ΔW (METHODS §1: for
+    """The original model with every adapted layer's weight replaced by W0 + ΔW (docs/methods.md §1: for
     CERSA, W0 + U ΔS Vᵀ keeps the residual the CERSA layer discarded)."""
-    from cersa_kernels.model import _update_over_original, adapter_layers, is_conv1d
+    from cersa_kernels.model import adapter_layers
+    from cersa_kernels.nn.tree import is_conv1d
 
     model = copy.deepcopy(original)
     with torch.no_grad():
         for name, layer in adapter_layers(adapted).items():
-            dw = _update_over_original(layer, name).delta_weight()
+            dw = layer.lowrank_update().delta_weight()
             target = model.get_submodule(name)
             target.weight.add_(dw.T if is_conv1d(target) else dw)
     return model
@@ -105,7 +106,7 @@ def test_pica_over_cersa_through_apply_save_load_merge_export(tmp_path):
     ck.apply(model, "cersa", energy=0.9)
     report = ck.apply(model, "pica", target_modules=["q_proj", "v_proj"], rank=3, freeze_base=False)
     layer = model.model.layers[0].self_attn.q_proj
-    assert isinstance(layer, PicaLinear) and isinstance(layer.base, CersaLinear)
+    assert isinstance(layer, PicaCersaLinear) and isinstance(layer.base, CersaLinear)
     assert layer.M is model.model.layers[1].self_attn.q_proj.M  # shared per role
     assert report.rows[0]["bytes_after"] == layer.base.weight_bytes()
     perturb(model)

@@ -6,7 +6,8 @@ from torch import nn
 
 from cersa_kernels import CersaLinear, LoraLinear
 from cersa_kernels.nn.pica import apply_pica
-from cersa_kernels.para import LoraFactors, compress
+from cersa_kernels.nn import LowRankUpdate as LoraFactors
+from cersa_kernels.para import compress
 
 
 def truncate(dw, k):

@@ -260,7 +260,7 @@ class TestErrors:
     def test_rank_too_large(self):
         with pytest.raises(ValueError, match=r"PicaLinear \(0\): rank must be in \[1, min\(m, n\) = 4\], got 5"):
             apply_pica(nn.Sequential(nn.Linear(4, 6)), 5)
-        with pytest.raises(ValueError, match=r"PicaLinear \(0\): rank must be in \[1, CERSA rank k = 3\]"):
+        with pytest.raises(ValueError, match=r"PicaCersaLinear \(0\): rank must be in \[1, CERSA rank k = 3\]"):
             apply_pica(nn.Sequential(CersaLinear(8, 8, 3)), 4)
 
     def test_op_arguments(self):

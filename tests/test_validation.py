@@ -11,7 +11,8 @@ from cersa_kernels import CersaLinear, LoraLinear, PicaLinear, SnellLinear, deco
 from cersa_kernels.ops import (
     lora_linear, lowrank_linear, pica_linear, pica_lowrank_linear, snell_delta, snell_linear, snell_threshold,
 )
-from cersa_kernels.para import LoraFactors, compress
+from cersa_kernels.nn import LowRankUpdate as LoraFactors
+from cersa_kernels.para import compress
 
 
 def linear(n=8, m=6):

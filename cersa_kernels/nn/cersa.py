@@ -1,7 +1,7 @@
 """CersaLinear: a drop-in nn.Linear whose frozen weight is kept only as energy-truncated SVD factors.
 
 `W' = U S Vᵀ` with U (m×k), V (n×k) frozen buffers and a dense trainable core S (k×k) initialised
-to diag(σ_1..σ_k) (METHODS.md §1). The dense weight is not stored.
+to diag(σ_1..σ_k) (docs/methods.md §1). The dense weight is not stored.
 """
 from __future__ import annotations
 
@@ -12,12 +12,18 @@ import torch
 from torch import Tensor, nn
 
 from .._checks import check_features_args, check_int, check_layer_dtype
-from ..decompose import truncated_svd
+from ..decompose import global_ranks, truncated_svd
 from ..ops.lowrank import lowrank_linear
 from ._autocast import autocast_cast
 from ._merge import merged_linear
+from .base import AdapterLayer, LowRankUpdate
 
 __all__ = ["CersaLinear"]
+
+
+def _work_dtype(t: Tensor) -> torch.dtype:
+    """float64 for float64 layers (tests, exact checks), float32 otherwise."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
 def _random_orthonormal(rows: int, cols: int, device, dtype) -> Tensor:
@@ -25,7 +31,7 @@ def _random_orthonormal(rows: int, cols: int, device, dtype) -> Tensor:
     return q.to(dtype)
 
 
-class CersaLinear(nn.Module):
+class CersaLinear(AdapterLayer, method="cersa"):
     """y = x V Sᵀ Uᵀ + bias, for x (..., in_features) -> y (..., out_features).
 
     Buffers: U (out_features, rank), V (in_features, rank), sigma (rank,) the initial singular values
@@ -62,7 +68,6 @@ class CersaLinear(nn.Module):
         self.out_features = int(out_features)
         self.rank = int(rank)
         self.trainable_rank = int(trainable_rank)
-        self.layer_name: Optional[str] = None  # set by whole-model tools; used in error messages
         self.register_buffer("U", torch.empty(out_features, rank, **factory))
         self.register_buffer("V", torch.empty(in_features, rank, **factory))
         # S and sigma may live in a wider dtype than U, V (core_dtype=torch.float32 keeps an fp32
@@ -101,7 +106,7 @@ class CersaLinear(nn.Module):
         train_bias: bool = False,
         core_dtype: Optional[torch.dtype] = None,
     ) -> "CersaLinear":
-        """Replace `linear` by its energy-truncated SVD (METHODS §1); the bias is copied (frozen
+        """Replace `linear` by its energy-truncated SVD (docs/methods.md §1); the bias is copied (frozen
         unless train_bias). The SVD runs in float32 on the weight's device. `trainable_rank` is
         capped at the k chosen (k is not known in advance when it comes from `energy`).
         `core_dtype` (default: the weight's dtype) is the dtype of S and sigma."""
@@ -129,6 +134,46 @@ class CersaLinear(nn.Module):
                 layer.bias.requires_grad_(train_bias)
         return layer
 
+    @classmethod
+    def adapt(
+        cls,
+        bases: dict[str, nn.Linear],
+        energy: float = 0.95,
+        energy_power: float = 2,
+        rank: Optional[int] = None,
+        energy_scope: str = "layer",
+        budget: Optional[int] = None,
+        budget_bytes: Optional[int] = None,
+        core_dtype: Optional[torch.dtype] = torch.float32,
+        **layer_options,
+    ) -> dict[str, "CersaLinear"]:
+        """CersaLinear for each layer; `layer_options` go to from_linear (max_rank, trainable_rank,
+        train_bias). energy_scope="global", `budget` (parameters) or `budget_bytes` choose the ranks
+        with one threshold pooled over every layer's spectrum (`decompose.global_ranks`)."""
+        where = "apply(method='cersa')"
+        if energy_scope not in ("layer", "global"):
+            raise ValueError(f"{where}: energy_scope must be 'layer' or 'global', got {energy_scope!r}")
+        if budget is not None and budget_bytes is not None:
+            raise ValueError(f"{where}: give budget (parameters) or budget_bytes, not both")
+        ranks: dict[str, Optional[int]] = {name: rank for name in bases}
+        if energy_scope == "global" or budget is not None or budget_bytes is not None:
+            if rank is not None:
+                raise ValueError(f"{where}: rank= fixes every layer's rank; it cannot combine with global allocation")
+            if budget_bytes is not None:
+                budget_bytes = check_int("budget_bytes", budget_bytes, where, minimum=0)
+                budget = budget_bytes // next(iter(bases.values())).weight.element_size()
+            spectra = {n: torch.linalg.svdvals(b.weight.detach().float()) for n, b in bases.items()}
+            shapes = {n: (b.out_features, b.in_features) for n, b in bases.items()}
+            ranks = global_ranks(
+                spectra, shapes, energy=None if budget is not None else energy, energy_power=energy_power, budget=budget
+            )
+        return {
+            name: cls.from_linear(
+                base, energy=energy, energy_power=energy_power, rank=ranks[name], core_dtype=core_dtype, **layer_options
+            )
+            for name, base in bases.items()
+        }
+
     def core(self) -> Tensor:
         """The full k×k core S: the trainable block, completed by diag(sigma) when trainable_rank < k."""
         if self.trainable_rank == self.rank:
@@ -139,9 +184,6 @@ class CersaLinear(nn.Module):
     def delta_core(self) -> Tensor:
         """ΔS = S − Σ_k (k×k): the learned update, what PARA prunes and LoRA export writes."""
         return self.core() - torch.diag(self.sigma.to(self.S.dtype))
-
-    def _name(self) -> str:
-        return self.layer_name or f"CersaLinear(in_features={self.in_features}, out_features={self.out_features})"
 
     def forward(self, x: Tensor) -> Tensor:
         # S is not cast: the op takes an fp32 core beside half-precision factors (fp32 dS)
@@ -175,9 +217,38 @@ class CersaLinear(nn.Module):
         """U S Vᵀ (out, in) in float32: the weight this layer applies."""
         return self.U.float() @ self.core().detach().float() @ self.V.float().T
 
+    def delta_weight(self) -> Tensor:
+        """U ΔS Vᵀ (out, in) in float32: the learned update over the rank-k truncation."""
+        return self.U.float() @ self.delta_core().float() @ self.V.float().T
+
+    def lowrank_update(self) -> LowRankUpdate:
+        """The update over the ORIGINAL W0 that PEFT export writes: U ΔS Vᵀ (B = U ΔS, A = Vᵀ).
+        W0 + U ΔS Vᵀ keeps the residual σ_{k+1..} that this layer itself discarded (docs/methods.md §1)."""
+        work = _work_dtype(self.S)
+        V, U = self.V.to(work), self.U.to(work)
+        return LowRankUpdate(A=V.T.contiguous(), B=U @ self.delta_core().detach().to(work), scale=1.0)
+
+    def para_core_shape(self) -> tuple[int, int]:
+        return self.rank, self.rank  # PARA prunes ΔS, stored as the dense k×k core
+
+    @torch.no_grad()
+    def apply_para_update(self, update: Optional[LowRankUpdate]) -> None:
+        """S = Σ_k + Uᵀ ΔW' V for PARA's truncated ΔW' (U, V orthonormal: ΔW' lies in their span)."""
+        work = _work_dtype(self.S)
+        delta = torch.zeros(self.rank, self.rank, device=self.U.device, dtype=work)
+        if update is not None:
+            U, V = self.U.to(work), self.V.to(work)
+            delta = update.scale * (U.T @ update.B.to(work)) @ (update.A.to(work) @ V)
+        S = torch.diag(self.sigma.to(work)) + delta
+        self.S.copy_(S[: self.trainable_rank, : self.trainable_rank])
+        return None
+
     def weight_bytes(self) -> int:
         """Bytes of everything that stands for the dense weight: U, V, S and sigma (bias excluded)."""
         return sum(t.numel() * t.element_size() for t in (self.U, self.V, self.S, self.sigma))
+
+    def base_weight_bytes(self) -> int:
+        return self.weight_bytes()
 
     def dense_weight_bytes(self) -> int:
         return self.in_features * self.out_features * self.U.element_size()

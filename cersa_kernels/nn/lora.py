@@ -1,7 +1,7 @@
 """LoraLinear: a frozen nn.Linear plus a trainable low-rank update on the fused `cersa::lora` op.
 
 `y = x W0ᵀ + b + s·(drop(x) Aᵀ) Bᵀ` with A (r×n) kaiming-uniform, B (m×r) zero, s = alpha/r
-(METHODS.md §5, PEFT's convention). Only x and x·Aᵀ are saved for backward.
+(docs/methods.md §5, PEFT's convention). Only x and x·Aᵀ are saved for backward.
 """
 from __future__ import annotations
 
@@ -15,11 +15,12 @@ from .._checks import check_features_args, check_int, check_real
 from ..ops.lora import lora_linear
 from ._autocast import autocast_cast
 from ._merge import merged_linear
+from .base import AdapterLayer, LowRankUpdate
 
 __all__ = ["LoraLinear"]
 
 
-class LoraLinear(nn.Module):
+class LoraLinear(AdapterLayer, method="lora"):
     """x (..., in_features) -> y (..., out_features).
 
     Frozen: `weight` (out, in) and `bias` (out,) (parameters with requires_grad=False, so a state
@@ -48,9 +49,7 @@ class LoraLinear(nn.Module):
         self.in_features, self.out_features, self.rank = int(in_features), int(out_features), int(rank)
         self.alpha = float(rank if alpha is None else alpha)
         self.dropout = float(dropout)
-        self.layer_name: Optional[str] = None  # set by whole-model tools; used in error messages
-        self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory), requires_grad=False)
-        self.bias = nn.Parameter(torch.empty(out_features, **factory), requires_grad=False) if bias else None
+        self._init_frozen_base(bias, **factory)
         self.lora_A = nn.Parameter(torch.empty(rank, in_features, **factory))
         self.lora_B = nn.Parameter(torch.empty(out_features, rank, **factory))
         self.reset_parameters()
@@ -84,14 +83,10 @@ class LoraLinear(nn.Module):
             device="meta", dtype=w.dtype,
         )
         layer.to_empty(device=w.device)
-        with torch.no_grad():
-            layer.weight.copy_(w)
-            if linear.bias is not None:
-                layer.bias.copy_(linear.bias)
+        layer._copy_frozen_base(linear)
         layer.reset_adapter()
         return layer
 
-    # Tensors the original model already holds: `save` writes them only if they were trained.
     BASE_KEYS = ("weight", "bias")
 
     def config(self) -> dict:
@@ -101,9 +96,6 @@ class LoraLinear(nn.Module):
     def from_config(cls, config: dict, base: nn.Linear, device=None) -> "LoraLinear":
         """The layer around the original Linear `base`; lora_A and lora_B come from a state_dict."""
         return cls.from_linear(base, config["rank"], config["alpha"], config["dropout"])
-
-    def _name(self) -> str:
-        return self.layer_name or f"LoraLinear(in_features={self.in_features}, out_features={self.out_features})"
 
     def forward(self, x: Tensor) -> Tensor:
         p = self.dropout if self.training else 0.0
@@ -116,11 +108,31 @@ class LoraLinear(nn.Module):
         """ΔW = s·B·A (out, in)."""
         return self.scaling * (self.lora_B @ self.lora_A)
 
+    def lowrank_update(self) -> LowRankUpdate:
+        """s·B·A, over the original weight W0 (which this layer keeps)."""
+        work = torch.float64 if self.weight.dtype == torch.float64 else torch.float32
+        return LowRankUpdate(A=self.lora_A.detach().to(work), B=self.lora_B.detach().to(work), scale=self.scaling)
+
     @torch.no_grad()
-    def to_linear(self) -> nn.Linear:
-        """Merge into a plain nn.Linear with weight W0 + s·B·A (computed in float32)."""
-        merged = self.weight.float() + self.scaling * (self.lora_B.float() @ self.lora_A.float())
-        return merged_linear(merged, self.bias, self.weight.dtype)
+    def apply_para_update(self, update: Optional[LowRankUpdate]) -> nn.Module:
+        """A LoraLinear of PARA's rank k with the same scale s (alpha' = s·k), or, at rank 0, the
+        frozen base Linear alone (the adapter is removed)."""
+        if update is None:
+            return merged_linear(self.weight, self.bias, self.weight.dtype).requires_grad_(False).train(self.training)
+        k = update.A.shape[0]
+        new = LoraLinear(
+            self.in_features, self.out_features, k, alpha=update.scale * k, dropout=self.dropout,
+            bias=self.bias is not None, device="meta", dtype=self.weight.dtype,
+        )
+        new.to_empty(device=self.weight.device)
+        new.weight.copy_(self.weight)
+        if self.bias is not None:
+            new.bias.copy_(self.bias)
+            new.bias.requires_grad_(self.bias.requires_grad)
+        new.lora_A.copy_(update.A)
+        new.lora_B.copy_(update.B)
+        new.layer_name, new.base_type = self.layer_name, self.base_type
+        return new.train(self.training)
 
     def extra_repr(self) -> str:
         return (

@@ -1,13 +1,15 @@
-"""PicaLinear and `apply_pica`: PiCa (METHODS.md §2), a frozen base plus a column-space update M·P.
+"""PiCa (docs/methods.md §2): a frozen base plus a column-space update M·P, one M shared per role.
 
-P = V_rᵀ (r×n), the top-r RIGHT singular vectors of the nn.Linear weight, frozen; M (m×r) trainable,
-zero at step 0, shared by every layer of one role (the module-name suffix, e.g. every `q_proj`):
-autograd sums the gradients of all the layers into the one M.
-On a CersaLinear base with r ≤ k, P = V_k[:, :r]ᵀ is CERSA's own basis and the branch reuses
-h = x V_k inside one fused op (`cersa::pica_lowrank`).
+- `PicaLinear`: a dense base. P = V_rᵀ (r×n), the top-r RIGHT singular vectors of the nn.Linear
+  weight, frozen; y = x W0ᵀ + b + (x Pᵀ) Mᵀ on the `pica` op.
+- `PicaCersaLinear`: a CersaLinear base (its S still trains). With r ≤ k, P = V_k[:, :r]ᵀ is CERSA's
+  own basis, so the branch reuses h = x V_k inside one fused op (`pica_lowrank`).
+M (m×r) is zero at step 0 and shared by every layer of one role (the module-name suffix, e.g.
+every `q_proj`): autograd sums the gradients of all those layers into the one M.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Iterable, Optional, Union
 
 import torch
@@ -15,140 +17,220 @@ from torch import Tensor, nn
 
 from .._checks import check_int
 from ..decompose import truncated_svd
-from ..model import replace_module
 from ..ops import pica_linear, pica_lowrank_linear
 from ._autocast import autocast_cast
 from ._merge import merged_linear
+from .base import AdapterLayer, LowRankUpdate
 from .cersa import CersaLinear
+from .tree import find_targets, replace_module
 
-__all__ = ["PicaLinear", "apply_pica", "pica_layers"]
-
-
-class PicaLinear(nn.Module):
-    """x (..., in_features) -> y (..., out_features): y = base(x) + (x Pᵀ) Mᵀ.
-
-    Dense base: frozen `weight` (m, n), `bias` (m,), buffer `P` (r, n). CERSA base: submodule `base`
-    (its S still trains) and no P buffer (P = base.V[:, :r]ᵀ). `M` (m, r) is a Parameter that may be
-    shared with other PicaLinear layers (pass the same one).
-    """
-
-    def __init__(self, base: Union[nn.Linear, CersaLinear], rank: int, M: Optional[nn.Parameter] = None,
-                 layer_name: Optional[str] = None) -> None:
-        super().__init__()
-        self.layer_name = layer_name
-        name = layer_name or type(base).__name__
-        if not isinstance(base, (nn.Linear, CersaLinear)):  # before reading base.in_features
-            raise TypeError(f"PicaLinear ({name}): base must be an nn.Linear or a CersaLinear, got {type(base).__name__}")
-        rank = check_int("rank", rank, f"PicaLinear ({name})")
-        self.in_features, self.out_features, self.rank = base.in_features, base.out_features, rank
-        if isinstance(base, CersaLinear):
-            if not 1 <= rank <= base.rank:
-                raise ValueError(
-                    f"PicaLinear ({name}): rank must be in [1, CERSA rank k = {base.rank}] to reuse h = x·V, got {rank}"
-                )
-            self.base = base
-        else:
-            w = base.weight.detach()
-            svd = truncated_svd(w, rank=rank, where=f"PicaLinear ({name})")
-            self.weight = nn.Parameter(w.clone(), requires_grad=False)
-            self.bias = None if base.bias is None else nn.Parameter(base.bias.detach().clone(), requires_grad=False)
-            self.register_buffer("P", svd.V.T.contiguous())
-            self.base = None
-        ref = base.U if isinstance(base, CersaLinear) else base.weight
-        if M is None:
-            M = nn.Parameter(torch.zeros(self.out_features, rank, device=ref.device, dtype=ref.dtype))
-        if tuple(M.shape) != (self.out_features, rank):
-            raise ValueError(
-                f"PicaLinear ({name}): M must have shape (out_features, rank) = {(self.out_features, rank)}, "
-                f"got {tuple(M.shape)}"
-            )
-        self.M = M
-
-    def projection(self) -> Tensor:
-        """P (r, n)."""
-        return self.P if self.base is None else self.base.V[:, : self.rank].T
-
-    def _name(self) -> str:
-        return self.layer_name or f"PicaLinear(in_features={self.in_features}, out_features={self.out_features})"
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self.base is None:
-            x, weight, P, M, bias = autocast_cast(x, self.weight, self.P, self.M, self.bias)
-            return pica_linear(x, weight, P, M, bias, layer=self._name())
-        b = self.base
-        x, V, U, M, bias = autocast_cast(x, b.V, b.U, self.M, b.bias)  # S keeps its dtype, as in CersaLinear
-        return pica_lowrank_linear(x, V, b.core(), U, M, bias, layer=self._name())
-
-    def delta_weight(self) -> Tensor:
-        """ΔW = M P (out, in): the PiCa update over the base."""
-        return self.M.to(self.projection().dtype) @ self.projection()
-
-    @torch.no_grad()
-    def to_linear(self) -> nn.Linear:
-        """Merge into a plain nn.Linear: weight W_base + M P (W_base = W0, or U S Vᵀ of a CERSA base)."""
-        if self.base is None:
-            base_weight, bias, dtype = self.weight.float(), self.bias, self.weight.dtype
-        else:
-            base_weight, bias, dtype = self.base.dense_weight(), self.base.bias, self.base.U.dtype
-        return merged_linear(base_weight + self.delta_weight().detach().float(), bias, dtype)
-
-    # Tensors the original model already holds (dense base): `save` writes them only if trained.
-    BASE_KEYS = ("weight", "bias")
-
-    def config(self) -> dict:
-        """What `from_config` needs; `tied` makes `load` share one M across the layers of a role."""
-        config = dict(rank=self.rank, role=_role(self.layer_name or ""), tied={"M": f"pica:{_role(self.layer_name or '')}"})
-        if self.base is not None:
-            config["cersa"] = self.base.config()
-        return config
-
-    @classmethod
-    def from_config(cls, config: dict, base: nn.Linear, device=None) -> "PicaLinear":
-        """The layer around the original Linear `base` (or an empty CERSA base); P, M and the CERSA
-        factors come from a state_dict (P is saved, not recomputed: SVD signs are arbitrary)."""
-        if "cersa" in config:
-            base = CersaLinear.from_config(config["cersa"], device=device)
-        return cls(base, config["rank"])
-
-    def extra_repr(self) -> str:
-        base = "cersa" if self.base is not None else "dense"
-        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, base={base}"
+__all__ = ["PicaLinear", "PicaCersaLinear", "apply_pica", "pica_layers"]
 
 
 def _role(name: str) -> str:
     return name.rsplit(".", 1)[-1]
 
 
-def apply_pica(model: nn.Module, rank: int, target_modules: Optional[Iterable[str]] = None) -> dict[str, nn.Parameter]:
-    """Replace every nn.Linear / CersaLinear of `model` whose role (module-name suffix) is in
-    `target_modules` (all of them when None) by a PicaLinear, in place. One zero-initialised
-    M (out_features × rank) per role is shared by all the layers of that role.
+class _PicaLayer(AdapterLayer):
+    """What both PiCa layers share: the rank, the (shareable) M, the role, and the PARA hooks.
+    Subclasses give `projection()` (P) and the forward."""
 
-    Returns {role: M}. Raises ValueError when a role's layers differ in out_features (one M cannot
-    serve them; the message names the role and every layer's shape), when rank exceeds a layer's
-    min(out, in) (or its CERSA rank k), or when nothing matches.
+    BASE_KEYS = ("weight", "bias")
+
+    def _init_branch(self, base: nn.Module, rank, M: Optional[nn.Parameter], layer_name: Optional[str]) -> str:
+        self.layer_name = layer_name
+        label = f"{type(self).__name__} ({layer_name or type(base).__name__})"
+        self.rank = check_int("rank", rank, label)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        return label
+
+    def _init_M(self, M: Optional[nn.Parameter], like: Tensor, label: str) -> None:
+        if M is None:
+            M = nn.Parameter(torch.zeros(self.out_features, self.rank, device=like.device, dtype=like.dtype))
+        if tuple(M.shape) != (self.out_features, self.rank):
+            raise ValueError(
+                f"{label}: M must have shape (out_features, rank) = {(self.out_features, self.rank)}, "
+                f"got {tuple(M.shape)}"
+            )
+        self.M = M
+
+    def projection(self) -> Tensor:
+        """P (r, n), orthonormal rows."""
+        raise NotImplementedError
+
+    def delta_weight(self) -> Tensor:
+        """ΔW = M P (out, in): the PiCa update over the base."""
+        return self.M.to(self.projection().dtype) @ self.projection()
+
+    @classmethod
+    def adapt(cls, bases: dict[str, nn.Module], rank: int = 64) -> dict[str, "_PicaLayer"]:
+        """`apply(model, "pica", rank=r)`: PiCa on every target, one zero M per role shared by its
+        layers; a CersaLinear target becomes a PicaCersaLinear (the branch reuses h = x·V)."""
+        return pica_layers(bases, rank)
+
+    @classmethod
+    def unsupported_reason(cls, module: nn.Module) -> Optional[str]:
+        if isinstance(module, _PicaLayer):
+            return f"already a {type(module).__name__}: PiCa over PiCa is not supported"
+        if type(module) is CersaLinear:  # PiCa over CERSA
+            return None
+        return super().unsupported_reason(module)
+
+    def config(self) -> dict:
+        """What `from_config` needs; `tied` makes `load` share one M across the layers of a role."""
+        role = _role(self.layer_name or "")
+        return dict(rank=self.rank, role=role, tied={"M": f"pica:{role}"})
+
+    # PARA compresses M once per role: M·P_l has M's spectrum for every layer l (P_l orthonormal rows)
+    def para_update(self) -> LowRankUpdate:
+        work = torch.float64 if self.M.dtype == torch.float64 else torch.float32
+        return LowRankUpdate(A=self.projection().detach().to(work), B=self.M.detach().to(work), scale=1.0)
+
+    para_label = ".M"
+
+    def para_key(self) -> object:
+        return id(self.M)
+
+    def para_core_shape(self) -> tuple[int, int]:
+        return tuple(self.M.shape)
+
+    @torch.no_grad()
+    def apply_para_update(self, update: Optional[LowRankUpdate]) -> None:
+        """M = ΔW' Pᵀ for PARA's truncated ΔW' (it lies in P's row space); one write serves the role."""
+        if update is None:
+            self.M.zero_()
+        else:
+            P = self.projection().to(update.A.dtype)
+            self.M.copy_(update.scale * update.B @ (update.A @ P.T))
+        return None
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
+
+
+class PicaLinear(_PicaLayer, method="pica"):
+    """x (..., in_features) -> y (..., out_features): y = x W0ᵀ + b + (x Pᵀ) Mᵀ over a dense base.
+
+    Frozen: `weight` (m, n), `bias` (m,), buffer `P` (r, n). `M` (m, r) is a Parameter that may be
+    shared with other PiCa layers (pass the same one). Given a CersaLinear base, the constructor
+    builds a PicaCersaLinear (deprecated spelling: call PicaCersaLinear directly).
     """
-    targets = None if target_modules is None else set(target_modules)
-    found = {
-        name: module for name, module in model.named_modules()
-        if isinstance(module, (nn.Linear, CersaLinear)) and name and (targets is None or _role(name) in targets)
-    }
-    if not found:
-        raise ValueError(f"apply_pica: no nn.Linear or CersaLinear layer matches target_modules={sorted(targets or [])}")
-    layers = pica_layers(found, rank)
-    for name, layer in layers.items():
-        replace_module(model, name, layer)
-    return {_role(name): layer.M for name, layer in layers.items()}
+
+    def __new__(cls, base: nn.Module = None, *args, **kwargs):
+        if cls is PicaLinear and type(base) is CersaLinear:
+            warnings.warn(
+                "PicaLinear(cersa_layer, ...) is deprecated: PiCa over CERSA is PicaCersaLinear", DeprecationWarning,
+                stacklevel=2,
+            )
+            return PicaCersaLinear(base, *args, **kwargs)
+        return super().__new__(cls)
+
+    def __init__(self, base: nn.Linear, rank: int, M: Optional[nn.Parameter] = None,
+                 layer_name: Optional[str] = None) -> None:
+        super().__init__()
+        name = layer_name or type(base).__name__
+        if not isinstance(base, nn.Linear):  # before reading base.in_features
+            raise TypeError(f"PicaLinear ({name}): base must be an nn.Linear or a CersaLinear, got {type(base).__name__}")
+        label = self._init_branch(base, rank, M, layer_name)
+        w = base.weight.detach()
+        svd = truncated_svd(w, rank=self.rank, where=label)
+        self._init_frozen_base(base.bias is not None, device=w.device, dtype=w.dtype)
+        self._copy_frozen_base(base)
+        self.register_buffer("P", svd.V.T.contiguous())
+        self._init_M(M, w, label)
+
+    def projection(self) -> Tensor:
+        return self.P
+
+    def forward(self, x: Tensor) -> Tensor:
+        x, weight, P, M, bias = autocast_cast(x, self.weight, self.P, self.M, self.bias)
+        return pica_linear(x, weight, P, M, bias, layer=self._name())
+
+    def lowrank_update(self) -> LowRankUpdate:
+        """M·P over the original W0 (which this layer keeps)."""
+        return self.para_update()
+
+    @classmethod
+    def from_config(cls, config: dict, base: nn.Linear, device=None) -> "_PicaLayer":
+        """The layer around the original Linear `base` (P and M come from a state_dict: P is saved,
+        not recomputed, since SVD signs are arbitrary); a config with a `cersa` entry (PiCa over
+        CERSA, as saved by older versions under this class name) builds a PicaCersaLinear."""
+        if "cersa" in config:
+            return PicaCersaLinear.from_config(config, base, device)
+        return cls(base, config["rank"])
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + ", base=dense"
 
 
-def pica_layers(bases: dict[str, nn.Module], rank: int) -> dict[str, PicaLinear]:
-    """{name: PicaLinear} around each base layer (nn.Linear or CersaLinear), with one zero M per
+class PicaCersaLinear(_PicaLayer):
+    """PiCa over CERSA: y = x V Sᵀ Uᵀ + (x V[:, :r]) Mᵀ + b, x (..., in_features) -> (..., out_features).
+
+    Submodule `base`: the CersaLinear (U, V frozen, S trains). `M` (m, r ≤ k) as in PicaLinear.
+    """
+
+    method = "pica"
+    BASE_KEYS = ()  # CERSA's factors replace W0: everything is saved
+
+    def __init__(self, base: CersaLinear, rank: int, M: Optional[nn.Parameter] = None,
+                 layer_name: Optional[str] = None) -> None:
+        super().__init__()
+        if type(base) is not CersaLinear:
+            raise TypeError(f"PicaCersaLinear ({layer_name or type(base).__name__}): base must be a CersaLinear, "
+                            f"got {type(base).__name__}")
+        label = self._init_branch(base, rank, M, layer_name)
+        if not 1 <= self.rank <= base.rank:
+            raise ValueError(f"{label}: rank must be in [1, CERSA rank k = {base.rank}] to reuse h = x·V, got {self.rank}")
+        self.base = base
+        self._init_M(M, base.U, label)
+
+    @property
+    def bias(self) -> Optional[Tensor]:
+        return self.base.bias
+
+    def projection(self) -> Tensor:
+        return self.base.V[:, : self.rank].T
+
+    def forward(self, x: Tensor) -> Tensor:
+        b = self.base
+        x, V, U, M, bias = autocast_cast(x, b.V, b.U, self.M, b.bias)  # S keeps its dtype, as in CersaLinear
+        return pica_lowrank_linear(x, V, b.core(), U, M, bias, layer=self._name())
+
+    def lowrank_update(self) -> LowRankUpdate:
+        """(U ΔS + [M | 0]) Vᵀ over the ORIGINAL W0: CERSA's update and the PiCa branch together."""
+        update = self.base.lowrank_update()
+        B = update.B.clone()
+        B[:, : self.rank] += self.M.detach().to(B.dtype)
+        return LowRankUpdate(A=update.A, B=B, scale=1.0)
+
+    @torch.no_grad()
+    def to_linear(self) -> nn.Linear:
+        """Merge into a plain nn.Linear: weight U S Vᵀ + M P (float32)."""
+        return merged_linear(self.base.dense_weight() + self.delta_weight().float(), self.base.bias, self.base.U.dtype)
+
+    def base_weight_bytes(self) -> int:
+        return self.base.weight_bytes()
+
+    def config(self) -> dict:
+        return dict(super().config(), cersa=self.base.config())
+
+    @classmethod
+    def from_config(cls, config: dict, base: nn.Linear, device=None) -> "PicaCersaLinear":
+        """An empty CERSA base from the saved config and M; every tensor comes from a state dict."""
+        return cls(CersaLinear.from_config(config["cersa"], device=device), config["rank"])
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + ", base=cersa"
+
+
+def pica_layers(bases: dict[str, nn.Module], rank: int) -> dict[str, _PicaLayer]:
+    """{name: PiCa layer} around each base layer (nn.Linear or CersaLinear), with one zero M per
     role shared by all the layers of that role. Raises ValueError when a role's layers differ in
     out_features (the message names the role and every layer's shape)."""
     groups: dict[str, list[tuple[str, nn.Module]]] = {}
     for name, module in bases.items():
         groups.setdefault(_role(name), []).append((name, module))
-    out: dict[str, PicaLinear] = {}
+    out: dict[str, _PicaLayer] = {}
     for role, layers in groups.items():
         outs = {m.out_features for _, m in layers}
         if len(outs) > 1:
@@ -161,5 +243,28 @@ def pica_layers(bases: dict[str, nn.Module], rank: int) -> dict[str, PicaLinear]
         ref = first.U if isinstance(first, CersaLinear) else first.weight
         M = nn.Parameter(torch.zeros(outs.pop(), rank, device=ref.device, dtype=ref.dtype))
         for name, module in layers:
-            out[name] = PicaLinear(module, rank, M, layer_name=name)
+            layer_cls = PicaCersaLinear if type(module) is CersaLinear else PicaLinear
+            out[name] = layer_cls(module, rank, M, layer_name=name)
     return out
+
+
+def apply_pica(model: nn.Module, rank: int, target_modules: Optional[Iterable[str]] = None) -> dict[str, nn.Parameter]:
+    """Deprecated: use `cersa_kernels.apply(model, "pica", target_modules=[...roles], rank=r)`, which
+    matches roles the same way (module-name suffixes) and also freezes the base and reports.
+
+    Replaces every nn.Linear / CersaLinear whose role is in `target_modules` (all when None) by a
+    PiCa layer in place, one zero M per role. Returns {role: M}.
+    """
+    warnings.warn("apply_pica is deprecated: use cersa_kernels.apply(model, 'pica', ...)", DeprecationWarning, stacklevel=2)
+    try:
+        names = find_targets(model, "all-linear" if target_modules is None else list(target_modules))
+    except ValueError:
+        names = []
+    found = {name: model.get_submodule(name) for name in names}
+    found = {n: m for n, m in found.items() if isinstance(m, nn.Linear) or type(m) is CersaLinear}
+    if not found:
+        raise ValueError(f"apply_pica: no nn.Linear or CersaLinear layer matches target_modules={sorted(target_modules or [])}")
+    layers = pica_layers(found, rank)
+    for name, layer in layers.items():
+        replace_module(model, name, layer)
+    return {_role(name): layer.M for name, layer in layers.items()}

@@ -1,4 +1,4 @@
-"""SnellLinear: nn.Linear plus SNELL's sparse kernelized-LoRA update (METHODS.md §4).
+"""SnellLinear: nn.Linear plus SNELL's sparse kernelized-LoRA update (docs/methods.md §4).
 
 `y = x (W0 + ΔW_s)ᵀ + b`, W0 and b frozen, A (H×n×d_h) and B (H×m×d_h) trainable,
 K[i, j] = Σ_h c_h ‖B_h[i] − A_h[j]‖, τ = the s-quantile of |K| (recomputed every call, no mask
@@ -17,17 +17,17 @@ from .._checks import check_features_args
 from ..backends import use_backend
 from ..ops.snell import check_snell_config, merge_backend, snell_delta, snell_linear, snell_threshold
 from ._autocast import autocast_cast
-from ._merge import merged_linear
+from .base import AdapterLayer
 
 __all__ = ["SnellLinear"]
 
 
-class SnellLinear(nn.Module):
+class SnellLinear(AdapterLayer, method="snell"):
     """x (..., in_features) -> y (..., out_features).
 
-    Buffer: weight W0 (out_features, in_features), frozen. Parameters: A (heads, in_features, d_h),
-    B (heads, out_features, d_h) with d_h = rank / heads; bias (out_features,), frozen unless
-    `bias.requires_grad_(True)`. `coeffs` (one per head) and `sparsity` ∈ [0, 1) are fixed.
+    Frozen: weight W0 (out_features, in_features) and bias (out_features,) (trainable only with
+    train_bias). Parameters: A (heads, in_features, d_h),
+    B (heads, out_features, d_h) with d_h = rank / heads. `coeffs` (one per head) and `sparsity` ∈ [0, 1) are fixed.
     """
 
     def __init__(
@@ -44,7 +44,6 @@ class SnellLinear(nn.Module):
     ) -> None:
         super().__init__()
         self.in_features, self.out_features = check_features_args(in_features, out_features, dtype, "SnellLinear")
-        self.layer_name: Optional[str] = None  # set by whole-model tools; used in error messages
         check_snell_config(rank, heads, sparsity, tuple(coeffs), self._name())
         self.rank = int(rank)
         self.heads = int(heads)
@@ -52,16 +51,15 @@ class SnellLinear(nn.Module):
         self.coeffs = tuple(float(c) for c in coeffs)
         factory = dict(device=device, dtype=dtype)
         d_h = rank // heads
-        self.register_buffer("weight", torch.empty(out_features, in_features, **factory))
+        self._init_frozen_base(bias, **factory)
         self.A = nn.Parameter(torch.empty(heads, in_features, d_h, **factory))
         self.B = nn.Parameter(torch.empty(heads, out_features, d_h, **factory))
-        self.bias = nn.Parameter(torch.empty(out_features, **factory), requires_grad=False) if bias else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         """W0 and bias as nn.Linear initialises them (from_linear overwrites both); A and B by
         kaiming-uniform(a=√5) per head, each head's (rows, d_h) matrix treated like an nn.Linear
-        weight (fan_in = d_h), so ΔW starts small but not zero (METHODS §4)."""
+        weight (fan_in = d_h), so ΔW starts small but not zero (docs/methods.md §4)."""
         if self.A.is_meta:
             return
         with torch.no_grad():
@@ -92,14 +90,9 @@ class SnellLinear(nn.Module):
             linear.in_features, linear.out_features, rank, heads, sparsity, coeffs,
             bias=linear.bias is not None, device=w.device, dtype=w.dtype,
         )
-        with torch.no_grad():
-            layer.weight.copy_(w)
-            if linear.bias is not None:
-                layer.bias.copy_(linear.bias)
-                layer.bias.requires_grad_(train_bias)
+        layer._copy_frozen_base(linear, train_bias)
         return layer
 
-    # Tensors the original model already holds: `save` writes them only if they were trained.
     BASE_KEYS = ("weight", "bias")
 
     def config(self) -> dict:
@@ -110,9 +103,6 @@ class SnellLinear(nn.Module):
     def from_config(cls, config: dict, base: nn.Linear, device=None) -> "SnellLinear":
         """The layer around `base` (W0 and bias copied); A and B come from a state_dict."""
         return cls.from_linear(base, config["rank"], config["heads"], config["sparsity"], tuple(config["coeffs"]))
-
-    def _name(self) -> str:
-        return self.layer_name or f"SnellLinear(in_features={self.in_features}, out_features={self.out_features})"
 
     def forward(self, x: Tensor) -> Tensor:
         x, weight, bias, A, B = autocast_cast(x, self.weight, self.bias, self.A, self.B)
@@ -132,11 +122,6 @@ class SnellLinear(nn.Module):
         with use_backend("torch"):
             tau = float(self.threshold())
         return snell_delta(self.A, self.B, self.coeffs, tau)
-
-    @torch.no_grad()
-    def to_linear(self) -> nn.Linear:
-        """Merge into a plain nn.Linear with weight W0 + ΔW_s (summed in float32)."""
-        return merged_linear(self.weight.float() + self.delta_weight().float(), self.bias, self.weight.dtype)
 
     def extra_repr(self) -> str:
         return (

@@ -1,0 +1,133 @@
+"""Module-tree helpers shared by the whole-model tools: find the layers a PEFT-style target spec
+selects, replace a module at a dotted path, see a GPT-2 Conv1D as the nn.Linear it is.
+
+Target selection follows PEFT: a list of names matches module-name suffixes (`"query"` matches
+`encoder.layer.0.attention.self.query`), a string is a regular expression matched against the
+full name, and `"all-linear"` takes every Linear (and Hugging Face Conv1D) except the model's
+output embedding (`lm_head`). A list or regex that names a module no method adapts (Embedding,
+LayerNorm, a container) raises, as in PEFT; a tied module (`m.l2 = m.l1`) is one target under
+all its names.
+"""
+from __future__ import annotations
+
+import re
+from typing import Iterator, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from .base import AdapterLayer
+
+__all__ = ["TargetSpec", "is_conv1d", "named_linears", "replace_module", "as_linear", "module_aliases", "find_targets"]
+
+TargetSpec = Union[str, Sequence[str], None]
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """Hugging Face's Conv1D (GPT-2): a Linear with its weight stored transposed, (in, out)."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "nx")
+
+
+def named_linears(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """(qualified name, layer) for every nn.Linear and HF Conv1D in `model`, in module order.
+    nn.MultiheadAttention's out_proj is left out: that module reads its weight directly, so a
+    replaced layer would be bypassed."""
+    inside_mha = _inside_mha(model)
+    for name, module in model.named_modules():
+        if (isinstance(module, nn.Linear) or is_conv1d(module)) and id(module) not in inside_mha:
+            yield name, module
+
+
+def _inside_mha(model: nn.Module) -> set[int]:
+    """ids of the children of every nn.MultiheadAttention (its out_proj): not replaceable."""
+    return {id(child) for module in model.modules() if isinstance(module, nn.MultiheadAttention) for child in module.children()}
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put `new` at the dotted path `name` inside `model`."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def as_linear(module: nn.Module) -> nn.Linear:
+    """`module` itself if it is an nn.Linear; an equivalent nn.Linear (weight transposed, shared
+    bias values) for an HF Conv1D."""
+    if isinstance(module, nn.Linear):
+        return module
+    if is_conv1d(module):
+        w = module.weight
+        linear = nn.Linear(module.nx, module.nf, bias=module.bias is not None, device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            linear.weight.copy_(w.T)
+            if module.bias is not None:
+                linear.bias.copy_(module.bias)
+        return linear
+    raise TypeError(f"expected an nn.Linear or Conv1D, got {type(module).__name__}")
+
+
+def _matches(name: str, spec: TargetSpec) -> bool:
+    if spec is None:
+        return False
+    if isinstance(spec, str):
+        return re.fullmatch(spec, name) is not None
+    return any(name == s or name.endswith("." + s) for s in spec)
+
+
+def module_aliases(model: nn.Module) -> dict[int, list[str]]:
+    """{id(module): every qualified name it is reachable at, in module order}. A tied module
+    (`m.l2 = m.l1`) has several names; the first is the one `named_modules()` gives."""
+    names: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        names.setdefault(id(module), []).append(name)
+    return names
+
+
+def _unsupported_reason(module: nn.Module, inside_mha: set[int], inside_adapter: dict[int, str]) -> Optional[str]:
+    """Why no method can adapt `module` (None when it is a Linear, Conv1D or adapter layer)."""
+    if id(module) in inside_adapter:
+        return f"a part of the adapter layer {inside_adapter[id(module)]!r}"
+    if id(module) in inside_mha:
+        return f"a {type(module).__name__} inside a MultiheadAttention, which reads its weight directly (a replaced layer would be bypassed)"
+    if isinstance(module, (nn.Linear, AdapterLayer)) or is_conv1d(module):
+        return None
+    return f"a {type(module).__name__}, not a Linear or Conv1D layer"
+
+
+def find_targets(model: nn.Module, target_modules: TargetSpec = "all-linear", exclude_modules: TargetSpec = None) -> list[str]:
+    """Names of the layers selected by the PEFT-style specs (see module docstring), one per module:
+    a module tied under several names (`m.l2 = m.l1`) is selected by any of them, excluded by any
+    of them, and listed under its first name. "all-linear" takes every Linear/Conv1D (not lm_head,
+    not MultiheadAttention's out_proj) and every adapter layer, and skips everything else. A list or
+    a regex that names any other module (Embedding, LayerNorm, a container, a part of an adapter
+    layer) raises ValueError naming it, as PEFT does."""
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    aliases = module_aliases(model)
+    inside_mha = _inside_mha(model)
+    inside_adapter = {
+        id(inner): name for name, module in model.named_modules() if isinstance(module, AdapterLayer)
+        for inner in module.modules() if inner is not module
+    }
+    names = []
+    for name, module in model.named_modules():  # each module once, under its first name
+        if not name or any(_matches(alias, exclude_modules) for alias in aliases[id(module)]):
+            continue
+        reason = _unsupported_reason(module, inside_mha, inside_adapter)
+        if target_modules == "all-linear":
+            if reason is None and module is not output:
+                names.append(name)
+            continue
+        matched = [alias for alias in aliases[id(module)] if _matches(alias, target_modules)]
+        if matched and reason is not None:
+            raise ValueError(
+                f"apply: target_modules={target_modules!r} names {matched[0]!r}, which is {reason}; "
+                "name Linear layers only (or leave it out with exclude_modules)"
+            )
+        if matched:
+            names.append(name)
+    if not names:
+        raise ValueError(
+            f"apply: target_modules={target_modules!r} (exclude_modules={exclude_modules!r}) selects no Linear "
+            f"layer; the model's Linear layers are: {[n for n, _ in named_linears(model)][:20]}"
+        )
+    return names
