@@ -4,6 +4,7 @@
   analyze MODEL_DIR [--energy 0.9 0.95] [--plot out.png]
                         per-Linear ranks, bytes and break-even, and the global-allocation alternative
   para-peft IN OUT [--energy E | --budget N]   PARA rank allocation of a PEFT LoRA adapter directory
+  doctor [--model DIR]  environment; on a GPU, verify and time every kernel, write the table auto reads
 """
 from __future__ import annotations
 
@@ -24,6 +25,9 @@ def main(argv=None) -> None:
     para.add_argument("out_dir")
     para.add_argument("--energy", type=float, default=None, help="share ε of the pooled Σσ² kept (default 0.95)")
     para.add_argument("--budget", type=int, default=None, help="instead: most adapter parameters to keep")
+    doctor = commands.add_parser("doctor", help="environment; on a GPU verify and time every kernel for auto")
+    doctor.add_argument("--model", default=None, help="time at this Hugging Face model directory's Linear shapes")
+    doctor.add_argument("--reps", type=int, default=10, help="timed repetitions per measurement (default 10)")
     args = parser.parse_args(argv)
     if args.command == "analyze":
         from .analyze import main as analyze_main
@@ -37,6 +41,10 @@ def main(argv=None) -> None:
         from .para_peft import main as para_peft_main
 
         para_peft_main(args.in_dir, args.out_dir, energy=args.energy, budget=args.budget)
+    elif args.command == "doctor":
+        from .doctor import main as doctor_main
+
+        raise SystemExit(doctor_main(args.model, reps=args.reps))
 
 
 if __name__ == "__main__":
