@@ -41,10 +41,10 @@ PTXAS_ARCH = {80: "sm_80", 90: "sm_90a"}  # Triton emits sm_90a PTX (wgmma) for 
 # Cases: name -> (kind, callable(dtype) running launchers). Dtypes every case runs in.
 DTYPES = ("float32", "float16", "bfloat16")
 SNELL_HEAD_DIMS_FULL = (4, 12, 32, 64, 128)
-# The default subset: the largest SNELL tile (the most shared memory and registers), in fp32 and
-# bf16 (fp16 compiles to the same code as bf16 but for the element type).
+# The default subset: the largest SNELL tile (the most shared memory and registers), every kernel
+# in bf16 (fp16 compiles to the same code but for the element type), and the fp32 forward (the
+# largest fp32 tile).
 SNELL_HEAD_DIMS_SUBSET = (128,)
-SNELL_DTYPES_SUBSET = ("float32", "bfloat16")
 
 
 def _shapes():
@@ -82,6 +82,18 @@ def _gemm_cases(dtype_name: str) -> None:
         pica.pica_bwd_triton(dy, hp, W, P, M, True)
         _, hl = pica_lowrank.pica_lowrank_fwd_triton(x, V, S, U, M, bias)
         pica_lowrank.pica_lowrank_bwd_triton(dy, hl, V, S, U, M, True)
+
+
+def _snell_fp32_fwd_case(dtype_name: str) -> None:
+    import torch
+
+    from cersa_kernels.triton import snell
+
+    g = torch.Generator().manual_seed(0)
+    T, n, m, H, d = 37, 130, 77, 2, max(SNELL_HEAD_DIMS_SUBSET)
+    x, W0 = torch.randn(T, n, generator=g), torch.randn(m, n, generator=g)
+    A, B = torch.randn(H, n, d, generator=g), torch.randn(H, m, d, generator=g)
+    snell.snell_fwd_triton(x, W0, None, A, B, (0.5, 0.25), torch.tensor(1.0))
 
 
 def _snell_cases(dtype_name: str, head_dims) -> None:
@@ -153,9 +165,11 @@ def cases(full: bool) -> tuple[dict, dict]:
     dims = SNELL_HEAD_DIMS_FULL if full else SNELL_HEAD_DIMS_SUBSET
     sweep = {
         "gemm": (_gemm_cases, DTYPES),
-        "snell": (lambda dt: _snell_cases(dt, dims), DTYPES if full else SNELL_DTYPES_SUBSET),
+        "snell": (lambda dt: _snell_cases(dt, dims), DTYPES if full else ("bfloat16",)),
         "gemm_tf32": (_tf32_case, ("float32",)),
     }
+    if not full:
+        sweep["snell_fp32_fwd"] = (_snell_fp32_fwd_case, ("float32",))
     # for the specialisation tests only (not part of the sweep)
     extra = {f"lora_seed_{s}": (_lora_seed_case(s), DTYPES) for s in (1, 7, 2**31 + 5)}
     extra.update({f"tokens_{T}": (_tokens_case(T), ("float16",)) for T in (300, 500, 700)})
@@ -294,14 +308,15 @@ _TILE_PREFIXES = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_T", "GROUP_", "SHIFT",
 
 def _coverage_key(v: dict):
     """What the default subset compiles once. GEMM: pointer types and flags in bf16 (the layout
-    specialisations, stride == 1, compile to the same tile code), pointer types only in fp16/fp32.
+    specialisations, stride == 1, compile to the same tile code), pointer types and dot precision
+    (fp32: TF32 or not) in fp16/fp32.
     SNELL: kernel and pointer types."""
     ptrs = tuple(sorted({t for t in v["signature"].values() if t.startswith("*")}))
     if v["kernel"] != "_gemm_kernel":
         return (v["kernel"], ptrs)
     c = constexpr_values(v)
     if "*bf16" not in ptrs:
-        return (v["kernel"], ptrs)
+        return (v["kernel"], ptrs, c["DOT_PRECISION"])
     return (v["kernel"], ptrs, c["HAS_BIAS"], c["HAS_RESIDUAL"], c["DROP"])
 
 
@@ -310,14 +325,19 @@ def is_plain_gemm(v: dict) -> bool:
     return v["kernel"] == "_gemm_kernel" and not c["HAS_BIAS"] and not c["HAS_RESIDUAL"] and c["DROP"] == 0
 
 
+def _tile_volume(v: dict) -> int:
+    c = constexpr_values(v)
+    return c.get("BLOCK_M", 1) * c.get("BLOCK_N", 1) * c.get("BLOCK_K", 1)
+
+
 def select(variants: list, full: bool) -> list:
-    """Every variant (full), or the representative subset: one variant per coverage key, plus every
-    autotune config of the first plain bf16 GEMM (so that each config's shared memory and wgmma
-    use is checked on each arch)."""
+    """Every variant (full), or the representative subset: one variant per coverage key (its
+    smallest tile: the quickest to compile), plus every autotune config of the first plain bf16
+    GEMM (so that each config's shared memory and wgmma use is checked on each arch)."""
     if full:
         return variants
     chosen, seen, plain = [], set(), None
-    for v in variants:
+    for v in sorted(variants, key=_tile_volume):  # stable: capture order within a tile size
         key = _coverage_key(v)
         if is_plain_gemm(v) and set(v["signature"][p] for p in ("a_ptr", "b_ptr", "c_ptr")) == {"*bf16"}:
             layout = ({k: x for k, x in constexpr_values(v).items() if k.startswith("stride")}, repr(v["attrs"]))
