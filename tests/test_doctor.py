@@ -93,3 +93,15 @@ def test_the_written_cache_is_what_auto_reads(monkeypatch, tmp_path):
         assert backends._auto_candidates("lowrank_bwd", [FakeCudaTensor()]) == ["triton", "torch"]
     finally:
         backends._user_table.cache_clear()
+
+
+def test_model_shapes_are_the_models_distinct_linear_shapes(tmp_path):
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    config = BertConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                        vocab_size=50, max_position_embeddings=16)
+    BertModel(config).save_pretrained(tmp_path)
+    shapes = doctor.model_shapes(str(tmp_path), T=128)
+    # (T, n, m, k): q/k/v/o and the pooler are 32→32, the MLP 32→64 and 64→32
+    assert sorted(shapes) == [(128, 32, 32, 16), (128, 32, 64, 16), (128, 64, 32, 16)]
