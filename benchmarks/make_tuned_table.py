@@ -1,43 +1,79 @@
-"""Turn a GPU benchmark run into the table `CERSA_BACKEND=auto` reads.
+"""Turn GPU benchmark runs plus `doctor` verification into the table `CERSA_BACKEND=auto` reads.
 
-    python benchmarks/make_tuned_table.py bench.json [more.json ...] > cersa_kernels/backends/tuned.json
+    python benchmarks/make_tuned_table.py --bench bench.json [...] --verified verified-<gpu>-<sm>.json [...] \\
+        > cersa_kernels/backends/tuned.json
 
-For each (op, device, dtype), the backend whose forward+backward time summed over the benchmarked
-shapes is lowest wins, for both `<op>_fwd` and `<op>_bwd`. Rows come from benchmarks whose
-extra_info carries op, row ("cersa-<backend>"), mode, dtype and device (see test_bench_lowrank.py).
+An entry {"<op>_fwd"/"<op>_bwd": {arch: {dtype: backend}}} is written only for a backend that
+(1) `python -m cersa_kernels doctor` verified against the reference for that op and dtype on that
+GPU (every shape it checked), and (2) was faster than the `torch` row in forward+backward time
+summed over the benchmarked shapes measured for both. The arch of a benchmark's device comes from
+the doctor file of the same device; a device without one gets no entry (nothing is verified there).
+Benchmark rows: extra_info with op, row ("cersa-<backend>"), mode, dtype, device, T, n, m, k
+(see benchmarks/test_bench_lowrank.py).
 """
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from collections import defaultdict
 
 
-def tuned_table(runs: list[dict]) -> dict:
-    """{op_fwd|op_bwd: {device: {dtype: backend}}} from pytest-benchmark JSON documents."""
-    totals: dict[tuple, dict[str, float]] = defaultdict(lambda: defaultdict(float))
-    shapes: dict[tuple, dict[str, set]] = defaultdict(lambda: defaultdict(set))
+def verified_backends(doctor_docs: list[dict]) -> dict:
+    """{device: (arch, {(op, dtype, backend) verified on every checked shape})}."""
+    out = {}
+    for doc in doctor_docs:
+        ok: dict = {}
+        for r in doc["results"]:
+            key = (r["op"], r["dtype"], r["backend"])
+            ok[key] = ok.get(key, True) and bool(r["verified"])
+        arch, passed = out.get(doc["device"], (doc["arch"], set()))
+        out[doc["device"]] = (arch, passed | {k for k, v in ok.items() if v})
+    return out
+
+
+def tuned_table(runs: list[dict], doctor_docs: list[dict]) -> dict:
+    """{op_fwd|op_bwd: {arch: {dtype: backend}}} from pytest-benchmark JSON and doctor files."""
+    times: dict = defaultdict(lambda: defaultdict(dict))  # (op, device, dtype) -> backend -> shape -> s
     for run in runs:
         for bench in run["benchmarks"]:
             info = bench.get("extra_info", {})
             if not str(info.get("row", "")).startswith("cersa-") or info.get("mode") != "fwd+bwd":
                 continue
-            key = (info["op"], info["device"], info["dtype"])
-            backend = info["row"].split("-", 1)[1]
-            totals[key][backend] += bench["stats"]["mean"]
-            shapes[key][backend].add((info["T"], info["n"], info["m"], info["k"]))
+            shape = (info["T"], info["n"], info["m"], info["k"])
+            times[(info["op"], info["device"], info["dtype"])][info["row"].split("-", 1)[1]][shape] = bench["stats"]["mean"]
+    verified = verified_backends(doctor_docs)
     table: dict = defaultdict(lambda: defaultdict(dict))
-    for (op, device, dtype), per_backend in totals.items():
-        # compare only backends measured on every shape of this group
-        everywhere = set.union(*shapes[(op, device, dtype)].values())
-        complete = {b: t for b, t in per_backend.items() if shapes[(op, device, dtype)][b] == everywhere}
-        best = min(complete, key=complete.get)
-        for suffix in ("fwd", "bwd"):
-            table[f"{op}_{suffix}"][device][dtype] = best
+    for (op, device, dtype), per_backend in sorted(times.items()):
+        if device not in verified or "torch" not in per_backend:
+            continue
+        arch, passed = verified[device]
+        torch_times = per_backend["torch"]
+        faster = {}
+        for backend, by_shape in per_backend.items():
+            shapes = set(by_shape) & set(torch_times)
+            if backend == "torch" or (op, dtype, backend) not in passed or not shapes:
+                continue
+            total = sum(by_shape[s] for s in shapes)
+            if total < sum(torch_times[s] for s in shapes):
+                faster[backend] = total / sum(torch_times[s] for s in shapes)  # ratio to torch
+        if faster:
+            best = min(faster, key=faster.get)
+            for suffix in ("fwd", "bwd"):
+                table[f"{op}_{suffix}"][arch][dtype] = best
     return json.loads(json.dumps(table))
 
 
-if __name__ == "__main__":
-    docs = [json.load(open(path)) for path in sys.argv[1:]]
-    json.dump(tuned_table(docs), sys.stdout, indent=2, sort_keys=True)
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--bench", nargs="+", required=True, help="pytest-benchmark JSON files")
+    parser.add_argument("--verified", nargs="*", default=[], help="doctor cache files of the same GPUs")
+    args = parser.parse_args(argv)
+    runs = [json.load(open(p)) for p in args.bench]
+    docs = [json.load(open(p)) for p in args.verified]
+    json.dump(tuned_table(runs, docs), sys.stdout, indent=2, sort_keys=True)
     sys.stdout.write("\n")
+
+
+if __name__ == "__main__":
+    main()

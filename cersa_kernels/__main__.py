@@ -8,6 +8,7 @@
   para-peft IN OUT [--energy E | --budget N]   PARA rank allocation of a PEFT LoRA adapter directory
   compare [--methods ...] [--seeds N] [--device cuda] [--quick]
                         fine-tune MiniLM on BBC news with every method: accuracy vs peak training memory
+  doctor [--model DIR]  environment; on a GPU, verify and time every kernel, write the table auto reads
 
 A user's mistake (a bad path, file or argument) prints one line `error: …` on stderr and exits
 with status 2; `UsageError` marks those. Any other exception is a bug and keeps its traceback.
@@ -110,7 +111,22 @@ def _add_compare(commands) -> None:
     p.set_defaults(run=_run_compare)
 
 
-COMMANDS = (_add_compare, _add_minilm, _add_analyze, _add_para_peft)
+def _run_doctor(args) -> None:
+    from .doctor import main as doctor_main
+
+    status = doctor_main(args.model, reps=args.reps)
+    if status:
+        raise SystemExit(status)
+
+
+def _add_doctor(commands) -> None:
+    p = commands.add_parser("doctor", help="environment; on a GPU verify and time every kernel for auto")
+    p.add_argument("--model", default=None, help="time at this Hugging Face model directory's Linear shapes")
+    p.add_argument("--reps", type=positive_int, default=10, help="timed repetitions per measurement (default 10)")
+    p.set_defaults(run=_run_doctor)
+
+
+COMMANDS = (_add_compare, _add_minilm, _add_analyze, _add_para_peft, _add_doctor)
 
 
 def build_parser() -> argparse.ArgumentParser:

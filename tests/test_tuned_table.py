@@ -1,12 +1,15 @@
-"""The auto-backend table built from GPU benchmark JSON, and auto's use of it."""
+"""The auto-backend table: built only from verified-and-faster results, and auto's use of it."""
 import importlib.util
+import json
 from pathlib import Path
 
+import pytest
 import torch
 
 import cersa_kernels.backends as backends
 
 ROOT = Path(__file__).resolve().parents[1]
+H100 = "NVIDIA H100 80GB HBM3"
 
 
 def load_script():
@@ -16,32 +19,74 @@ def load_script():
     return module
 
 
-def bench(row, mode, mean, k, dtype="bfloat16", device="NVIDIA H100"):
-    info = dict(op="lowrank", row=row, mode=mode, dtype=dtype, device=device, T=8192, n=4096, m=4096, k=k)
+def bench(row, mean, k, mode="fwd+bwd", dtype="bfloat16", device=H100, op="lowrank"):
+    info = dict(op=op, row=row, mode=mode, dtype=dtype, device=device, T=8192, n=4096, m=4096, k=k)
     return {"extra_info": info, "stats": {"mean": mean}}
 
 
-def test_fastest_backend_over_all_shapes_wins():
+def doctor(results, device=H100, arch="sm_90"):
+    return {"device": device, "arch": arch, "results": [
+        dict(op=op, dtype=dt, backend=b, verified=ok) for op, dt, b, ok in results]}
+
+
+def test_table_keeps_only_verified_and_faster_backends():
     runs = [{"benchmarks": [
-        bench("cersa-triton", "fwd+bwd", 1.0, 256), bench("cersa-cuda", "fwd+bwd", 0.8, 256),
-        bench("cersa-triton", "fwd+bwd", 2.0, 1024), bench("cersa-cuda", "fwd+bwd", 2.5, 1024),
-        bench("cersa-torch", "fwd+bwd", 0.1, 256),  # measured on one shape only: not comparable
-        bench("cersa-cuda", "fwd", 0.01, 256), bench("eager", "fwd+bwd", 0.01, 256),  # ignored rows
-        bench("cersa-cuda", "fwd+bwd", 1.0, 256, dtype="float16"),
+        bench("cersa-torch", 1.0, 256), bench("cersa-torch", 2.0, 1024),
+        bench("cersa-triton", 0.9, 256), bench("cersa-triton", 1.9, 1024),  # verified, faster: wins
+        bench("cersa-cuda", 0.5, 256), bench("cersa-cuda", 0.5, 1024),  # faster but failed a check
+        bench("cersa-cuda", 0.01, 256, mode="fwd"), bench("eager", 0.01, 256),  # ignored rows
+        bench("cersa-torch", 1.0, 256, dtype="float16"), bench("cersa-triton", 1.5, 256, dtype="float16"),  # slower
+        bench("cersa-torch", 1.0, 256, device="GPU Y"), bench("cersa-triton", 0.1, 256, device="GPU Y"),  # no doctor
     ]}]
-    table = load_script().tuned_table(runs)
-    assert table["lowrank_fwd"]["NVIDIA H100"] == {"bfloat16": "triton", "float16": "cuda"}
-    assert table["lowrank_bwd"] == table["lowrank_fwd"]
+    docs = [doctor([("lowrank", "bfloat16", "triton", True), ("lowrank", "bfloat16", "cuda", True),
+                    ("lowrank", "bfloat16", "cuda", False), ("lowrank", "float16", "triton", True)])]
+    table = load_script().tuned_table(runs, docs)
+    assert table == {"lowrank_fwd": {"sm_90": {"bfloat16": "triton"}}, "lowrank_bwd": {"sm_90": {"bfloat16": "triton"}}}
 
 
-def test_auto_reads_the_table_first(monkeypatch):
-    monkeypatch.setattr(backends, "_tuned_table", lambda: {"lowrank_fwd": {"GPU X": {"float16": "cuda"}}})
+class FakeCudaTensor:
+    is_cuda = True
+    dtype = torch.bfloat16
+    device = torch.device("cuda", 0)
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch, tmp_path):
+    """A GPU of arch `state['arch']`, an empty user cache dir, and no committed table."""
+    state = {"arch": (9, 0)}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: state["arch"])
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "GPU X")
+    monkeypatch.setenv("CERSA_KERNELS_CACHE", str(tmp_path))
+    monkeypatch.setattr(backends, "_tuned_table", lambda: {})
+    backends._user_table.cache_clear()
+    yield state
+    backends._user_table.cache_clear()
 
-    class FakeCudaTensor:
-        is_cuda = True
-        dtype = torch.float16
-        device = torch.device("cuda", 0)
 
-    assert backends._auto_candidates("lowrank_fwd", [FakeCudaTensor()]) == ["cuda", "triton", "torch"]
-    assert backends._auto_candidates("lowrank_bwd", [FakeCudaTensor()]) == ["triton", "cuda", "torch"]
+def test_auto_runs_torch_where_nothing_is_verified(fake_gpu):
+    assert backends._auto_candidates("lowrank_fwd", [FakeCudaTensor()]) == ["torch"]
+
+
+def test_auto_runs_a_kernel_only_on_the_arch_it_was_verified_on(fake_gpu, monkeypatch):
+    monkeypatch.setattr(backends, "_tuned_table", lambda: {"lowrank_fwd": {"sm_90": {"bfloat16": "triton"}}})
+    assert backends._auto_candidates("lowrank_fwd", [FakeCudaTensor()]) == ["triton", "torch"]
+    assert backends._auto_candidates("lowrank_bwd", [FakeCudaTensor()]) == ["torch"]  # not in the table
+    fake_gpu["arch"] = (8, 0)
+    assert backends._auto_candidates("lowrank_fwd", [FakeCudaTensor()]) == ["torch"]  # verified on sm_90 only
+
+
+def test_the_users_doctor_cache_wins_over_the_committed_table(fake_gpu, monkeypatch):
+    monkeypatch.setattr(backends, "_tuned_table", lambda: {"lowrank_fwd": {"sm_90": {"bfloat16": "triton"}}})
+    path = backends.verified_cache_path("GPU X", "sm_90")
+    path.write_text(json.dumps({"table": {"lowrank_fwd": {"sm_90": {"bfloat16": "cuda"}}}}))
+    assert backends._auto_candidates("lowrank_fwd", [FakeCudaTensor()]) == ["cuda", "torch"]
+
+
+def test_cpu_tensors_always_go_to_torch(fake_gpu, monkeypatch):
+    monkeypatch.setattr(backends, "_tuned_table", lambda: {"lowrank_fwd": {"sm_90": {"float32": "triton"}}})
+    assert backends.select_backend("lowrank_fwd", [torch.zeros(2)]) == "torch"
+
+
+def test_forcing_a_backend_still_wins(fake_gpu, monkeypatch):
+    monkeypatch.setenv("CERSA_BACKEND", "triton")
+    assert backends.select_backend("lowrank_fwd", [torch.zeros(2)]) == "triton"  # the interpreter, in tests

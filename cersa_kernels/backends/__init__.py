@@ -6,9 +6,15 @@
 - `torch`: the reference (cersa_kernels.reference), any device and dtype.
 - `triton`: CUDA tensors; CPU tensors too when TRITON_INTERPRET=1 (how CI tests the kernels).
 - `cuda`: the compiled `cersa_kernels._cuda` module; CUDA tensors.
-- `auto`: the fastest backend that can serve the call, from the table the GPU benchmarks commit
-  (`tuned.json` beside this file) when one exists; otherwise CUDA tensors go to `triton` and CPU
-  tensors to `torch`. The Triton interpreter is for tests and is never chosen by `auto`.
+- `auto`: a kernel runs on a GPU only where it has been verified on that GPU architecture and
+  measured faster than `torch`: from the table committed from our GPU runs (`tuned.json` beside
+  this file, written by benchmarks/make_tuned_table.py) or from the user's own
+  `python -m cersa_kernels doctor` run (`verified_cache_path()`; it wins over the committed one).
+  Everywhere else, `torch` (cuBLAS on a GPU: the same memory contract). CPU tensors always go to
+  `torch`; the Triton interpreter is for tests and is never chosen by `auto`.
+
+Both tables have one shape: {"<op>_fwd" | "<op>_bwd": {"sm_<major><minor>": {dtype: backend}}}; an
+entry exists only where that backend was verified on that arch and was faster than torch.
 
 A backend asked for by name that cannot serve a call raises `BackendUnavailableError` listing every
 reason; nothing falls back silently.
@@ -39,6 +45,8 @@ __all__ = [
     "select_backend",
     "kernel_for",
     "triton_interpreting",
+    "device_arch",
+    "verified_cache_path",
 ]
 
 BACKENDS = ("torch", "triton", "cuda")
@@ -135,21 +143,48 @@ def unavailable_reasons(backend: str, op: str, tensors: Sequence[Tensor]) -> lis
 
 @functools.lru_cache(maxsize=1)
 def _tuned_table() -> dict:
-    """{op: {device_name: {dtype: backend}}} written from GPU benchmark results, if committed."""
+    """The committed table (see the module docstring), {} if none is committed."""
     path = Path(__file__).with_name("tuned.json")
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def device_arch(device: torch.device) -> str:
+    """'sm_90' for an H100, 'sm_80' for an A100, ...: the key of the verified tables."""
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"sm_{major}{minor}"
+
+
+def verified_cache_path(device_name: str, arch: str) -> Path:
+    """Where `doctor` writes, and `auto` reads, this GPU's verified-and-faster table:
+    $CERSA_KERNELS_CACHE, else ~/.cache/cersa_kernels, /verified-<gpu name>-<arch>.json."""
+    root = os.environ.get("CERSA_KERNELS_CACHE") or Path.home() / ".cache" / "cersa_kernels"
+    slug = "".join(c if c.isalnum() else "-" for c in device_name).strip("-").lower()
+    return Path(root) / f"verified-{slug}-{arch}.json"
+
+
+@functools.lru_cache(maxsize=8)
+def _user_table(device_name: str, arch: str) -> dict:
+    path = verified_cache_path(device_name, arch)
     if not path.exists():
         return {}
-    return json.loads(path.read_text())
+    try:
+        return json.loads(path.read_text()).get("table", {})
+    except (OSError, ValueError):  # a truncated or foreign file: ignore it rather than fail every op
+        return {}
 
 
 def _auto_candidates(op: str, tensors: Sequence[Tensor]) -> list[str]:
+    """[backend verified and faster for this op, arch and dtype, 'torch'], or ['torch']."""
     if not all(t.is_cuda for t in tensors):
         return ["torch"]
+    device = tensors[0].device
     dtype = str(tensors[0].dtype).replace("torch.", "")
-    device_name = torch.cuda.get_device_name(tensors[0].device)
-    best = _tuned_table().get(op, {}).get(device_name, {}).get(dtype)
-    order = [best] if best else []
-    return order + [b for b in ("triton", "cuda", "torch") if b not in order]
+    arch = device_arch(device)
+    for table in (_user_table(torch.cuda.get_device_name(device), arch), _tuned_table()):
+        best = table.get(op, {}).get(arch, {}).get(dtype)
+        if best in BACKENDS:
+            return [best, "torch"] if best != "torch" else ["torch"]
+    return ["torch"]
 
 
 def select_backend(op: str, tensors: Sequence[Tensor]) -> str:

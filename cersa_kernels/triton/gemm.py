@@ -50,12 +50,20 @@ def _keep(rows, cols, n_cols, drop_key, drop_thresh):
     return (_hash32(idx ^ drop_key) >> 8) >= drop_thresh
 
 
-@triton.jit
+# Arguments whose value changes from call to call and must not pick a new compiled kernel: the
+# dropout key (a hash of the seed: a new one every step) and threshold, and the autotune buckets
+# (read by the autotuner on the host only). Annotated i64 as well, so that their integer type does
+# not flip between i32 and i64 with the value (which would also recompile).
+_UNSPECIALISED = ["drop_key", "drop_thresh", "TUNE_M", "TUNE_N", "TUNE_K"]
+
+
+@triton.jit(do_not_specialize=_UNSPECIALISED)
 def _gemm_kernel(
     a_ptr, b_ptr, c_ptr, bias_ptr, r_ptr,
     M, N, K, K_PER_SPLIT,
     stride_am, stride_ak, stride_bk, stride_bn, stride_cs, stride_cm, stride_cn, stride_rm, stride_rn,
-    drop_key, drop_thresh, drop_cols, drop_scale,
+    drop_key: tl.int64, drop_thresh: tl.int64, drop_cols, drop_scale,
+    TUNE_M: tl.int64, TUNE_N: tl.int64, TUNE_K: tl.int64,
     HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, DROP: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -103,12 +111,14 @@ def _gemm_kernel(
         acc += tl.load(r_ptr + offs_m[:, None] * stride_rm + offs_n[None, :] * stride_rn, mask=in_c, other=0.0).to(
             tl.float32
         )
-    c = c_ptr + split * stride_cs + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
+    c = c_ptr + split.to(tl.int64) * stride_cs + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
     tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=in_c)
 
 
 # The interpreter runs one fixed config (autotuning with several configs does not work there);
-# on a GPU the autotuner picks per (M, N, K) among tile shapes that suit Ampere and Hopper.
+# on a GPU the autotuner picks among tile shapes that suit Ampere and Hopper, per shape bucket
+# (TUNE_M/N/K: next powers of two of M, N and the per-program reduction length), so a new
+# sequence length re-tunes only when it crosses a power of two, not at every new token count.
 _INTERPRETER_CONFIG = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8)
 _GPU_CONFIGS = [
     triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8), num_warps=w, num_stages=s)
@@ -119,11 +129,27 @@ _GPU_CONFIGS = [
 ]
 
 
+AUTOTUNE_KEY = ["TUNE_M", "TUNE_N", "TUNE_K", "HAS_RESIDUAL", "DROP", "DOT_PRECISION"]
+
+
+def tune_bucket(size: int) -> int:
+    """The autotune key of a GEMM dimension: the next power of two (0 stays 0)."""
+    return triton.next_power_of_2(size) if size > 0 else 0
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot input precision: fp32 uses TF32 tensor cores exactly when torch allows it for
+    matmuls (`torch.backends.cuda.matmul.allow_tf32`); 16-bit inputs ignore it."""
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
 @functools.lru_cache(maxsize=1)
 def _tuned_kernel():
     # restore_value: when C is written in place over its residual, tuning trials must not compound
     return triton.autotune(
-        configs=_GPU_CONFIGS, key=["M", "N", "K", "K_PER_SPLIT", "HAS_RESIDUAL", "DROP"], restore_value=["c_ptr"]
+        configs=_GPU_CONFIGS, key=AUTOTUNE_KEY, restore_value=["c_ptr"]
     )(_gemm_kernel)
 
 
@@ -186,10 +212,11 @@ def _gemm(
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), *buf.stride(),
         r.stride(0), r.stride(-1),
         key, thresh, cols, scale,
+        tune_bucket(M), tune_bucket(N), tune_bucket(rows_per_split),
     )
     meta = dict(
         HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, DROP=where,
-        DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
+        DOT_PRECISION=dot_precision(a.dtype),
     )
     if triton_interpreting():
         grid = (triton.cdiv(M, 64) * triton.cdiv(N, 64), split)
