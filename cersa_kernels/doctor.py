@@ -27,6 +27,7 @@ from torch import Tensor
 
 from . import backends
 from .analyze import Progress
+from .nn.tree import as_linear, named_linears
 from .reference.snell import snell_threshold
 
 OPS = ("lowrank", "lora", "pica", "pica_lowrank", "snell")
@@ -51,7 +52,7 @@ class CheckResult:
     torch_ms: float = float("nan")
 
 
-# Inputs per op: (forward args, backward args from (forward outputs, dy)). Shapes as in METHODS.md.
+# Inputs per op: (forward args, backward args from (forward outputs, dy)). Shapes as in docs/methods.md.
 def _inputs(op: str, shape: tuple, dtype: torch.dtype, device, gen: torch.Generator):
     T, n, m, k = shape
     r = max(1, k // 4)
@@ -214,10 +215,8 @@ def environment() -> dict:
         env["arch"] = backends.device_arch(torch.device("cuda", 0))
         version = torch._C._cuda_getDriverVersion() if hasattr(torch._C, "_cuda_getDriverVersion") else None
         env["driver"] = f"{version // 1000}.{version % 1000 // 10}" if version else None
-    from .backends import cuda
-
     try:
-        env["_cuda"] = cuda.build_info()
+        env["_cuda"] = backends.cuda.build_info()
     except Exception as exc:
         env["_cuda"] = f"not available: {exc}"
     return env
@@ -229,8 +228,6 @@ def model_shapes(model_dir: str, T: int = 2048) -> list[tuple]:
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModel
-
-    from .model import as_linear, named_linears
 
     model = AutoModel.from_pretrained(model_dir)
     shapes = {}

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from ._checks import check_int
-from .decompose import select_rank, truncated_svd
+from .decompose import decompose, select_rank
 from .nn.base import AdapterLayer, LowRankUpdate
 from .nn.tree import module_aliases, replace_module
 
@@ -95,18 +95,18 @@ class _Spectrum:
         return min(k * (rows + cols), rows * cols) if k > 0 else 0
 
 
-def _svd_of_core(core: Tensor, where: str) -> tuple[Tensor, Tensor, Tensor]:
+def _svd_of_core(core: Tensor, layer: str) -> tuple[Tensor, Tensor, Tensor]:
     """Full thin SVD of a small core (float32, float64 for float64): U (rows, q), σ (q,), V (cols, q)."""
-    svd = truncated_svd(core, rank=min(core.shape), where=where)
+    svd = decompose(core, rank=min(core.shape), layer=layer)
     return svd.U, svd.sigma, svd.V
 
 
-def para_spectrum(B: Tensor, A: Tensor, scale: float, where: str = "para") -> tuple[Tensor, Tensor, Tensor]:
+def para_spectrum(B: Tensor, A: Tensor, scale: float, layer: str = "para") -> tuple[Tensor, Tensor, Tensor]:
     """ΔW = scale·B·A as L·diag(σ)·Rᵀ without forming it: B (m, r), A (r, n) -> L (m, r), σ (r,), R (n, r)."""
     work = torch.float64 if B.dtype == torch.float64 else torch.float32
     QB, RB = torch.linalg.qr(B.detach().to(work))
     QA, RA = torch.linalg.qr(A.detach().to(work).T)
-    Uc, sigma, Vc = _svd_of_core(scale * (RB @ RA.T), where)
+    Uc, sigma, Vc = _svd_of_core(scale * (RB @ RA.T), layer)
     return QB @ Uc, sigma, QA @ Vc
 
 
@@ -122,7 +122,7 @@ def _collect_model(model: nn.Module) -> list[_Spectrum]:
             continue
         seen.add(module.para_key())
         label = name + module.para_label
-        L, s, R = para_spectrum(update.B, update.A, update.scale, where=f"para ({label})")
+        L, s, R = para_spectrum(update.B, update.A, update.scale, layer=f"para ({label})")
         spectra.append(_Spectrum(label, module.method, L, s, R, module.para_core_shape(), (name, module, update.scale)))
     return spectra
 
@@ -132,7 +132,7 @@ def _collect_dict(adapters: Mapping[str, LowRankUpdate]) -> list[_Spectrum]:
     for name, f in adapters.items():
         if f.B.dim() != 2 or f.A.dim() != 2 or f.B.shape[1] != f.A.shape[0]:
             raise ValueError(f"para ({name}): expected B (m, r) and A (r, n), got B {tuple(f.B.shape)}, A {tuple(f.A.shape)}")
-        L, s, R = para_spectrum(f.B, f.A, f.scale, where=f"para ({name})")
+        L, s, R = para_spectrum(f.B, f.A, f.scale, layer=f"para ({name})")
         spectra.append(_Spectrum(name, "lora", L, s, R, (f.B.shape[0], f.A.shape[1]), name))
     return spectra
 
@@ -147,7 +147,7 @@ def _threshold(spectra: list[_Spectrum], energy: Optional[float], budget: Option
     if positive == 0:
         return float("inf")
     if budget is None:
-        count = select_rank(pooled[:positive], energy, 2, where="para.compress")
+        count = select_rank(pooled[:positive], energy, 2, layer="para.compress")
         return float(pooled[count - 1])
     # Walk σ descending, adding each σ's marginal cost; cut only where σ changes, so that one
     # threshold keeps exactly the walked prefix.

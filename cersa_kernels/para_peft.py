@@ -19,7 +19,10 @@ from typing import Optional
 
 import torch
 
-from ._adapter_files import VERSION_KEY, check_pair, read_json_object, read_safetensors
+from ._adapter_files import (
+    CONFIG_ID_KEY, FORMAT_KEY, VERSION_KEY, check_pair, config_id, read_json_object, read_safetensors, serialize_tensors,
+    write_files_atomically,
+)
 from ._checks import InputNotFoundError, UsageError
 from .nn.base import LowRankUpdate
 from .para import ParaResult, compress
@@ -125,8 +128,6 @@ def write_lora_adapter(
     s·√k with rslora, so each module's scale s is exact) and `target_modules` = the kept modules.
     Both files are serialised first, then written to temporary names and renamed into place; the
     safetensors metadata carries the config's id (`_adapter_files.config_id`)."""
-    from ._adapter_files import CONFIG_ID_KEY, FORMAT_KEY, VERSION_KEY, config_id, serialize_tensors, write_files_atomically
-
     out = dict(extra_tensors or {})
     new_ranks, new_alphas = {}, {}
     for name, f in adapters.items():

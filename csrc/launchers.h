@@ -38,7 +38,7 @@ struct Tensor3 {
   int64_t stride[3];
 };
 
-// CERSA forward (METHODS.md §1): x (T, n), V (n, k), S (k, k), U (m, k), bias (1, m) or nullptr
+// CERSA forward (docs/methods.md §1): x (T, n), V (n, k), S (k, k), U (m, k), bias (1, m) or nullptr
 // -> y = (x V)(U S)ᵀ + b (T, m) and h = x V (T, k). x, V, U, bias, y, h share one dtype; S is in
 // that dtype or f32 (cast to it). The workspace holds U·S (and the cast S).
 size_t lowrank_fwd_workspace_bytes(const Matrix& x, const Matrix& V, const Matrix& S, const Matrix& U);
@@ -52,7 +52,7 @@ size_t lowrank_bwd_workspace_bytes(const Matrix& dy, const Matrix& h, const Matr
 void lowrank_bwd(const Matrix& dy, const Matrix& h, const Matrix& V, const Matrix& S, const Matrix& U,
                  const Matrix* dx, const Matrix& dS, void* workspace, size_t workspace_bytes, cudaStream_t stream);
 
-// SNELL's sparse update for merging (METHODS.md §4): A (H, n, d), B (H, m, d) -> out (m, n) with
+// SNELL's sparse update for merging (docs/methods.md §4): A (H, n, d), B (H, m, d) -> out (m, n) with
 // K[i, j] = Σ_h coeffs[h]·‖B[h, i] − A[h, j]‖₂ (fp32) and out = K·|K| where |K| > tau, else 0.
 constexpr int kSnellMaxHeads = 16;
 void snell_delta(const Tensor3& A, const Tensor3& B, const float* coeffs, int heads, float tau, const Matrix& out,

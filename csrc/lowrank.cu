@@ -1,4 +1,4 @@
-// CERSA low-rank op (METHODS.md §1) on tensor cores; mirrors cersa_kernels/triton/lowrank.py.
+// CERSA low-rank op (docs/methods.md §1) on tensor cores; mirrors cersa_kernels/triton/lowrank.py.
 // Every product in the op is a skinny GEMM, so one tiled kernel serves them all: it takes any
 // strides (transposes are free views, x may have a row stride), accumulates in fp32, adds the bias
 // in its epilogue, and can split the reduction dimension over blocks into fp32 partials.

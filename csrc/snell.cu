@@ -1,4 +1,4 @@
-// SNELL's sparse update for merging (METHODS.md §4), one fused pass with no m×n intermediate:
+// SNELL's sparse update for merging (docs/methods.md §4), one fused pass with no m×n intermediate:
 //   K[i, j] = Σ_h c_h·‖B[h, i] − A[h, j]‖₂ (fp32),  out[i, j] = K·|K| if |K| > tau else 0,
 //   and out = K for tau = −inf (sparsity 0: plain kernelized LoRA, no |K| scaling).
 // out is K·mag, a product, so a NaN in K stays NaN (as in the reference) instead of becoming 0.

@@ -82,7 +82,7 @@ LORA_SCALE, LORA_SEED = 1.7, 1234
 @dataclass(frozen=True)
 class OpCase:
     """`make(T, n, m, r, dtype, bias, gen, **kw)` -> inputs dict; `call(**inputs)` the public op;
-    `grads` the inputs that get a gradient; `eager` the op's math (METHODS.md) under plain autograd,
+    `grads` the inputs that get a gradient; `eager` the op's math (docs/methods.md) under plain autograd,
     composed from the reference modules: the same-dtype comparator and the float64 oracle."""
 
     name: str
@@ -180,7 +180,7 @@ def _flat(fwd, out_features):
 
 
 def _snell_eager(x, W0, bias, A, B, coeffs, sparsity):
-    """METHODS §4 under autograd: ΔW_s = K for s = 0, else K ⊙ sg(|K|) ⊙ 1[|K| > τ], τ the
+    """docs/methods.md §4 under autograd: ΔW_s = K for s = 0, else K ⊙ sg(|K|) ⊙ 1[|K| > τ], τ the
     reference's selection on |K| in the same precision as K (so the kept set is the reference's)."""
     K = ref_snell.kernel_matrix(A, B, coeffs)
     if sparsity == 0:

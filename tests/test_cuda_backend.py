@@ -371,7 +371,7 @@ def test_gpu_host_pointer_is_refused_and_the_context_survives(native):
 
 
 def snell_ref64(A, B, coeffs, tau):
-    """K[i, j] = Σ_h c_h‖B[h, i] − A[h, j]‖₂ in float64; K·|K| where |K| > tau, else 0 (METHODS §4)."""
+    """K[i, j] = Σ_h c_h‖B[h, i] − A[h, j]‖₂ in float64; K·|K| where |K| > tau, else 0 (docs/methods.md §4)."""
     A, B = A.double(), B.double()
     K = sum(c * (B[h][:, None, :] - A[h][None, :, :]).pow(2).sum(-1).sqrt() for h, c in enumerate(coeffs))
     return torch.where(K.abs() > tau, K * K.abs(), torch.zeros_like(K)), K

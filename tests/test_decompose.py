@@ -1,10 +1,10 @@
-"""decompose(): the cumulative-energy rank rule of METHODS §1, dtypes, and every error."""
+"""decompose(): the cumulative-energy rank rule of docs/methods.md §1, dtypes, and every error."""
 import math
 
 import pytest
 import torch
 
-from cersa_kernels import decompose, select_rank, truncated_svd
+from cersa_kernels import decompose, select_rank
 
 
 def weight_with_spectrum(sigma, m=40, n=30, dtype=torch.float64):
@@ -34,7 +34,7 @@ def test_factors_reconstruct_the_truncation():
     assert torch.all(S[:-1] >= S[1:])
     share = float((Sf[:k] ** 2).sum() / (Sf**2).sum())
     assert share >= 0.9 and float((Sf[: k - 1] ** 2).sum() / (Sf**2).sum()) < 0.9
-    assert math.isclose(truncated_svd(W, 0.9).energy_kept, share, rel_tol=1e-12)
+    assert math.isclose(decompose(W, 0.9).energy_kept, share, rel_tol=1e-12)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
@@ -86,3 +86,15 @@ def test_not_2d():
 def test_select_rank_bad_power():
     with pytest.raises(ValueError, match="energy_power must be > 0"):
         select_rank(torch.tensor([2.0, 1.0]), energy=0.5, energy_power=0)
+
+
+def test_decompose_unpacks_as_U_sigma_V_and_truncated_svd_is_a_deprecated_alias():
+    W = torch.randn(7, 5, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    result = decompose(W, rank=3)
+    U, sigma, V = result
+    assert sigma.shape == (3,) and U.shape == (7, 3) and V.shape == (5, 3) and result.rank == 3
+    with pytest.warns(DeprecationWarning, match="decompose"):
+        from cersa_kernels import truncated_svd
+
+        old = truncated_svd(W, rank=3)
+    torch.testing.assert_close(old.sigma, sigma)

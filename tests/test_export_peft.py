@@ -116,7 +116,7 @@ def test_pica_over_cersa_through_apply_save_load_merge_export(tmp_path):
     ck.save(model, tmp_path / "saved")
     fresh = ck.load(copy.deepcopy(original), tmp_path / "saved")
     q0, q1 = fresh.model.layers[0].self_attn.q_proj, fresh.model.layers[1].self_attn.q_proj
-    assert isinstance(q0, PicaLinear) and q0.M is q1.M and q0.M.requires_grad
+    assert isinstance(q0, PicaCersaLinear) and q0.M is q1.M and q0.M.requires_grad
     with torch.no_grad():
         torch.testing.assert_close(fresh(input_ids=ids).logits, expected, atol=0, rtol=0)
     ck.export_peft_lora(model, tmp_path / "peft")

@@ -145,7 +145,7 @@ def test_opcheck(backend):
 
 
 def test_reference_functions_are_the_math():
-    """The reference is the literal formula of METHODS §1 (transposes included)."""
+    """The reference is the literal formula of docs/methods.md §1 (transposes included)."""
     x, V, S, U, b = (t.double() for t in make_inputs(5, 6, 7, 3))
     y, h = lowrank_fwd(x, V, S, U, b)
     torch.testing.assert_close(y, x @ (U @ S @ V.T).T + b)

@@ -135,7 +135,7 @@ class TestTargets:
 
     def test_unknown_method(self):
         with pytest.raises(ValueError, match="method must be one of"):
-            ck.apply(nn.Sequential(nn.Linear(4, 4)), "dora")
+            ck.apply(nn.Sequential(nn.Linear(4, 4)), "no-such-method")
 
 
 class TestGlobalAllocation:
@@ -229,7 +229,7 @@ def test_analyze_real_minilm(tmp_path, capsys):
     out = capsys.readouterr().out
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "encoder.layer.0.attention.self.query" in out and "energy α = 0.9:" in out and "energy α = 0.95:" in out
-    assert "layers that save memory: 0/37" in out  # METHODS §1: at α = 0.95 MiniLM's k is above break-even
+    assert "layers that save memory: 0/37" in out  # docs/methods.md §1: at α = 0.95 MiniLM's k is above break-even
 
 
 def test_analyze_break_even_and_global_alternative():

@@ -1,4 +1,4 @@
-"""SNELL (METHODS §4): the Triton kernels (interpreted, float32) against the reference, the exact
+"""SNELL (docs/methods.md §4): the Triton kernels (interpreted, float32) against the reference, the exact
 threshold against torch.kthvalue, the reference against the math (gradcheck, autograd of the plain
 formula, torch.quantile), opcheck, torch.compile, the no-m×n-buffer and saved-bytes claims, the layer
 and its errors.
@@ -215,7 +215,7 @@ def test_reference_threshold_above_2_24_elements():
 @pytest.mark.parametrize("sparsity", [0.1, 0.5, 0.9, 0.99])
 @pytest.mark.parametrize("ties", [False, True])
 def test_kthvalue_threshold_keeps_what_quantile_keeps(sparsity, ties):
-    """METHODS §4: `|K| > kthvalue(|K|, ⌊s(N−1)⌋+1)` keeps exactly the entries `|K| > quantile(|K|, s)`
+    """docs/methods.md §4: `|K| > kthvalue(|K|, ⌊s(N−1)⌋+1)` keeps exactly the entries `|K| > quantile(|K|, s)`
     keeps (float64, so the interpolation does not round onto the next value)."""
     g = torch.Generator().manual_seed(11)
     v = torch.randn(37, 41, generator=g, dtype=torch.float64)
@@ -246,7 +246,7 @@ def test_threshold_and_delta_contract():
 
 
 def test_delta_at_sparsity_zero_is_K():
-    """τ = −inf (s = 0): ΔW = K, no |K| scaling (METHODS §4), against float64 K."""
+    """τ = −inf (s = 0): ΔW = K, no |K| scaling (docs/methods.md §4), against float64 K."""
     _, _, _, A, B = draw_inputs(1, 30, 20, 8, sparsity=0.0)
     K64 = ref.kernel_matrix(A.double(), B.double(), COEFFS)
     torch.testing.assert_close(ref.snell_delta(A, B, COEFFS, float("-inf")).double(), K64, atol=1e-7, rtol=1e-5)
@@ -261,10 +261,10 @@ def small64(sparsity=0.5, seed=0):
 
 
 def plain_snell(x, W0, b, A, B, coeffs, sparsity):
-    """METHODS §4 written independently (float64 for an oracle): norms of the full differences,
+    """docs/methods.md §4 written independently (float64 for an oracle): norms of the full differences,
     torch.quantile, sg via detach; s = 0 is plain kernelized LoRA."""
     K = sum(c * torch.linalg.vector_norm(B[h][:, None, :] - A[h][None, :, :], dim=-1) for h, c in enumerate(coeffs))
-    if sparsity == 0:  # plain kernelized LoRA: ΔW = K (METHODS §4)
+    if sparsity == 0:  # plain kernelized LoRA: ΔW = K (docs/methods.md §4)
         return x @ (W0 + K).T + b
     mag = K.abs().detach()
     mag = mag * (mag > torch.quantile(mag.flatten(), sparsity))
@@ -447,7 +447,7 @@ def test_from_linear_state_and_init():
     layer = SnellLinear.from_linear(linear, rank=8, heads=2, sparsity=0.9, coeffs=(0.1, -0.1))
     assert torch.equal(layer.weight, linear.weight) and torch.equal(layer.bias, linear.bias)
     assert not layer.weight.requires_grad and not layer.bias.requires_grad
-    assert "weight" in dict(layer.named_buffers())
+    assert "weight" in dict(layer.named_parameters())  # frozen Parameter, like every layer's W0 (nn.Linear's keys)
     assert layer.A.shape == (2, 130, 4) and layer.B.shape == (2, 77, 4)
     assert layer.A.requires_grad and layer.B.requires_grad
     assert sorted(n for n, p in layer.named_parameters() if p.requires_grad) == ["A", "B"]

@@ -36,6 +36,9 @@ from typing import Callable, Iterator, Sequence
 import torch
 from torch import Tensor
 
+from ..triton import triton_interpreting
+from . import cuda
+
 __all__ = [
     "BACKENDS",
     "BackendUnavailableError",
@@ -76,10 +79,6 @@ def use_backend(name: str) -> Iterator[None]:
         yield
     finally:
         _override.reset(token)
-
-
-def triton_interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 @functools.lru_cache(maxsize=None)
@@ -132,8 +131,6 @@ def unavailable_reasons(backend: str, op: str, tensors: Sequence[Tensor]) -> lis
         if triton_interpreting() and devices == ["cpu"] and "bfloat16" in dtypes:
             reasons.append("bfloat16 tl.dot is wrong under the Triton interpreter; test bfloat16 on a GPU")
     elif backend == "cuda":
-        from . import cuda
-
         reasons.extend(cuda.unavailable_reasons(op, tensors))
     if not reasons and _load_kernel(backend, op) is None:
         module_name, attr = _kernel_location(backend, op)

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from .._checks import check_features_args, check_int, check_layer_dtype
-from ..decompose import global_ranks, truncated_svd
+from ..decompose import decompose, global_ranks
 from ..ops.lowrank import lowrank_linear
 from ._autocast import autocast_cast
 from ._merge import merged_linear
@@ -115,7 +115,7 @@ class CersaLinear(AdapterLayer, method="cersa"):
         check_layer_dtype("core_dtype", core_dtype, "CersaLinear.from_linear")
         if trainable_rank is not None:
             check_int("trainable_rank", trainable_rank, "CersaLinear.from_linear", minimum=1)
-        svd = truncated_svd(linear.weight, energy, energy_power, rank, max_rank, where="CersaLinear.from_linear")
+        svd = decompose(linear.weight, energy, energy_power, rank, max_rank, layer="CersaLinear.from_linear")
         w = linear.weight
         layer = cls(
             linear.in_features, linear.out_features, svd.rank, bias=linear.bias is not None,
@@ -152,15 +152,15 @@ class CersaLinear(AdapterLayer, method="cersa"):
         with one threshold pooled over every layer's spectrum (`decompose.global_ranks`)."""
         where = "apply(method='cersa')"
         if energy_scope not in ("layer", "global"):
-            raise ValueError(f"{where}: energy_scope must be 'layer' or 'global', got {energy_scope!r}")
+            raise ValueError(f"{layer}: energy_scope must be 'layer' or 'global', got {energy_scope!r}")
         if budget is not None and budget_bytes is not None:
-            raise ValueError(f"{where}: give budget (parameters) or budget_bytes, not both")
+            raise ValueError(f"{layer}: give budget (parameters) or budget_bytes, not both")
         ranks: dict[str, Optional[int]] = {name: rank for name in bases}
         if energy_scope == "global" or budget is not None or budget_bytes is not None:
             if rank is not None:
-                raise ValueError(f"{where}: rank= fixes every layer's rank; it cannot combine with global allocation")
+                raise ValueError(f"{layer}: rank= fixes every layer's rank; it cannot combine with global allocation")
             if budget_bytes is not None:
-                budget_bytes = check_int("budget_bytes", budget_bytes, where, minimum=0)
+                budget_bytes = check_int("budget_bytes", budget_bytes, layer, minimum=0)
                 budget = budget_bytes // next(iter(bases.values())).weight.element_size()
             spectra = {n: torch.linalg.svdvals(b.weight.detach().float()) for n, b in bases.items()}
             shapes = {n: (b.out_features, b.in_features) for n, b in bases.items()}

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from .._checks import check_int
-from ..decompose import truncated_svd
+from ..decompose import decompose
 from ..ops import pica_linear, pica_lowrank_linear
 from ._autocast import autocast_cast
 from ._merge import merged_linear
@@ -133,7 +133,7 @@ class PicaLinear(_PicaLayer, method="pica"):
             raise TypeError(f"PicaLinear ({name}): base must be an nn.Linear or a CersaLinear, got {type(base).__name__}")
         label = self._init_branch(base, rank, M, layer_name)
         w = base.weight.detach()
-        svd = truncated_svd(w, rank=self.rank, where=label)
+        svd = decompose(w, rank=self.rank, layer=label)
         self._init_frozen_base(base.bias is not None, device=w.device, dtype=w.dtype)
         self._copy_frozen_base(base)
         self.register_buffer("P", svd.V.T.contiguous())

@@ -1,4 +1,4 @@
-"""Reference for the LoRA op (METHODS.md §5), plain eager PyTorch, with reproducible dropout.
+"""Reference for the LoRA op (docs/methods.md §5), plain eager PyTorch, with reproducible dropout.
 
 Shapes: x (T, n), W (m, n) frozen, bias (m,) or None, A (r, n), B (m, r); dy (T, m), xa (T, r).
 `y = x Wᵀ + b + s·(drop(x) Aᵀ) Bᵀ`, with drop(x) = x ⊙ keep / (1 − p).

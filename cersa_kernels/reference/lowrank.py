@@ -1,4 +1,4 @@
-"""Reference for the CERSA low-rank op (METHODS.md §1), plain eager PyTorch.
+"""Reference for the CERSA low-rank op (docs/methods.md §1), plain eager PyTorch.
 
 Shapes: x (T, n), V (n, k), S (k, k), U (m, k), bias (m,) or None; dy (T, m), h (T, k).
 S may be stored in a wider dtype than x (an fp32 master copy); it is cast to x's dtype for the

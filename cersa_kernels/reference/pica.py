@@ -1,4 +1,4 @@
-"""Reference for the PiCa op (METHODS.md §2), plain eager PyTorch.
+"""Reference for the PiCa op (docs/methods.md §2), plain eager PyTorch.
 
 Shapes: x (T, n), W (m, n) frozen, bias (m,) or None, P (r, n) frozen (= V_rᵀ of W), M (m, r)
 trainable; dy (T, m), h (T, r). M may be kept in a wider dtype than x (an fp32 master copy): it is

@@ -1,4 +1,4 @@
-"""Reference for PiCa on a CERSA base (METHODS.md §1 + §2): the PiCa projection P = V_k[:, :r]ᵀ
+"""Reference for PiCa on a CERSA base (docs/methods.md §1 + §2): the PiCa projection P = V_k[:, :r]ᵀ
 is the CERSA basis itself, so the branch reuses h = x V_k.
 
 Shapes: x (T, n), V (n, k), S (k, k), U (m, k), M (m, r) with r ≤ k, bias (m,); dy (T, m), h (T, k).

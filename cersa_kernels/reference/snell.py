@@ -1,4 +1,4 @@
-"""Reference for SNELL, sparse tuning with kernelized LoRA (METHODS.md §4), plain eager PyTorch.
+"""Reference for SNELL, sparse tuning with kernelized LoRA (docs/methods.md §4), plain eager PyTorch.
 
 This is the *plain* version: it materialises the m×n kernel matrix K (and, in backward, the m×n
 G = dyᵀx) every call, exactly like the published method. The Triton backend computes the same
@@ -46,7 +46,7 @@ def compute_dtype(t: Tensor) -> torch.dtype:
 
 def kth_rank(numel: int, sparsity: float) -> int:
     """k = ⌊s·(N−1)⌋ + 1: the k-th smallest |K| is the threshold that keeps exactly the entries
-    torch.quantile(|K|, s) followed by `> τ` keeps (METHODS §4)."""
+    torch.quantile(|K|, s) followed by `> τ` keeps (docs/methods.md §4)."""
     return int(math.floor(sparsity * (numel - 1))) + 1
 
 

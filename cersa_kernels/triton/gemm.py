@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..backends import triton_interpreting
+from . import triton_interpreting
 
 # Where the dropout mask applies (DROP constexpr).
 DROP_NONE, DROP_A, DROP_B, DROP_C = 0, 1, 2, 3

@@ -1,4 +1,4 @@
-"""Triton launchers for the LoRA op (METHODS.md §5), on the shared GEMM of `triton/gemm.py`.
+"""Triton launchers for the LoRA op (docs/methods.md §5), on the shared GEMM of `triton/gemm.py`.
 
 Forward (writes xa and y; the dropout mask is never materialised):
     xa = drop(x) Aᵀ            (T×r, saved; the mask is applied to x tiles as they are loaded)

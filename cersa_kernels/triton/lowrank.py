@@ -1,4 +1,4 @@
-"""Triton kernels for the CERSA low-rank op (METHODS.md §1).
+"""Triton kernels for the CERSA low-rank op (docs/methods.md §1).
 
 Every product in the op is a skinny GEMM, so the shared tiled kernel of `triton/gemm.py` serves them
 all: it takes any strides (transposes are free views, x may have a row stride), accumulates in

@@ -1,4 +1,4 @@
-"""Triton launchers for the PiCa op (METHODS.md §2), on the shared GEMM of `triton/gemm.py`.
+"""Triton launchers for the PiCa op (docs/methods.md §2), on the shared GEMM of `triton/gemm.py`.
 
 Forward:  h = x Pᵀ (T×r, saved);  y = x W0ᵀ + b (bias epilogue);  y += h Mᵀ (residual, in place).
 Backward: dM = dyᵀ h (m×r, reduction over T split);  dx = dy W0;  dx += (dy M) P (in place).

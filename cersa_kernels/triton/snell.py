@@ -1,4 +1,4 @@
-"""Triton kernels for SNELL (METHODS.md §4) that never hold an m×n matrix in memory.
+"""Triton kernels for SNELL (docs/methods.md §4) that never hold an m×n matrix in memory.
 
 Every m×n quantity (K, D_h, the mask, G = dyᵀx, E_h) exists only as a register tile. One jit
 helper, `_kernel_tile`, builds a tile of K from A and B and every kernel calls it (the selection,
@@ -46,7 +46,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..backends import triton_interpreting
+from . import triton_interpreting
 from ..reference.snell import kth_rank
 
 __all__ = [
