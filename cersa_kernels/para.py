@@ -222,6 +222,10 @@ def _rebuild(sp: _Spectrum, k: int, model: Optional[nn.Module], dict_input: Mapp
         new.lora_A.copy_(f.A)
         new.lora_B.copy_(f.B)
     new.layer_name = layer.layer_name
+    # the markers `apply` set: without them save / export_peft_lora no longer see the layer
+    for attr in ("_cersa_adapter", "_cersa_method", "_cersa_base_type"):
+        if hasattr(layer, attr):
+            setattr(new, attr, getattr(layer, attr))
     replace_module(model, sp.name, new)
     return None
 
