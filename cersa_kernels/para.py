@@ -222,6 +222,7 @@ def _rebuild(sp: _Spectrum, k: int, model: Optional[nn.Module], dict_input: Mapp
         new.lora_A.copy_(f.A)
         new.lora_B.copy_(f.B)
     new.layer_name = layer.layer_name
+    new.train(layer.training)  # a new module starts in training mode (its dropout would turn on)
     # the markers `apply` set: without them save / export_peft_lora no longer see the layer
     for attr in ("_cersa_adapter", "_cersa_method", "_cersa_base_type"):
         if hasattr(layer, attr):

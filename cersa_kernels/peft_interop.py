@@ -87,12 +87,18 @@ def from_peft(model: nn.Module, adapter_dir: Union[str, Path], dropout: float | 
     if unsupported:
         raise ValueError(f"from_peft: {config_path} uses what LoraLinear does not support: {'; '.join(unsupported)}")
 
+    tensors = load_file(str(weights_path))
+    embedding = sorted({k.split(".lora_embedding_")[0].removeprefix("base_model.model.") for k in tensors if ".lora_embedding_" in k})
+    if embedding:
+        raise ValueError(
+            f"from_peft: {weights_path} holds embedding LoRA for {embedding}; LoRA is supported on nn.Linear and "
+            "Hugging Face Conv1D layers only"
+        )
     pairs: dict[str, dict[str, Tensor]] = {}
-    for key, tensor in load_file(str(weights_path)).items():
+    for key, tensor in tensors.items():
         match = _LORA_KEY.match(key)
         if match is None:
-            what = "embedding LoRA" if "lora_embedding_" in key else "a tensor that is not a Linear LoRA weight"
-            raise ValueError(f"from_peft: {weights_path} holds {key!r}: {what} is not supported")
+            raise ValueError(f"from_peft: {weights_path} holds {key!r}, which is not a Linear LoRA weight (lora_A / lora_B)")
         pairs.setdefault(match["module"], {})[match["which"]] = tensor
     if not pairs:
         raise ValueError(f"from_peft: {weights_path} has no '...lora_A.weight' / '...lora_B.weight' tensors")
@@ -121,6 +127,7 @@ def from_peft(model: nn.Module, adapter_dir: Union[str, Path], dropout: float | 
                 f"{tuple(ab['A'].shape)} and {tuple(ab['B'].shape)}"
             )
         groups.setdefault((r, alpha / scale_of_r(r) * r), []).append(module)
+    training = {module: model.get_submodule(module).training for module in pairs}
 
     for p in model.parameters():  # as PEFT: only the adapters train
         p.requires_grad_(False)
@@ -133,6 +140,7 @@ def from_peft(model: nn.Module, adapter_dir: Union[str, Path], dropout: float | 
         with torch.no_grad():
             for module in modules:
                 layer = model.get_submodule(module)
+                layer.train(training[module])  # a new module starts in training mode; keep the model's
                 layer.lora_A.copy_(pairs[module]["A"])
                 layer.lora_B.copy_(pairs[module]["B"])
     return report
