@@ -95,6 +95,7 @@ def test_from_peft_matches_peft_from_pretrained(kind, tmp_path):
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
 def test_round_trip_peft_ours_train_para_export_peft(kind, tmp_path):
     base = tiny(kind)
@@ -140,6 +141,7 @@ class ConvNet(nn.Module):
         (dict(target_modules=["q_proj"], use_dora=True), r"DoRA \(use_dora=True\)"),
         (dict(target_modules=["q_proj"], bias="lora_only"), r"bias training \(bias='lora_only'\)"),
         (dict(target_modules=["q_proj"], lora_bias=True), r"lora_bias=True"),
+        (dict(target_modules=["q_proj"], modules_to_save=["lm_head"]), r"modules_to_save=\['lm_head'\]"),
         (dict(target_modules=["q_proj", "embed_tokens"]), r"embedding LoRA for \['model\.embed_tokens'\]"),
     ],
 )
