@@ -2,14 +2,16 @@
 
 Importing this package touches no GPU and does not import triton; kernels load on first use.
 """
-from . import backends, ops
+from . import backends, nn, ops, para
 from .decompose import decompose, global_ranks, select_rank, truncated_svd
-from .model import apply, export_peft_lora, load, merge, save, trainable_parameters
-from .nn import CersaLinear, LoraLinear, PicaLinear, SnellLinear
+from .model import adapter_layers, apply, export_peft_lora, load, merge, save, trainable_parameters
+from .nn import AdapterLayer, CersaLinear, LoraLinear, PicaCersaLinear, PicaLinear, SnellLinear
+from .peft_interop import from_peft, patch_peft, trainer_callback, unpatch_peft
 
 __version__ = "0.1.0"
 __all__ = [
-    "CersaLinear", "LoraLinear", "PicaLinear", "SnellLinear",
-    "decompose", "select_rank", "truncated_svd", "global_ranks", "ops", "backends",
-    "apply", "merge", "save", "load", "trainable_parameters", "export_peft_lora", "__version__",
+    "AdapterLayer", "CersaLinear", "LoraLinear", "PicaLinear", "PicaCersaLinear", "SnellLinear",
+    "decompose", "select_rank", "truncated_svd", "global_ranks", "ops", "backends", "nn", "para",
+    "apply", "merge", "save", "load", "trainable_parameters", "adapter_layers", "export_peft_lora",
+    "from_peft", "patch_peft", "unpatch_peft", "trainer_callback", "__version__",
 ]

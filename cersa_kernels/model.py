@@ -138,6 +138,7 @@ def apply(
         original = originals[name]
         layer.layer_name = name
         layer.base_type = original.base_type if isinstance(original, AdapterLayer) else type(original).__name__
+        layer.train(original.training)  # a new module starts in training mode: keep the model's (dropout)
         for alias in aliases[id(original)]:  # a tied module: one adapter under every name
             tree.replace_module(model, alias, layer)
         base = bases[name]

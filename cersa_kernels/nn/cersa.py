@@ -150,7 +150,7 @@ class CersaLinear(AdapterLayer, method="cersa"):
         """CersaLinear for each layer; `layer_options` go to from_linear (max_rank, trainable_rank,
         train_bias). energy_scope="global", `budget` (parameters) or `budget_bytes` choose the ranks
         with one threshold pooled over every layer's spectrum (`decompose.global_ranks`)."""
-        where = "apply(method='cersa')"
+        layer = "apply(method='cersa')"
         if energy_scope not in ("layer", "global"):
             raise ValueError(f"{layer}: energy_scope must be 'layer' or 'global', got {energy_scope!r}")
         if budget is not None and budget_bytes is not None:

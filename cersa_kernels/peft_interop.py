@@ -1,0 +1,262 @@
+"""Meet PEFT users where they are: load a PEFT LoRA adapter into our layers, run a PEFT model's
+LoRA layers on our fused `cersa::lora` op in place, and save our adapters from the HF Trainer.
+
+    report = from_peft(model, "adapter_dir")   # PEFT checkpoint -> LoraLinear layers (ck.save/para/export work)
+    names = patch_peft(peft_model)             # PEFT's lora.Linear layers compute through cersa::lora
+    unpatch_peft(peft_model)                   # PEFT's own forward again
+    trainer = Trainer(..., callbacks=[trainer_callback()])  # ck.save(model) beside every checkpoint
+
+`peft` and `transformers` are imported inside the functions that need them, so that
+`import cersa_kernels` stays light (it does not pull in transformers); there is no import cycle.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from pathlib import Path
+from typing import Union
+
+import torch
+from torch import Tensor, nn
+
+from .model import ApplyReport, apply, save
+from .nn.tree import as_linear, is_conv1d
+from .ops import lora_linear
+
+__all__ = ["from_peft", "patch_peft", "unpatch_peft", "trainer_callback"]
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+# `<base_model.model.><module>.lora_A.weight`: the keys PEFT's save_pretrained writes for a Linear
+_LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<which>[AB])\.weight$")
+
+
+# --- from_peft: a PEFT LoRA adapter directory -> our LoraLinear layers ----------------------------
+
+def _unsupported_features(config) -> list[str]:
+    """What in a LoraConfig our LoraLinear cannot reproduce, each as 'what (field=value)'."""
+    found = []
+    for f in dataclasses.fields(config):  # DoRA and every other LoRA variant PEFT registers
+        value = getattr(config, f.name)
+        if f.metadata.get("is_lora_variant") and value:
+            label = "DoRA" if f.name == "use_dora" else "a LoRA variant"
+            found.append(f"{label} ({f.name}={value!r})")
+        if f.name == "init_lora_weights" and value in f.metadata.get("lora_variants", ()):
+            found.append(f"a LoRA variant (init_lora_weights={value!r})")
+    if config.bias != "none":
+        found.append(f"bias training (bias={config.bias!r})")
+    if getattr(config, "lora_bias", False):
+        found.append("a bias on lora_B (lora_bias=True)")
+    for name in ("modules_to_save", "trainable_token_indices", "target_parameters", "layer_replication", "megatron_config"):
+        value = getattr(config, name, None)
+        if value:
+            found.append(f"{name}={value!r}")
+    return found
+
+
+def from_peft(model: nn.Module, adapter_dir: Union[str, Path], dropout: float | None = None) -> ApplyReport:
+    """Replace, in place, every Linear / HF Conv1D of `model` (the original base model, as given to
+    `get_peft_model`) that the PEFT LoRA adapter in `adapter_dir` adapts by a `LoraLinear` holding
+    the adapter's lora_A (r, n) and lora_B (m, r), so that `model` computes what
+    `PeftModel.from_pretrained(model, adapter_dir)` computes.
+
+    Per module, r and alpha come from `rank_pattern` / `alpha_pattern` with PEFT's own key matching
+    (`peft.utils.other.get_pattern_key`); the scale is alpha/r, alpha/√r with `use_rslora` (stored
+    as LoraLinear alpha' = scale·r, the same scale). Conv1D bases are read transposed, as PEFT's
+    `fan_in_fan_out` does. `dropout` defaults to the adapter's `lora_dropout`. Every other parameter
+    of `model` is frozen (as PEFT does). DoRA and other LoRA variants, bias training, embedding or
+    Conv LoRA and non-LoRA adapters raise a ValueError naming what is unsupported.
+    Returns the ApplyReport of the replaced layers; `cersa_kernels.save`, `para.compress` and
+    `export_peft_lora` work on the result.
+    """
+    import peft
+    from peft.utils.other import get_pattern_key
+    from safetensors.torch import load_file
+
+    adapter_dir = Path(adapter_dir)
+    config_path, weights_path = adapter_dir / CONFIG_FILE, adapter_dir / WEIGHTS_FILE
+    for path in (config_path, weights_path):
+        if not path.is_file():
+            raise FileNotFoundError(f"from_peft: {path} not found (expected a PEFT LoRA adapter directory)")
+    peft_type = json.loads(config_path.read_text()).get("peft_type")
+    if peft_type != "LORA":
+        raise ValueError(f"from_peft: {config_path} is a {peft_type} adapter; only LoRA (peft_type='LORA') is supported")
+    config = peft.LoraConfig.from_pretrained(str(adapter_dir))
+    unsupported = _unsupported_features(config)
+    if unsupported:
+        raise ValueError(f"from_peft: {config_path} uses what LoraLinear does not support: {'; '.join(unsupported)}")
+
+    tensors = load_file(str(weights_path))
+    embedding = sorted({k.split(".lora_embedding_")[0].removeprefix("base_model.model.") for k in tensors if ".lora_embedding_" in k})
+    if embedding:
+        raise ValueError(
+            f"from_peft: {weights_path} holds embedding LoRA for {embedding}; LoRA is supported on nn.Linear and "
+            "Hugging Face Conv1D layers only"
+        )
+    pairs: dict[str, dict[str, Tensor]] = {}
+    for key, tensor in tensors.items():
+        match = _LORA_KEY.match(key)
+        if match is None:
+            raise ValueError(f"from_peft: {weights_path} holds {key!r}, which is not a Linear LoRA weight (lora_A / lora_B)")
+        pairs.setdefault(match["module"], {})[match["which"]] = tensor
+    if not pairs:
+        raise ValueError(f"from_peft: {weights_path} has no '...lora_A.weight' / '...lora_B.weight' tensors")
+
+    scale_of_r = (lambda r: r**0.5) if config.use_rslora else (lambda r: r)
+    groups: dict[tuple[int, float], list[str]] = {}  # (rank, our alpha) -> modules: one apply call each
+    for module, ab in pairs.items():
+        try:
+            base = model.get_submodule(module)
+        except AttributeError:
+            raise ValueError(f"from_peft: the adapter adapts {module!r}, which the model does not have") from None
+        if not (isinstance(base, nn.Linear) or is_conv1d(base)):
+            raise ValueError(
+                f"from_peft: module {module!r} is a {type(base).__name__}; LoRA is supported on nn.Linear and "
+                "Hugging Face Conv1D layers only"
+            )
+        if set(ab) != {"A", "B"}:
+            raise ValueError(f"from_peft: module {module!r} has lora_{''.join(sorted(ab))} but not both lora_A and lora_B")
+        r = int(config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), module), config.r))
+        alpha = float(config.alpha_pattern.get(get_pattern_key(config.alpha_pattern.keys(), module), config.lora_alpha))
+        linear = as_linear(base)
+        if tuple(ab["A"].shape) != (r, linear.in_features) or tuple(ab["B"].shape) != (linear.out_features, r):
+            raise ValueError(
+                f"from_peft: module {module!r} (in={linear.in_features}, out={linear.out_features}, r={r} from the "
+                f"config): expected lora_A {(r, linear.in_features)} and lora_B {(linear.out_features, r)}, got "
+                f"{tuple(ab['A'].shape)} and {tuple(ab['B'].shape)}"
+            )
+        groups.setdefault((r, alpha / scale_of_r(r) * r), []).append(module)
+
+    for p in model.parameters():  # as PEFT: only the adapters train
+        p.requires_grad_(False)
+    report = ApplyReport("lora")
+    p_drop = config.lora_dropout if dropout is None else dropout
+    for (r, alpha), modules in groups.items():
+        pattern = "|".join(re.escape(m) for m in modules)
+        part = apply(model, "lora", target_modules=f"(?:{pattern})", freeze_base=False, rank=r, alpha=alpha, dropout=p_drop)
+        report.rows.extend(part.rows)
+        with torch.no_grad():
+            for module in modules:
+                layer = model.get_submodule(module)
+                layer.lora_A.copy_(pairs[module]["A"])
+                layer.lora_B.copy_(pairs[module]["B"])
+    return report
+
+
+# --- patch_peft: PEFT's lora.Linear layers on our op, in place ------------------------------------
+
+class _OnCersaLora:
+    """The forward of one patched PEFT `lora.Linear`: y = base(x) + s·B(A(drop(x))) through the fused
+    `cersa::lora` op when one plain-LoRA adapter is active, PEFT's own forward otherwise (adapters
+    disabled, merged, several active, a mixed `adapter_names` batch, extra forward arguments).
+
+    An object (not a closure) so that deepcopy and pickle of the model keep working: it holds the
+    layer, and a copy of the layer gets a copy of this object pointing at the copy."""
+
+    def __init__(self, layer: nn.Module, name: str) -> None:
+        self.layer, self.name = layer, name
+
+    def __call__(self, x: Tensor, *args, **kwargs) -> Tensor:
+        layer = self.layer
+        active = [a for a in layer.active_adapters if a in layer.lora_A]
+        if args or kwargs or layer.disable_adapters or layer.merged or len(active) != 1 or active[0] in layer.lora_variant:
+            return type(layer).forward(layer, x, *args, **kwargs)
+        adapter = active[0]
+        base = layer.get_base_layer()
+        weight = base.weight.t() if is_conv1d(base) else base.weight  # Conv1D stores (in, out)
+        A, B = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+        drop = layer.lora_dropout[adapter]
+        p = float(drop.p) if isinstance(drop, nn.Dropout) and drop.training else 0.0
+        # our mask: regenerated in backward from this seed, never stored; drawn from torch's RNG so
+        # torch.manual_seed (and the Trainer's saved RNG state) reproduces it
+        seed = torch.randint(0, 2**31 - 1, (), dtype=torch.int64) if p > 0 else None
+        # The op wants one dtype. Under autocast that is autocast's dtype (the dispatcher does not
+        # autocast a custom op); else the base weight's: PEFT keeps float32 adapters over a 16-bit
+        # base. Gradients flow back through the casts, so float32 adapters get float32 gradients.
+        dtype = weight.dtype
+        if torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type):
+            dtype = torch.get_autocast_dtype(x.device.type)
+        x, weight, A, B, bias = (None if t is None else t.to(dtype) for t in (x, weight, A, B, base.bias))
+        return lora_linear(x, weight, A, B, bias, layer.scaling[adapter], p, seed, layer=self.name)
+
+
+def _lora_layers(peft_model: nn.Module) -> dict[str, nn.Module]:
+    """{name: module} of every PEFT tuner layer; ValueError naming each one `patch_peft` cannot serve."""
+    from peft.tuners.lora import Linear as PeftLoraLinear
+    from peft.tuners.lora import LoraLayer
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers, problems = {}, []
+    for name, module in peft_model.named_modules():
+        if not isinstance(module, BaseTunerLayer):
+            continue
+        if not isinstance(module, LoraLayer):
+            problems.append(f"{name} is a {type(module).__module__}.{type(module).__name__} (not a LoRA layer: mixed adapter types)")
+        elif not isinstance(module, PeftLoraLinear):
+            problems.append(f"{name} is a LoRA {type(module).__name__} over a {type(module.get_base_layer()).__name__} "
+                            "(only LoRA on nn.Linear / Conv1D runs on our op)")
+        elif not (isinstance(module.get_base_layer(), nn.Linear) or is_conv1d(module.get_base_layer())):
+            problems.append(f"{name} wraps a {type(module.get_base_layer()).__name__}, not an nn.Linear / Conv1D")
+        elif module.lora_variant:
+            problems.append(f"{name} uses {sorted(type(v).__name__ for v in module.lora_variant.values())} for adapters "
+                            f"{sorted(module.lora_variant)} (DoRA / LoRA variants are not supported)")
+        elif any(module.lora_bias.values()):
+            problems.append(f"{name} has a bias on lora_B (lora_bias=True), which our op does not compute")
+        else:
+            layers[name] = module
+    if problems:
+        raise ValueError("patch_peft: cannot run these layers on the cersa lora op: " + "; ".join(problems))
+    if not layers:
+        raise ValueError(f"patch_peft: {type(peft_model).__name__} has no PEFT LoRA layer (expected a PeftModel from get_peft_model)")
+    return layers
+
+
+def patch_peft(peft_model: nn.Module) -> list[str]:
+    """Make every PEFT LoRA `Linear` of `peft_model` compute through the fused `cersa::lora` op, in place.
+
+    PEFT's modules, parameter names, state_dict, save_pretrained, merge_and_unload, disable_adapter()
+    and set_adapter() are unchanged: only each layer's `forward` is replaced (an instance attribute,
+    see `_OnCersaLora`), and the active adapter, its scaling and dropout are read at every call.
+    Autograd saves x and x·Aᵀ per layer; with dropout, the mask is our counter-based one, regenerated
+    from an 8-byte seed instead of saved. Raises ValueError naming every layer it cannot serve (no
+    LoRA layer at all, LoRA over Conv2d / Embedding, DoRA, lora_bias, other adapter types).
+    Returns the names of the patched layers.
+    """
+    layers = _lora_layers(peft_model)
+    for name, module in layers.items():
+        module.forward = _OnCersaLora(module, name)
+    return sorted(layers)
+
+
+def unpatch_peft(peft_model: nn.Module) -> list[str]:
+    """Give every layer `patch_peft` patched its PEFT forward back. Returns their names."""
+    restored = []
+    for name, module in peft_model.named_modules():
+        if isinstance(module.__dict__.get("forward"), _OnCersaLora):
+            del module.forward
+            restored.append(name)
+    return sorted(restored)
+
+
+# --- HF Trainer: save our adapter beside every checkpoint ------------------------------------------
+
+ADAPTER_SUBDIR = "cersa_adapter"
+
+
+def trainer_callback(subdir: str = ADAPTER_SUBDIR):
+    """A `transformers.TrainerCallback` that writes `cersa_kernels.save(model, <checkpoint>/<subdir>)`
+    at every Trainer checkpoint (and `<output_dir>/<subdir>` at the end of training), so that
+    `cersa_kernels.load(fresh_model, that_dir)` rebuilds the adapter layers without the Trainer.
+    (The Trainer's own checkpoint, the whole state dict, is what `resume_from_checkpoint` reads.)"""
+    from transformers import TrainerCallback
+
+    class CersaSaveCallback(TrainerCallback):
+        def on_save(self, args, state, control, model=None, **kwargs):
+            save(model, os.path.join(args.output_dir, f"checkpoint-{state.global_step}", subdir))
+
+        def on_train_end(self, args, state, control, model=None, **kwargs):
+            save(model, os.path.join(args.output_dir, subdir))
+
+    return CersaSaveCallback()
