@@ -41,10 +41,10 @@ PTXAS_ARCH = {80: "sm_80", 90: "sm_90a"}  # Triton emits sm_90a PTX (wgmma) for 
 # Cases: name -> (kind, callable(dtype) running launchers). Dtypes every case runs in.
 DTYPES = ("float32", "float16", "bfloat16")
 SNELL_HEAD_DIMS_FULL = (4, 12, 32, 64, 128)
-# The default subset: the largest SNELL tile (the most shared memory and registers), every kernel
-# in bf16 (fp16 compiles to the same code but for the element type), and the fp32 forward (the
-# largest fp32 tile).
+# The default subset: every SNELL kernel in bf16 at the largest head dim, and in fp16 and fp32 at
+# the smallest (the tiles do not depend on d_h, and the interpreter runs d = 4 much faster).
 SNELL_HEAD_DIMS_SUBSET = (128,)
+SNELL_HEAD_DIMS_OTHER_DTYPES = (4,)
 
 
 def _shapes():
@@ -82,18 +82,6 @@ def _gemm_cases(dtype_name: str) -> None:
         pica.pica_bwd_triton(dy, hp, W, P, M, True)
         _, hl = pica_lowrank.pica_lowrank_fwd_triton(x, V, S, U, M, bias)
         pica_lowrank.pica_lowrank_bwd_triton(dy, hl, V, S, U, M, True)
-
-
-def _snell_fp32_fwd_case(dtype_name: str) -> None:
-    import torch
-
-    from cersa_kernels.triton import snell
-
-    g = torch.Generator().manual_seed(0)
-    T, n, m, H, d = 37, 130, 77, 2, max(SNELL_HEAD_DIMS_SUBSET)
-    x, W0 = torch.randn(T, n, generator=g), torch.randn(m, n, generator=g)
-    A, B = torch.randn(H, n, d, generator=g), torch.randn(H, m, d, generator=g)
-    snell.snell_fwd_triton(x, W0, None, A, B, (0.5, 0.25), torch.tensor(1.0))
 
 
 def _snell_cases(dtype_name: str, head_dims) -> None:
@@ -169,7 +157,7 @@ def cases(full: bool) -> tuple[dict, dict]:
         "gemm_tf32": (_tf32_case, ("float32",)),
     }
     if not full:
-        sweep["snell_fp32_fwd"] = (_snell_fp32_fwd_case, ("float32",))
+        sweep["snell_other_dtypes"] = (lambda dt: _snell_cases(dt, SNELL_HEAD_DIMS_OTHER_DTYPES), ("float16", "float32"))
     # for the specialisation tests only (not part of the sweep)
     extra = {f"lora_seed_{s}": (_lora_seed_case(s), DTYPES) for s in (1, 7, 2**31 + 5)}
     extra.update({f"tokens_{T}": (_tokens_case(T), ("float16",)) for T in (300, 500, 700)})
@@ -294,8 +282,7 @@ def variant_id(v: dict) -> str:
     names = list(v["signature"])
     shown = ",".join(f"{names[p[0]]}={val}" for p, val in v["constexprs"] if v["signature"][names[p[0]]] == "constexpr")
     ptrs = [t[1:] for t in v["signature"].values() if t.startswith("*")]
-    aligned = sum(1 for _, spec in v["attrs"] if spec)
-    return f"{v['kernel']}[{'/'.join(dict.fromkeys(ptrs))}; {aligned} div16]({shown}) w{v['num_warps']}s{v['num_stages']}"
+    return f"{v['kernel']}[{'/'.join(dict.fromkeys(ptrs))}; {_n_divisible(v)} div16]({shown}) w{v['num_warps']}s{v['num_stages']}"
 
 
 def constexpr_values(v: dict) -> dict:
@@ -330,22 +317,34 @@ def _tile_volume(v: dict) -> int:
     return c.get("BLOCK_M", 1) * c.get("BLOCK_N", 1) * c.get("BLOCK_K", 1)
 
 
+def _n_divisible(v: dict) -> int:
+    """How many arguments the JIT specialised as divisible by 16."""
+    return sum(1 for _, spec in v["attrs"] if spec)
+
+
 def select(variants: list, full: bool) -> list:
     """Every variant (full), or the representative subset: one variant per coverage key (its
-    smallest tile: the quickest to compile), plus every autotune config of the first plain bf16
-    GEMM (so that each config's shared memory and wgmma use is checked on each arch)."""
+    smallest tile: the quickest to compile), plus every autotune config of two plain bf16 GEMM
+    layouts, the least and the most 16-divisible (odd strides: element-wise loads, the tile in
+    registers; aligned: the cp.async/TMA pipeline in shared memory), so that each config's shared
+    memory, spills and wgmma use are checked in both specialisations on each arch."""
     if full:
         return variants
-    chosen, seen, plain = [], set(), None
+
+    def layout(v):
+        strides = {k: x for k, x in constexpr_values(v).items() if k.startswith("stride")}
+        return json.dumps([v["signature"], strides, v["attrs"]])
+
+    plain = {layout(v): _n_divisible(v) for v in variants if is_plain_gemm(v)
+             and set(v["signature"][p] for p in ("a_ptr", "b_ptr", "c_ptr")) == {"*bf16"}}
+    every_config = {min(plain, key=plain.get), max(plain, key=plain.get)} if plain else set()
+    chosen, seen = [], set()
     for v in sorted(variants, key=_tile_volume):  # stable: capture order within a tile size
         key = _coverage_key(v)
-        if is_plain_gemm(v) and set(v["signature"][p] for p in ("a_ptr", "b_ptr", "c_ptr")) == {"*bf16"}:
-            layout = ({k: x for k, x in constexpr_values(v).items() if k.startswith("stride")}, repr(v["attrs"]))
-            plain = plain or layout
-            if layout == plain:
-                seen.add(key)
-                chosen.append(v)
-                continue
+        if is_plain_gemm(v) and layout(v) in every_config:
+            seen.add(key)
+            chosen.append(v)
+            continue
         if key not in seen:
             seen.add(key)
             chosen.append(v)

@@ -60,6 +60,13 @@ __all__ = [
 
 
 @triton.jit
+def _i64(x):
+    """x (an index, a loop counter or a constexpr) as int64, so that its products with strides and
+    the pointer offsets built from them cannot wrap at 2^31 elements."""
+    return tl.cast(x, tl.int64)
+
+
+@triton.jit
 def _head_distance(
     a_ptr, b_ptr, h, offs_m, offs_n, m, n, d,
     stride_ah, stride_an, stride_ad, stride_bh, stride_bm, stride_bd,
@@ -67,12 +74,12 @@ def _head_distance(
 ):
     """D_h tile (BM, BN) fp32 = sqrt_rn(Σ_dd (B[h, i, dd] − A[h, j, dd])²), dd in increasing order,
     one fma per term; rows/columns outside the matrix read zeros."""
-    b_rows = b_ptr + h * stride_bh + offs_m * stride_bm
-    a_rows = a_ptr + h * stride_ah + offs_n * stride_an
+    b_rows = b_ptr + (_i64(h) * stride_bh + offs_m * stride_bm)
+    a_rows = a_ptr + (_i64(h) * stride_ah + offs_n * stride_an)
     sq = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for dd in range(0, d):
-        b = tl.load(b_rows + dd * stride_bd, mask=offs_m < m, other=0.0).to(tl.float32)
-        a = tl.load(a_rows + dd * stride_ad, mask=offs_n < n, other=0.0).to(tl.float32)
+        b = tl.load(b_rows + _i64(dd) * stride_bd, mask=offs_m < m, other=0.0).to(tl.float32)
+        a = tl.load(a_rows + _i64(dd) * stride_ad, mask=offs_n < n, other=0.0).to(tl.float32)
         diff = b[:, None] - a[None, :]
         sq = tl.fma(diff, diff, sq)
     return tl.sqrt_rn(sq)
@@ -89,7 +96,7 @@ def _kernel_tile(
     for h in tl.static_range(H):
         dist = _head_distance(a_ptr, b_ptr, h, offs_m, offs_n, m, n, d,
                               stride_ah, stride_an, stride_ad, stride_bh, stride_bm, stride_bd, BLOCK_M, BLOCK_N)
-        k = tl.fma(tl.load(c_ptr + h), dist, k)
+        k = tl.fma(tl.load(c_ptr + _i64(h)), dist, k)
     return k
 
 
@@ -146,7 +153,7 @@ def _snell_select_kernel(
     n_invalid = tl.sum(tl.where(valid, 0, 1))
     bins = tl.arange(0, NBINS)
     hist = hist - tl.where(bins == 0, n_invalid, 0)
-    tl.atomic_add(hist_ptr + bins, hist, sem="relaxed")  # integer counts: exact in any order
+    tl.atomic_add(hist_ptr + _i64(bins), hist, sem="relaxed")  # integer counts: exact in any order
 
 
 @triton.jit
@@ -245,23 +252,23 @@ def _snell_dab_kernel(
                               stride_ah, stride_an, stride_ad, stride_bh, stride_bm, stride_bd, BLOCK_M, BLOCK_N)
         # E = G'/D, 0 where D = 0; a NaN D (NaN in A or B) gives a NaN E, as in the reference
         e = tl.where(dist == 0.0, 0.0, tl.div_rn(gp, dist))
-        b_rows = b_ptr + h * stride_bh + offs_m * stride_bm
-        a_rows = a_ptr + h * stride_ah + offs_n * stride_an
-        db_rows = db_base + h * m * d + offs_m * d
-        da_rows = da_base + h * n * d + offs_n * d
+        b_rows = b_ptr + (_i64(h) * stride_bh + offs_m * stride_bm)
+        a_rows = a_ptr + (_i64(h) * stride_ah + offs_n * stride_an)
+        db_rows = db_base + (_i64(h) * m * d + offs_m * d)
+        da_rows = da_base + (_i64(h) * n * d + offs_n * d)
         for dd in range(0, d):
-            b = tl.load(b_rows + dd * stride_bd, mask=in_m, other=0.0).to(tl.float32)
-            a = tl.load(a_rows + dd * stride_ad, mask=in_n, other=0.0).to(tl.float32)
+            b = tl.load(b_rows + _i64(dd) * stride_bd, mask=in_m, other=0.0).to(tl.float32)
+            a = tl.load(a_rows + _i64(dd) * stride_ad, mask=in_n, other=0.0).to(tl.float32)
             # padding contributes exactly 0 (0·(b − a) would be NaN for an infinite b or a)
             p = tl.where(inside, e * (b[:, None] - a[None, :]), 0.0)
             db = tl.sum(p, axis=1)
             da = -tl.sum(p, axis=0)
             if DETERMINISTIC:
-                tl.store(db_rows + dd, db, mask=in_m)
-                tl.store(da_rows + dd, da, mask=in_n)
+                tl.store(db_rows + _i64(dd), db, mask=in_m)
+                tl.store(da_rows + _i64(dd), da, mask=in_n)
             else:
-                tl.atomic_add(db_rows + dd, db, mask=in_m, sem="relaxed")
-                tl.atomic_add(da_rows + dd, da, mask=in_n, sem="relaxed")
+                tl.atomic_add(db_rows + _i64(dd), db, mask=in_m, sem="relaxed")
+                tl.atomic_add(da_rows + _i64(dd), da, mask=in_n, sem="relaxed")
 
 
 @triton.jit
