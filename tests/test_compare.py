@@ -3,6 +3,7 @@ articles, two methods (one CERSA) and a handful of steps, each in its own spawne
 import json
 
 import pytest
+import torch
 
 from cersa_kernels.__main__ import main
 from cersa_kernels.compare.data import stratified_split
@@ -45,3 +46,17 @@ def test_quick_compare_writes_every_field(tmp_path, capsys):
     rows = {r["method"]: r for r in results["rows"]}
     assert set(rows) == {"lora-r8", "lora-r8 + PARA", "cersa-a0.95", "cersa-a0.95 + PARA"}
     assert "cersa-a0.95:" in results["verdict"] and "vs LoRA" in results["verdict"]
+
+
+def test_training_batches_are_full_and_every_method_gets_the_same_order():
+    from cersa_kernels.compare.worker import training_batches
+
+    batches = training_batches(200, 16, epochs=4, max_steps=None, seed=3)
+    assert len(batches) == 4 * (200 // 16) and all(b.numel() == 16 for b in batches)  # 200 % 16 = 8 dropped
+    first_epoch = torch.cat(batches[:12])
+    assert first_epoch.unique().numel() == 192  # no article twice within an epoch
+    again = training_batches(200, 16, epochs=4, max_steps=None, seed=3)
+    assert all(torch.equal(a, b) for a, b in zip(batches, again))
+    assert len(training_batches(200, 16, epochs=4, max_steps=30, seed=3)) == 30
+    with pytest.raises(ValueError, match="cannot fill one batch"):
+        training_batches(10, 16, epochs=1, max_steps=None, seed=0)

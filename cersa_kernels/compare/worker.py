@@ -6,11 +6,11 @@ each method's peak memory is its own. It returns a JSON-able dict (see report.FI
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 from torch import nn
@@ -109,6 +109,22 @@ def _para_row(model: Classifier, evaluate_test, energy: float) -> dict:
                 reduction=result.reduction, adapter_bytes=saved_adapter_bytes(model), **evaluate_test())
 
 
+def training_batches(n: int, batch_size: int, epochs: int, max_steps: Optional[int], seed: int) -> list[torch.Tensor]:
+    """The article indices of every training step: full batches only (every step has the same shape;
+    the rest of each epoch is dropped), a fresh permutation per epoch from `seed`, so every method
+    sees the same data in the same order; `epochs` epochs, or `max_steps` steps when given."""
+    if n < batch_size:
+        raise ValueError(f"compare: {n} training articles cannot fill one batch of {batch_size}; lower --batch-size")
+    per_epoch = n // batch_size
+    total = max_steps or epochs * per_epoch
+    generator = torch.Generator().manual_seed(seed)
+    batches: list[torch.Tensor] = []
+    while len(batches) < total:
+        order = torch.randperm(n, generator=generator)
+        batches.extend(order[i * batch_size:(i + 1) * batch_size] for i in range(per_epoch))
+    return batches[:total]
+
+
 def run_one(config: dict) -> dict:
     """Train config['method'] with config['seed'] and return its measurements (one dict)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -138,10 +154,8 @@ def run_one(config: dict) -> dict:
     weights = list(model.parameters()) + list(model.buffers())
 
     n, bs = len(train.labels), int(config["batch_size"])
-    steps_per_epoch = math.ceil(n / bs)
-    total_steps = config.get("max_steps") or config["epochs"] * steps_per_epoch
-    order_gen = torch.Generator().manual_seed(seed)  # the same data order for every method
-    order = torch.cat([torch.randperm(n, generator=order_gen) for _ in range(math.ceil(total_steps / steps_per_epoch))])
+    batches = training_batches(n, bs, config["epochs"], config.get("max_steps"), seed)
+    total_steps = len(batches)
     measured_step = 1 if total_steps > 1 else 0
 
     is_cuda = device.startswith("cuda")
@@ -155,7 +169,7 @@ def run_one(config: dict) -> dict:
 
     bar = tqdm(range(total_steps), desc=f"{method.name} (seed {seed})", leave=True, disable=config.get("quiet", False))
     for step in bar:
-        idx = order[step * bs:(step + 1) * bs]
+        idx = batches[step]
         batch = {k: data["train"][k][idx].to(device) for k in ("input_ids", "attention_mask", "labels")}
         start = time.perf_counter()
         optimizer.zero_grad(set_to_none=False)  # grads persist: every breakdown part coexists at the end of forward
