@@ -7,7 +7,7 @@ Near-threshold entries: the Triton kernels compute |K| with tiled ieee dots, the
 torch matmuls, so an entry within float error of τ could land on different sides of it. The
 kernel-vs-reference tests therefore draw inputs where no |K| lies within 1e-5·max|K| of τ (checked
 in float64, see `draw_inputs`); the selection itself is tested for exact equality on the very |K|
-values it selects from (`kernel_matrix_triton` writes them with the kernels' own tile code).
+values it selects from (`kernelized_update_triton` writes them with the kernels' own tile code).
 """
 import math
 
@@ -36,7 +36,7 @@ def threshold_margin(A, B, coeffs, sparsity) -> float:
     """Distance (relative to max|K|) from τ to the nearest other |K|, in float64; inf for s = 0."""
     if sparsity == 0:
         return math.inf
-    absK = ref.kernel_matrix(A.double(), B.double(), coeffs).abs().flatten()
+    absK = ref.kernelized_update(A.double(), B.double(), coeffs).abs().flatten()
     k = ref.kth_rank(absK.numel(), sparsity)
     vals = absK.sort().values
     gaps = [vals[k - 1] - vals[k - 2] if k >= 2 else math.inf, vals[k] - vals[k - 1] if k < vals.numel() else math.inf]
@@ -113,12 +113,12 @@ def test_triton_matches_reference_other_shapes():
 
 def test_sparsity_keeps_the_right_count():
     """On the Triton path, exactly N − k entries of ΔW_s survive (no ties in random data)."""
-    from cersa_kernels.triton.snell import kernel_matrix_triton
+    from cersa_kernels.triton.snell import kernelized_update_triton
 
     _, _, _, A, B = draw_inputs(1, 130, 77, 8, sparsity=0.9)
     with use_backend("triton"):
         tau = snell_threshold(A, B, COEFFS, 0.9)
-    absK = kernel_matrix_triton(A, B, COEFFS).abs()
+    absK = kernelized_update_triton(A, B, COEFFS).abs()
     N = absK.numel()
     assert int((absK > tau).sum()) == N - ref.kth_rank(N, 0.9)
 
@@ -130,7 +130,7 @@ def test_sparsity_keeps_the_right_count():
 @pytest.mark.parametrize("sparsity", [0.0, 0.3, 0.5, 0.9, 0.99, 0.999999])
 def test_triton_threshold_is_kthvalue_of_the_same_values(shape, sparsity):
     """τ from the radix select equals torch.kthvalue on the |K| the kernels compute, bit for bit."""
-    from cersa_kernels.triton.snell import kernel_matrix_triton
+    from cersa_kernels.triton.snell import kernelized_update_triton
 
     m, n, d = shape
     g = torch.Generator().manual_seed(m * n + d)
@@ -141,7 +141,7 @@ def test_triton_threshold_is_kthvalue_of_the_same_values(shape, sparsity):
     if sparsity == 0:
         assert tau == float("-inf")
         return
-    absK = kernel_matrix_triton(A, B, COEFFS).abs().flatten()
+    absK = kernelized_update_triton(A, B, COEFFS).abs().flatten()
     expected = torch.kthvalue(absK, ref.kth_rank(absK.numel(), sparsity)).values
     assert tau.view(torch.int32) == expected.view(torch.int32), (float(tau), float(expected))
 
@@ -204,7 +204,7 @@ def test_reference_threshold_above_2_24_elements():
     g = torch.Generator().manual_seed(5)
     A, B = torch.randn(2, 4097, 1, generator=g), torch.randn(2, 4097, 1, generator=g)
     tau = ref.snell_threshold(A, B, COEFFS, 0.9)
-    absK = ref.kernel_matrix(A, B, COEFFS).abs()
+    absK = ref.kernelized_update(A, B, COEFFS).abs()
     N, k = absK.numel(), ref.kth_rank(absK.numel(), 0.9)
     assert N > 2**24
     assert int((absK < tau).sum()) < k <= int((absK <= tau).sum())
@@ -235,8 +235,8 @@ def test_threshold_and_delta_contract():
     values are compared with float64."""
     _, _, _, A, B = draw_inputs(1, 30, 20, 8, sparsity=0.5)
     tau = float(ref.snell_threshold(A, B, COEFFS, 0.5))
-    kept = ref.kernel_matrix(A, B, COEFFS).abs() > tau  # float32, like tau
-    K64 = ref.kernel_matrix(A.double(), B.double(), COEFFS)
+    kept = ref.kernelized_update(A, B, COEFFS).abs() > tau  # float32, like tau
+    K64 = ref.kernelized_update(A.double(), B.double(), COEFFS)
     expected = torch.where(kept, K64 * K64.abs(), 0.0)
     got = ref.snell_delta(A, B, COEFFS, tau)
     assert got.dtype == A.dtype and got.shape == (20, 30)
@@ -248,7 +248,7 @@ def test_threshold_and_delta_contract():
 def test_delta_at_sparsity_zero_is_K():
     """τ = −inf (s = 0): ΔW = K, no |K| scaling (docs/methods.md §4), against float64 K."""
     _, _, _, A, B = draw_inputs(1, 30, 20, 8, sparsity=0.0)
-    K64 = ref.kernel_matrix(A.double(), B.double(), COEFFS)
+    K64 = ref.kernelized_update(A.double(), B.double(), COEFFS)
     torch.testing.assert_close(ref.snell_delta(A, B, COEFFS, float("-inf")).double(), K64, atol=1e-7, rtol=1e-5)
 
 
@@ -624,12 +624,12 @@ def test_every_kernel_sees_the_same_K_bits():
     """The forward (x = I, W0 = 0: y = ΔW_sᵀ exactly) and dx (dy = I: dx = ΔW_s) rebuild exactly
     the |K| bits the selection kernel's K tiles have, at s = 0 (ΔW = K) and s = 0.5 (K·|K| kept
     where |K| > τ), with different tile shapes for the selection."""
-    from cersa_kernels.triton.snell import kernel_matrix_triton, kth_smallest_abs_triton, snell_bwd_triton, snell_fwd_triton
+    from cersa_kernels.triton.snell import kernelized_update_triton, kth_smallest_abs_triton, snell_bwd_triton, snell_fwd_triton
 
     m, n = 45, 70
     g = torch.Generator().manual_seed(4)
     A, B = torch.randn(2, n, 3, generator=g), torch.randn(2, m, 3, generator=g)
-    K = kernel_matrix_triton(A, B, COEFFS)
+    K = kernelized_update_triton(A, B, COEFFS)
     for sparsity in (0.0, 0.5):
         if sparsity == 0:
             tau, expected = torch.tensor(float("-inf")), K
@@ -672,7 +672,7 @@ from triton.compiler import ASTSource
 from triton.backends.compiler import GPUTarget
 from cersa_kernels.triton import snell as S
 kernels = {"select": S._snell_select_kernel, "fwd": S._snell_fwd_kernel, "dx": S._snell_dx_kernel,
-           "dab": S._snell_dab_kernel, "matrix": S._kernel_matrix_kernel}
+           "dab": S._snell_dab_kernel, "matrix": S._kernelized_update_tiles}
 flags = {"select": dict(FROM_VALUES=False, SHIFT=20, NBITS=11), "fwd": dict(HAS_BIAS=True, DOT_PRECISION="tf32"),
          "dx": dict(DOT_PRECISION="tf32"), "dab": dict(DOT_PRECISION="tf32", DETERMINISTIC=sys.argv[1] == "True"), "matrix": {}}
 fp32_ptrs = {"c_ptr", "tau_ptr", "da_ptr", "db_ptr", "out_ptr"}

@@ -102,7 +102,7 @@ def _snell_cases(dtype_name: str, head_dims) -> None:
         for b in (bias, None):
             snell.snell_fwd_triton(x, W0, b, A, B, coeffs, tau)
         snell.snell_bwd_triton(dy, x, W0, A, B, coeffs, tau, True)
-        snell.kernel_matrix_triton(A, B, coeffs)
+        snell.kernelized_update_triton(A, B, coeffs)
 
 
 def _tf32_case(dtype_name: str) -> None:

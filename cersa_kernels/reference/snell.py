@@ -31,7 +31,7 @@ __all__ = [
     "compute_dtype",
     "kth_rank",
     "head_distances",
-    "kernel_matrix",
+    "kernelized_update",
     "snell_threshold",
     "snell_delta",
     "snell_fwd",
@@ -65,8 +65,9 @@ def head_distances(A: Tensor, B: Tensor) -> Tensor:
     return sq.sqrt()
 
 
-def kernel_matrix(A: Tensor, B: Tensor, coeffs: Sequence[float], D: Optional[Tensor] = None) -> Tensor:
-    """K (m, n) = Σ_h c_h D_h in the compute dtype."""
+def kernelized_update(A: Tensor, B: Tensor, coeffs: Sequence[float], D: Optional[Tensor] = None) -> Tensor:
+    """K (m, n) = Σ_h c_h D_h in the compute dtype: SNELL's kernelized update before sparsification
+    (the paper's "kernel matrix"; named after what it is here, not after GPU kernels)."""
     D = head_distances(A, B) if D is None else D
     K = coeffs[0] * D[0]
     for h in range(1, D.shape[0]):
@@ -85,7 +86,7 @@ def snell_threshold(A: Tensor, B: Tensor, coeffs: Sequence[float], sparsity: flo
     cd = compute_dtype(A)
     if sparsity == 0:
         return _no_sparsity(A.device, cd)
-    absK = kernel_matrix(A, B, coeffs).abs().flatten()
+    absK = kernelized_update(A, B, coeffs).abs().flatten()
     return torch.kthvalue(absK, kth_rank(absK.numel(), sparsity)).values
 
 
@@ -100,7 +101,7 @@ def _magnitude(K: Tensor, tau: Tensor) -> Tensor:
 def _sparse_delta(A: Tensor, B: Tensor, coeffs: Sequence[float], tau: Tensor):
     """(ΔW_s, D, mag): ΔW_s = K ⊙ mag (see `_magnitude`)."""
     D = head_distances(A, B)
-    K = kernel_matrix(A, B, coeffs, D)
+    K = kernelized_update(A, B, coeffs, D)
     mag = _magnitude(K, tau)
     return K * mag, D, mag
 

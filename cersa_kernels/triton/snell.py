@@ -2,7 +2,7 @@
 
 Every m×n quantity (K, D_h, the mask, G = dyᵀx, E_h) exists only as a register tile. One jit
 helper, `_kernel_tile`, builds a tile of K from A and B and every kernel calls it (the selection,
-the forward, dx, dA/dB, and the test helper `kernel_matrix_triton`):
+the forward, dx, dA/dB, and the test helper `kernelized_update_triton`):
 D_h = sqrt_rn(Σ_d (b_d − a_d)²), the squares summed in order d = 0, 1, … with one fma each, and
 K = Σ_h c_h D_h, again by fma in head order. Each entry is computed alone, with no reduction across
 the tile, so its bits depend neither on the tile shape nor on the register layout the compiler
@@ -55,7 +55,7 @@ __all__ = [
     "snell_threshold_triton",
     "snell_fwd_triton",
     "snell_bwd_triton",
-    "kernel_matrix_triton",
+    "kernelized_update_triton",
 ]
 
 
@@ -272,7 +272,7 @@ def _snell_dab_kernel(
 
 
 @triton.jit
-def _kernel_matrix_kernel(
+def _kernelized_update_tiles(
     a_ptr, b_ptr, c_ptr, out_ptr, m, n, d,
     stride_ah, stride_an, stride_ad, stride_bh, stride_bm, stride_bd, stride_om, stride_on,
     H: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -471,7 +471,7 @@ def snell_bwd_triton(
     return dx, dA.to(A.dtype), dB.to(B.dtype)
 
 
-def kernel_matrix_triton(A: Tensor, B: Tensor, coeffs: Sequence[float]) -> Tensor:
+def kernelized_update_triton(A: Tensor, B: Tensor, coeffs: Sequence[float]) -> Tensor:
     """K (m, n) fp32 written by `_kernel_tile`: for tests, which compare the radix select with
     torch.kthvalue on exactly these values (this IS an m×n buffer)."""
     H, n, d = A.shape
@@ -479,6 +479,6 @@ def kernel_matrix_triton(A: Tensor, B: Tensor, coeffs: Sequence[float]) -> Tenso
     out = torch.empty((m, n), dtype=torch.float32, device=A.device)
     cfg = _config("matrix", A, d)
     grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]))
-    _kernel_matrix_kernel[grid](A, B, _coeffs(coeffs, A.device), out, m, n, d, *_factor_args(A, B),
+    _kernelized_update_tiles[grid](A, B, _coeffs(coeffs, A.device), out, m, n, d, *_factor_args(A, B),
                                 *out.stride(), H=H, **cfg)
     return out
