@@ -4,7 +4,6 @@ import torch
 from torch import nn
 
 from cersa_kernels import CersaLinear
-from cersa_kernels.backends import use_backend
 
 
 def test_full_energy_reproduces_the_linear():

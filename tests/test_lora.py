@@ -5,11 +5,10 @@ import torch
 from torch import nn
 
 from cersa_kernels import LoraLinear
-from cersa_kernels.backends import use_backend
 from cersa_kernels.ops import lora_linear
 from cersa_kernels.reference.lora import dropout_keep, hash32
 
-from op_harness import check_triton_against_reference, on_gpu, run, saved_bytes
+from op_harness import check_triton_against_reference, on_gpu, run
 
 # (T, n, m, r): odd and prime sizes, r = 1, and a T long enough to split the reductions over T.
 SHAPES = [(37, 130, 77, 8), (37, 130, 77, 1), (700, 33, 19, 7)]

@@ -7,11 +7,10 @@ import torch
 from torch import nn
 
 from cersa_kernels import CersaLinear, PicaLinear
-from cersa_kernels.backends import use_backend
 from cersa_kernels.nn.pica import apply_pica
 from cersa_kernels.ops import pica_linear
 
-from op_harness import check_triton_against_reference, on_gpu, run, saved_bytes
+from op_harness import check_triton_against_reference, on_gpu, run
 
 # (T, n, m, r): odd and prime sizes, r = 1, and a T long enough to split dM's reduction over T.
 SHAPES = [(37, 130, 77, 8), (37, 130, 77, 1), (700, 33, 19, 7)]

@@ -17,6 +17,7 @@ from torch import nn
 
 from cersa_kernels import SnellLinear, backends
 from cersa_kernels._alloc import AllocationRecorder
+from cersa_kernels.backends import cuda as cuda_backend
 from cersa_kernels.backends import use_backend
 from cersa_kernels.ops import snell_linear, snell_threshold
 from cersa_kernels.reference import snell as ref
@@ -626,3 +627,71 @@ def test_compiled_kernels_use_correctly_rounded_sqrt_and_division():
             assert sqrt_rn == "True" and sqrt_approx == "False" and div_approx == "False", (name, rows[name])
             if name == "dab":
                 assert div_rn == "True" and float_atomics == str(not det), (det, rows[name])
+
+
+# ---------------------------------------------------------------- the _cuda snell_delta kernel on a GPU, vs float64
+
+DEV = "cuda"
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+
+
+def snell_ref64(A, B, coeffs, tau):
+    """K[i, j] = Σ_h c_h‖B[h, i] − A[h, j]‖₂ in float64; K·|K| where |K| > tau, else 0 (docs/methods.md §4)."""
+    A, B = A.double(), B.double()
+    K = sum(c * (B[h][:, None, :] - A[h][None, :, :]).pow(2).sum(-1).sqrt() for h, c in enumerate(coeffs))
+    return torch.where(K.abs() > tau, K * K.abs(), torch.zeros_like(K)), K
+
+
+def _tau_in_a_gap(K):
+    """A threshold near the median |K| with no |K| within fp32 reach of it, so the mask is exact."""
+    v = K.abs().flatten().sort().values
+    lo, hi = int(0.4 * v.numel()), int(0.6 * v.numel())
+    gaps = v[lo + 1 : hi + 1] - v[lo:hi]
+    i = int(gaps.argmax())
+    assert gaps[i] > 1e-4 * float(v[-1]), "no usable gap; change the seed"
+    return float(v[lo + i] + gaps[i] / 2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dims", [(2, 130, 77, 4), (2, 64, 33, 8), (3, 37, 45, 40)], ids=lambda d: "H{}n{}m{}d{}".format(*d))
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse"])
+def test_cuda_snell_delta_matches_float64(dtype, dims, sparse):
+    H, n, m, d = dims
+    coeffs = (0.1, -0.1) if H == 2 else (0.5, -0.2, 0.1)
+    bound = 1 / d**0.5  # kaiming-uniform(a=√5) scale of SNELL's init
+    A = (torch.rand(H, n, d, device=DEV) * 2 - 1).mul(bound).to(dtype)
+    B = (torch.rand(H, m, d, device=DEV) * 2 - 1).mul(bound).to(dtype)
+    _, K = snell_ref64(A, B, coeffs, 0.0)
+    tau = _tau_in_a_gap(K) if sparse else 0.0
+    ref, _ = snell_ref64(A, B, coeffs, tau)
+    out = cuda_backend.snell_delta_cuda(A, B, coeffs, tau)
+    assert out.shape == (m, n) and out.dtype == dtype
+    # the float64 rule |K| > tau, after rounding to the dtype (tiny K·|K| underflow in fp16)
+    assert torch.equal(out != 0, ref.to(dtype) != 0), "kept entries differ from the float64 rule |K| > tau"
+    if sparse:
+        assert 0.3 < float((ref != 0).double().mean()) < 0.7
+    assert_matches_reference(out, ref.to(dtype), ref, f"snell {dims} {dtype}")
+    # K is fp32 whatever the dtype: apart from the final rounding, the error is fp32-sized
+    rounding = float((ref.to(dtype).double() - ref).abs().max())
+    err = float((out.double() - ref).abs().max())
+    assert err <= 2 * rounding + 1e-5 * float(ref.abs().max()), f"snell error {err:.3e}, rounding alone {rounding:.3e}"
+    # strided views of the same values give the same answer
+    A_t = A.transpose(1, 2).contiguous().transpose(1, 2)
+    torch.testing.assert_close(cuda_backend.snell_delta_cuda(A_t, B, coeffs, tau), out, atol=0, rtol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cuda_snell_delta_agrees_with_the_snell_reference(dtype):
+    """The two sides of the snell_delta contract: the CUDA kernel and reference.snell.snell_delta."""
+    H, n, m, d = 2, 130, 77, 4
+    bound = 1 / d**0.5
+    A = (torch.rand(H, n, d, device=DEV) * 2 - 1).mul(bound).to(dtype)
+    B = (torch.rand(H, m, d, device=DEV) * 2 - 1).mul(bound).to(dtype)
+    _, K = snell_ref64(A, B, (0.1, -0.1), 0.0)
+    tau = _tau_in_a_gap(K)
+    expected = ref.snell_delta(A, B, (0.1, -0.1), tau)
+    out = cuda_backend.snell_delta_cuda(A, B, (0.1, -0.1), tau)
+    assert torch.equal(out != 0, expected != 0)
+    assert_matches_reference(out, expected, snell_ref64(A, B, (0.1, -0.1), tau)[0], f"snell reference {dtype}")
