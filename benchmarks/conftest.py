@@ -1,8 +1,11 @@
 """Shared benchmark helpers. Kernels here always run compiled (never TRITON_INTERPRET): on a CPU
-machine only the torch backend and the baselines are timed, on small shapes."""
+machine only the torch backend and the baselines are timed, on small shapes. The test suite's
+helpers (tests/: the GPU-skip rule, op_harness.saved_bytes) are shared, not copied."""
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,17 +13,15 @@ import torch
 if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
     raise RuntimeError("benchmarks must not run under TRITON_INTERPRET=1; unset it")
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from gpu_marker import skip_gpu_items_without_a_gpu  # noqa: E402
+
 HAS_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_GPU else "cpu"
 
 
 def pytest_collection_modifyitems(config, items):
-    if HAS_GPU:
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU")
-    for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+    skip_gpu_items_without_a_gpu(items)
 
 
 @pytest.fixture(autouse=True)
@@ -32,23 +33,6 @@ def _seed():
 def synchronize() -> None:
     if HAS_GPU:
         torch.cuda.synchronize()
-
-
-def saved_activation_bytes(fn, own_tensors) -> int:
-    """Bytes autograd keeps for one call of fn(), not counting tensors that share storage with
-    `own_tensors` (weights the layer holds anyway)."""
-    own = {t.untyped_storage().data_ptr() for t in own_tensors}
-    total = 0
-
-    def pack(t):
-        nonlocal total
-        if t.untyped_storage().data_ptr() not in own:
-            total += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return total
 
 
 def make_step(fwd, mode: str, dy):

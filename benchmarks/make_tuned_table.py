@@ -8,7 +8,7 @@ An entry {"<op>_fwd"/"<op>_bwd": {arch: {dtype: backend}}} is written only for a
 GPU (every shape it checked), and (2) was faster than the `torch` row in forward+backward time
 summed over the benchmarked shapes measured for both. The arch of a benchmark's device comes from
 the doctor file of the same device; a device without one gets no entry (nothing is verified there).
-Benchmark rows: extra_info with op, row ("cersa-<backend>"), mode, dtype, device, T, n, m, k
+Benchmark rows: extra_info with op, row ("lowrank-<backend>"), mode, dtype, device, T, n, m, k
 (see benchmarks/test_bench_lowrank.py).
 """
 from __future__ import annotations
@@ -38,7 +38,7 @@ def tuned_table(runs: list[dict], doctor_docs: list[dict]) -> dict:
     for run in runs:
         for bench in run["benchmarks"]:
             info = bench.get("extra_info", {})
-            if not str(info.get("row", "")).startswith("cersa-") or info.get("mode") != "fwd+bwd":
+            if not str(info.get("row", "")).startswith("lowrank-") or info.get("mode") != "fwd+bwd":
                 continue
             shape = (info["T"], info["n"], info["m"], info["k"])
             times[(info["op"], info["device"], info["dtype"])][info["row"].split("-", 1)[1]][shape] = bench["stats"]["mean"]

@@ -15,7 +15,8 @@ from torch import nn
 from cersa_kernels.backends import unavailable_reasons, use_backend
 from cersa_kernels.ops import lora_linear
 
-from conftest import DEVICE, HAS_GPU, make_step, saved_activation_bytes, time_it
+from conftest import DEVICE, HAS_GPU, make_step, time_it
+from op_harness import saved_bytes
 
 if HAS_GPU:
     DTYPE = torch.bfloat16
@@ -24,7 +25,7 @@ else:
     DTYPE = torch.float32
     SHAPES = [(512, 768, 768, 16)]
 
-ROWS = ["lora-torch", "lora-triton", "lora-cuda", "peft-style", "dense"]
+ROWS = ["lora-torch", "lora-triton", "peft-style", "dense"]  # no _cuda kernel for LoRA
 DROPOUT = [0.0, 0.1]
 ALPHA = 32.0
 
@@ -81,7 +82,7 @@ def test_lora(benchmark, shape, row, mode, p):
     fwd, own = forward_fn(row, x, W, bias, A, B, p)
     benchmark.group = f"lora T{T} n{n} m{m} r{r} p{p} {str(DTYPE).replace('torch.', '')} {mode}"
     # x is counted: it is an activation the op keeps alive (only the weights are excluded)
-    saved = saved_activation_bytes(fwd, [W, bias, A, B] + own)
+    saved = saved_bytes(fwd, [W, bias, A, B] + own)[0]
     step = make_step(fwd, mode, dy)
     work = 2 * T * n * m * (1 if mode == "fwd" else 2) if row == "dense" else flops(T, n, m, r, mode)
     time_it(benchmark, step, work, {"saved_activation_bytes": saved, "T": T, "n": n, "m": m, "r": r, "p": p, "row": row})

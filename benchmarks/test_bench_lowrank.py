@@ -1,7 +1,8 @@
 """The CERSA low-rank op against the torch eager composition of the same math and against a dense
 nn.Linear of the same shape; forward and forward+backward.
 
-Rows per group: `cersa-<backend>` (our custom op on each available backend), `eager` (the same
+Rows per group: `lowrank-<backend>` (our custom op on the torch and triton backends, and the
+compiled `_cuda` kernel), `eager` (the same
 math as plain autograd: saves x and intermediates), `dense` (nn.Linear, weight frozen, x needs
 grad). GPU: LLM shapes in bf16; CPU: small shapes, float32.
 """
@@ -14,7 +15,8 @@ from torch import nn
 from cersa_kernels.backends import unavailable_reasons, use_backend
 from cersa_kernels.ops import lowrank_linear
 
-from conftest import DEVICE, HAS_GPU, make_step, saved_activation_bytes, time_it
+from conftest import DEVICE, HAS_GPU, make_step, time_it
+from op_harness import saved_bytes
 
 if HAS_GPU:
     DTYPE = torch.bfloat16
@@ -23,7 +25,7 @@ else:
     DTYPE = torch.float32
     SHAPES = [(512, 768, 768, 192), (512, 768, 768, 384)]
 
-ROWS = ["cersa-torch", "cersa-triton", "cersa-cuda", "eager", "dense"]
+ROWS = ["lowrank-torch", "lowrank-triton", "lowrank-cuda", "eager", "dense"]
 
 
 def make(T, n, m, k):
@@ -45,7 +47,7 @@ def flops(T, n, m, k, mode):
 
 
 def forward_fn(row, x, V, S, U, bias, dense):
-    if row.startswith("cersa-"):
+    if row.startswith("lowrank-"):
         backend = row.split("-", 1)[1]
 
         def run():
@@ -64,14 +66,14 @@ def forward_fn(row, x, V, S, U, bias, dense):
 def test_lowrank(benchmark, shape, row, mode):
     T, n, m, k = shape
     x, V, S, U, bias, dy = make(*shape)
-    if row.startswith("cersa-"):
+    if row.startswith("lowrank-"):
         reasons = unavailable_reasons(row.split("-", 1)[1], "lowrank_fwd", [x, V, S, U])
         if reasons:
             pytest.skip("; ".join(reasons))
     dense = nn.Linear(n, m, device=DEVICE, dtype=DTYPE).requires_grad_(False)
     fwd = forward_fn(row, x, V, S, U, bias, dense)
     benchmark.group = f"lowrank T{T} n{n} m{m} k{k} {str(DTYPE).replace('torch.', '')} {mode}"
-    saved = saved_activation_bytes(fwd, [x, V, S, U, bias, dense.weight, dense.bias])
+    saved = saved_bytes(fwd, [x, V, S, U, bias, dense.weight, dense.bias])[0]
     step = make_step(fwd, mode, dy)
     work = 2 * T * n * m * (1 if mode == "fwd" else 2) if row == "dense" else flops(T, n, m, k, mode)
     info = dict(op="lowrank", row=row, mode=mode, dtype=str(DTYPE).replace("torch.", ""), T=T, n=n, m=m, k=k)

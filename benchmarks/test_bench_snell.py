@@ -21,11 +21,12 @@ from cersa_kernels._alloc import AllocationRecorder
 from cersa_kernels.backends import unavailable_reasons, use_backend
 from cersa_kernels.ops import snell_linear
 
-from conftest import DEVICE, HAS_GPU, make_step, saved_activation_bytes, time_it
+from conftest import DEVICE, HAS_GPU, make_step, time_it
+from op_harness import saved_bytes
 
 COEFFS = (0.1, -0.1)
 SPARSITY = 0.9
-ROWS = ["snell-torch", "snell-triton", "snell-cuda", "snell-plain", "lora"]
+ROWS = ["snell-torch", "snell-triton", "snell-plain", "lora"]  # _cuda has snell_delta only, no snell_fwd
 CPU_SHAPES = [(256, 512, 512, 8), (512, 768, 768, 16)]  # (T, n, m, q)
 GPU_SHAPES = [(8192, 4096, 4096, 8), (8192, 4096, 4096, 32)]
 SHAPES = [pytest.param(s, id="T{}_n{}_m{}_q{}".format(*s)) for s in CPU_SHAPES] + [
@@ -91,13 +92,13 @@ def test_snell(benchmark, shape, row, mode):
     T, n, m, q = shape
     dtype = torch.bfloat16 if HAS_GPU else torch.float32
     x, W0, bias, A, B, lora_A, lora_B, dy = make(*shape, dtype)
-    if row in ("snell-torch", "snell-triton", "snell-cuda"):
+    if row in ("snell-torch", "snell-triton"):
         reasons = unavailable_reasons(row.split("-", 1)[1], "snell_fwd", [x, W0, A, B])
         if reasons:
             pytest.skip("; ".join(reasons))
     fwd = forward_fn(row, x, W0, bias, A, B, lora_A, lora_B)
     benchmark.group = f"snell T{T} n{n} m{m} q{q} s{SPARSITY} {str(dtype).replace('torch.', '')} {mode}"
-    saved = saved_activation_bytes(fwd, [W0, bias, A, B, lora_A, lora_B])  # x counts: it is the activation
+    saved = saved_bytes(fwd, [W0, bias, A, B, lora_A, lora_B])[0]  # x counts: it is the activation
     step = make_step(fwd, mode, dy)
     extra = {"saved_activation_bytes": saved, "T": T, "n": n, "m": m, "q": q, "row": row, "sparsity": SPARSITY}
     if not HAS_GPU:  # CPU: no allocator statistics; count what the call allocates instead

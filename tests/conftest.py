@@ -16,6 +16,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from hypothesis import settings  # noqa: E402
 
+from gpu_marker import skip_gpu_items_without_a_gpu  # noqa: E402
+
 # One hypothesis profile for every property test: a fixed example sequence (derandomize) and no
 # per-example deadline (the Triton interpreter's first call of a kernel is slow).
 settings.register_profile("cersa", derandomize=True, deadline=None, print_blob=True)
@@ -46,14 +48,7 @@ def reorder(items: list, order: str) -> None:
 
 def pytest_collection_modifyitems(config, items):
     reorder(items, config.getoption("--test-order"))
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU")
-    for item in items:
-        # the marker, not `"gpu" in item.keywords`: keywords also hold directory names, so a
-        # checkout in a folder named gpu would skip every test
-        if item.get_closest_marker("gpu") is not None:
-            item.add_marker(skip)
+    skip_gpu_items_without_a_gpu(items)
 
 
 @pytest.fixture(autouse=True)

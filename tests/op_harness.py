@@ -50,25 +50,28 @@ def check_triton_against_reference(fn, inputs, grads, what=""):
 
 
 def saved_bytes(fn, own):
-    """Bytes autograd saves for one call of fn(), except tensors sharing storage with `own` (weights)."""
+    """Bytes autograd saves for one call of fn(), except tensors sharing storage with `own` (weights);
+    returns (bytes, fn's output, the saved tensors' shapes)."""
     ptrs = {t.untyped_storage().data_ptr() for t in own if t is not None}
-    sizes = []
+    shapes, sizes = [], []
 
     def pack(t):
         if t.untyped_storage().data_ptr() not in ptrs:
             sizes.append(t.numel() * t.element_size())
+            shapes.append(tuple(t.shape))
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = fn()
-    return sum(sizes), out
+    return sum(sizes), out, shapes
 
 
 # One description per public op, shared by the NaN-propagation and property tests: how to draw its
 # inputs, how to call it, which inputs get gradients, and its differentiable eager reference.
+import inspect  # noqa: E402
 import math  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-from typing import Callable  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+from typing import Callable, Optional  # noqa: E402
 
 from cersa_kernels import ops  # noqa: E402
 from cersa_kernels.reference import lora as ref_lora, lowrank as ref_lowrank  # noqa: E402
@@ -81,15 +84,33 @@ LORA_SCALE, LORA_SEED = 1.7, 1234
 
 @dataclass(frozen=True)
 class OpCase:
-    """`make(T, n, m, r, dtype, bias, gen, **kw)` -> inputs dict; `call(**inputs)` the public op;
+    """One op of the registry; every op-level suite (tests/test_ops_contract.py, NaN propagation,
+    properties) iterates over `OPS`, so adding an op means adding one entry here.
+
+    `make(T, n, m, r, dtype, bias, gen, **kw)` -> inputs dict; `call(**inputs)` the public op;
     `grads` the inputs that get a gradient; `eager` the op's math (docs/methods.md) under plain autograd,
-    composed from the reference modules: the same-dtype comparator and the float64 oracle."""
+    composed from the reference modules: the same-dtype comparator and the float64 oracle;
+    `saved(inputs, T)` the exact bytes autograd keeps for one call over T tokens (beside the op's
+    own weights); `variants` {id: keyword arguments}, each passed to `make` if it takes it, else
+    set as an input; `gradcheck_grads` the inputs float64 gradcheck differentiates (default: grads)."""
 
     name: str
     make: Callable
     call: Callable
     grads: tuple
     eager: Callable
+    saved: Callable
+    variants: dict = field(default_factory=lambda: {"": {}})
+    gradcheck_grads: Optional[tuple] = None
+
+    def draw(self, T, n, m, r, dtype=torch.float32, bias=True, gen=None, variant=""):
+        """Inputs of variant `variant` (gen: a fresh seeded Generator when None)."""
+        kw = self.variants[variant]
+        takes = inspect.signature(self.make).parameters
+        gen = torch.Generator().manual_seed(7) if gen is None else gen
+        inputs = self.make(T, n, m, r, dtype, bias, gen, **{k: v for k, v in kw.items() if k in takes})
+        inputs.update({k: v for k, v in kw.items() if k not in takes})
+        return inputs
 
 
 def _randn(gen, dtype, *shape):
@@ -194,27 +215,44 @@ def _snell_eager(x, W0, bias, A, B, coeffs, sparsity):
     return y if bias is None else y + bias
 
 
+def _itemsize(inputs):
+    return inputs["x"].element_size()
+
+
 OPS = {
     "lowrank_linear": OpCase(
         "lowrank_linear", make_lowrank, lambda x, V, S, U, bias: ops.lowrank_linear(x, V, S, U, bias),
         ("x", "S", "bias"),
         lambda x, V, S, U, bias: _flat(ref_lowrank.lowrank_fwd, lambda V, S, U, b: U.shape[0])(x, V, S, U, bias),
+        saved=lambda i, T: T * i["S"].shape[0] * _itemsize(i),  # h = x V only
     ),
-    "lora_linear": OpCase("lora_linear", make_lora, _lora_call, ("x", "A", "B", "bias"), _lora_eager),
+    "lora_linear": OpCase(
+        "lora_linear", make_lora, _lora_call, ("x", "A", "B", "bias"), _lora_eager,
+        # x and x Aᵀ, plus the 8-byte seed when a mask must be regenerated; never a T×n mask
+        saved=lambda i, T: T * (i["x"].shape[-1] + i["A"].shape[0]) * _itemsize(i) + (8 if i.get("dropout_p") else 0),
+        variants={"": {}, "drop0.3": {"dropout_p": 0.3}},
+    ),
     "pica_linear": OpCase(
         "pica_linear", make_pica, lambda x, W, P, M, bias: ops.pica_linear(x, W, P, M, bias), ("x", "M", "bias"),
         lambda x, W, P, M, bias: _flat(ref_pica.pica_fwd, lambda W, b, P, M: W.shape[0])(x, W, bias, P, M),
+        saved=lambda i, T: T * i["P"].shape[0] * _itemsize(i),  # h = x Pᵀ only: not x, nothing for W0
     ),
     "pica_lowrank_linear": OpCase(
         "pica_lowrank_linear", make_pica_lowrank,
         lambda x, V, S, U, M, bias: ops.pica_lowrank_linear(x, V, S, U, M, bias), ("x", "S", "M", "bias"),
         lambda x, V, S, U, M, bias: _flat(ref_pica_lowrank.pica_lowrank_fwd, lambda V, S, U, M, b: U.shape[0])(
             x, V, S, U, M, bias),
+        saved=lambda i, T: T * i["S"].shape[0] * _itemsize(i),  # CERSA's h = x V: the PiCa branch adds nothing
     ),
     "snell_linear": OpCase(
         "snell_linear", make_snell,
         lambda x, W0, bias, A, B, coeffs, sparsity: ops.snell_linear(x, W0, bias, A, B, coeffs, sparsity),
         ("x", "A", "B", "bias"), _snell_eager,
+        saved=lambda i, T: T * i["x"].shape[-1] * _itemsize(i) + 4,  # x and the fp32 scalar τ
+        variants={"s0": {"sparsity": 0.0}, "s0.5": {"sparsity": 0.5}},
+        # backward treats sg(|K|)·mask as a constant, which finite differences of A, B do not:
+        # those two are gradchecked against a surrogate in test_snell.py
+        gradcheck_grads=("x", "bias"),
     ),
 }
 

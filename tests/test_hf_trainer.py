@@ -9,9 +9,9 @@ import peft
 import pytest
 import torch
 import transformers
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import cersa_kernels as ck
+from cersa_kernels._alloc import AllocationRecorder
 from cersa_kernels.peft_interop import patch_peft, trainer_callback
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -50,16 +50,6 @@ def assert_same_parameters(got, want):
     assert sorted(got) == sorted(want) and got
     for name in want:
         torch.testing.assert_close(got[name], want[name], atol=0, rtol=0, msg=name)
-
-
-class CountCersaLora(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.calls = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.calls += str(func) == "cersa.lora_fwd.default"
-        return func(*args, **(kwargs or {}))
 
 
 def cersa_model():
@@ -105,9 +95,9 @@ def patched_peft_model():
 def test_trainer_trains_patched_peft_model_and_resumes(tmp_path):
     model = patched_peft_model()
     start = trainable_state(model)
-    with CountCersaLora() as count:
+    with AllocationRecorder() as count:
         trainer(model, tmp_path / "run").train()
-    assert count.calls >= STEPS * 4  # 4 LoRA layers per forward, every step on our op
+    assert count.cersa_ops.count("lora_fwd") >= STEPS * 4  # 4 LoRA layers per forward, every step on our op
     final = trainable_state(model)
     assert all(not torch.equal(start[n], final[n]) for n in final)  # B starts at zero: every factor moved
     for step in (2, STEPS):

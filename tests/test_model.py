@@ -14,6 +14,8 @@ from cersa_kernels.decompose import cersa_parameter_count
 from cersa_kernels.model import CONFIG_NAME, WEIGHTS_NAME
 from cersa_kernels.nn.tree import find_targets
 
+from registry import METHODS, layer_class
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
@@ -59,34 +61,20 @@ def train_steps(model, ids, steps=3):
         opt.zero_grad()
 
 
-def roles(rows):
-    return len({r["name"].rsplit(".", 1)[-1] for r in rows})
-
-
-# method -> (options, layer class name, number of trainable tensors given the report rows)
-METHOD_CASES = {
-    "cersa": (dict(energy=0.9), "CersaLinear", len),
-    "lora": (dict(rank=4, alpha=8), "LoraLinear", lambda rows: 2 * len(rows)),
-    "pica": (dict(rank=4), "PicaLinear", roles),  # one M per role, shared by its layers
-    "snell": (dict(rank=8, sparsity=0.5), "SnellLinear", lambda rows: 2 * len(rows)),
-}
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("method", sorted(METHOD_CASES))
+@pytest.mark.parametrize("method", sorted(METHODS))
 @pytest.mark.parametrize("kind", ["llama", "bert", "gpt2"])
 def test_apply_train_save_load_merge(kind, method, tmp_path):
-    options, class_name, expected_trainable = METHOD_CASES[method]
-    layer_class = getattr(ck.nn, class_name)
+    options, expected_trainable, adapter = METHODS[method].options, METHODS[method].trainable, layer_class(method)
     model, ids = tiny(kind)
     fresh = copy.deepcopy(model)  # the original architecture and base weights, as a user reloads them
     # PiCa shares M by name suffix: BERT's three kinds of "dense" differ in out_features (an error)
     targets = ["query", "key", "value"] if (kind, method) == ("bert", "pica") else "all-linear"
     report = ck.apply(model, method, target_modules=targets, **options)
     assert len(report.rows) == len(find_targets(fresh, targets))
-    assert all(isinstance(model.get_submodule(r["name"]), layer_class) for r in report.rows)
+    assert all(isinstance(model.get_submodule(r["name"]), adapter) for r in report.rows)
     if kind != "bert":
-        assert not isinstance(model.get_output_embeddings(), layer_class)  # all-linear skips lm_head
+        assert not isinstance(model.get_output_embeddings(), adapter)  # all-linear skips lm_head
     trainable = ck.trainable_parameters(model)
     assert len(trainable) == expected_trainable(report.rows) and all(p.dtype == torch.float32 for p in trainable)
     assert report.trainable == sum(p.numel() for p in trainable)
@@ -101,7 +89,7 @@ def test_apply_train_save_load_merge(kind, method, tmp_path):
     assert len(ck.trainable_parameters(fresh)) == len(trainable)
 
     ck.merge(model)
-    assert not any(isinstance(m, layer_class) for m in model.modules())
+    assert not any(isinstance(m, adapter) for m in model.modules())
     torch.testing.assert_close(output(model, ids), expected, atol=1e-5, rtol=1e-4)
 
 
@@ -328,7 +316,7 @@ def load_error(model, directory, match, error=ValueError):
 
 
 class TestLoadValidation:
-    @pytest.mark.parametrize("method", ["cersa", "lora", "snell", "pica"])
+    @pytest.mark.parametrize("method", sorted(METHODS))
     def test_other_width_is_refused_before_anything_changes(self, method, tmp_path):
         _, directory = saved(tmp_path, method, width=16, **({} if method != "snell" else dict(rank=4, sparsity=0.5)))
         target = fresh_with_grads(width=12)
@@ -500,7 +488,7 @@ class TestApplyExplicit:
         [(["emb"], "emb", "Embedding"), (["norm"], "norm", "LayerNorm"), (r"(emb|proj)", "emb", "Embedding"),
          (["block"], "block", "Sequential")],
     )
-    @pytest.mark.parametrize("method", ["cersa", "lora", "pica", "snell"])
+    @pytest.mark.parametrize("method", sorted(METHODS))
     def test_unsupported_target_type_raises_naming_it(self, method, targets, named, kind):
         model = self.mixed()
         snap = snapshot(model)

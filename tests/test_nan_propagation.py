@@ -20,26 +20,10 @@ BACKENDS = ["torch", "triton"]
 VALUES = {"nan": math.nan, "inf": math.inf}
 REFERENCE_IS_THE_TORCH_BACKEND = {"snell_linear"}
 
-# (op, variant): keyword arguments for make / call beyond the shapes.
-VARIANTS = {
-    ("lowrank_linear", ""): {},
-    ("lora_linear", ""): {},
-    ("lora_linear", "drop0.3"): {"dropout_p": 0.3},
-    ("pica_linear", ""): {},
-    ("pica_lowrank_linear", ""): {},
-    ("snell_linear", "s0"): {"sparsity": 0.0},
-    ("snell_linear", "s0.5"): {"sparsity": 0.5},
-}
-
 
 def draw(op, variant):
-    kw = VARIANTS[(op, variant)]
     case = OPS[op]
-    make_kw = {"sparsity": kw["sparsity"]} if "sparsity" in kw else {}
-    inputs = case.make(T, N, M, R, torch.float32, True, torch.Generator().manual_seed(7), **make_kw)
-    if "dropout_p" in kw:
-        inputs["dropout_p"] = kw["dropout_p"]
-    return case, inputs
+    return case, case.draw(T, N, M, R, torch.float32, True, torch.Generator().manual_seed(7), variant=variant)
 
 
 def targets(op, variant):
@@ -55,7 +39,8 @@ def targets(op, variant):
 
 CASES = [
     pytest.param(op, variant, target, id=f"{op}{'-' + variant if variant else ''}-{target}")
-    for (op, variant) in VARIANTS
+    for op in OPS
+    for variant in OPS[op].variants
     for target in targets(op, variant)
 ]
 

@@ -11,13 +11,15 @@ import pytest
 import torch
 import transformers
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import cersa_kernels as ck
+from cersa_kernels._alloc import AllocationRecorder
 from cersa_kernels.nn import LoraLinear
 from cersa_kernels.para import compress
 from cersa_kernels.peft_interop import from_peft, patch_peft, unpatch_peft
 from cersa_kernels.reference.lora import dropout_keep
+
+from op_harness import saved_bytes
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 VOCAB = 96
@@ -175,19 +177,12 @@ def test_from_peft_refuses_an_adapter_for_another_model(tmp_path):
 
 # --- patch_peft ------------------------------------------------------------------------------------
 
-class CountCersaOps(TorchDispatchMode):
-    """Counts the cersa::lora_fwd / lora_bwd calls that run under it."""
+class CountCersaOps(AllocationRecorder):
+    """The cersa::lora_fwd / lora_bwd calls that run under it: `calls` {"fwd": n, "bwd": n}."""
 
-    def __init__(self):
-        super().__init__()
-        self.calls = {"fwd": 0, "bwd": 0}
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = str(func)
-        for kind in self.calls:
-            if name == f"cersa.lora_{kind}.default":
-                self.calls[kind] += 1
-        return func(*args, **(kwargs or {}))
+    @property
+    def calls(self):
+        return {kind: self.cersa_ops.count(f"lora_{kind}") for kind in ("fwd", "bwd")}
 
 
 def peft_model(kind, **options):
@@ -307,21 +302,10 @@ def test_patched_dropout_mask_is_ours_regenerated_from_a_seed():
 
 
 def saved_activation_bytes(layer, x):
-    """Bytes autograd saves for one call of `layer`, without the layer's own parameters."""
-    own = {p.untyped_storage().data_ptr() for p in layer.parameters()}
-    seen, total = set(), 0
-
-    def pack(t):
-        nonlocal total
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in own and ptr not in seen:
-            seen.add(ptr)
-            total += t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        y = layer(x)
-    y.sum().backward()  # the call stays differentiable with what was saved
+    """Bytes autograd saves for one call of `layer`, without the layer's own parameters; the call
+    stays differentiable with what was saved."""
+    total, y, _ = saved_bytes(lambda: layer(x), list(layer.parameters()))
+    y.sum().backward()
     return total
 
 

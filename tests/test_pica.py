@@ -1,16 +1,16 @@
-"""PiCa: the pica and pica_lowrank ops (Triton interpreted, float32, and reference against a float64
-oracle), PicaLinear on dense and CERSA bases, apply_pica's per-role sharing, saved bytes, gradcheck,
-opcheck, torch.compile, errors."""
+"""PiCa: the pica op (Triton interpreted, float32, and reference against a float64 oracle),
+PicaLinear on dense and CERSA bases, apply_pica's per-role sharing, errors. The pica_lowrank op
+(PiCa over CERSA): test_pica_lowrank.py; opcheck, gradcheck, compile and saved bytes of both:
+test_ops_contract.py."""
 import pytest
 import torch
 from torch import nn
 
 from cersa_kernels import CersaLinear, PicaLinear
-from cersa_kernels.backends import use_backend
 from cersa_kernels.nn.pica import apply_pica
-from cersa_kernels.ops import pica_linear, pica_lowrank_linear
+from cersa_kernels.ops import pica_linear
 
-from op_harness import check_triton_against_reference, on_gpu, run, saved_bytes
+from op_harness import check_triton_against_reference, on_gpu, run
 
 # (T, n, m, r): odd and prime sizes, r = 1, and a T long enough to split dM's reduction over T.
 SHAPES = [(37, 130, 77, 8), (37, 130, 77, 1), (700, 33, 19, 7)]
@@ -27,21 +27,8 @@ def make(T, n, m, r, bias=True, lead=None):
     )
 
 
-def make_lowrank(T, n, m, r, k=45, bias=True, lead=None):
-    k = min(max(k, r), n, m)
-    return dict(
-        x=torch.randn(*(lead or (T,)), n), V=orthonormal_rows(k, n).T.contiguous(),
-        S=torch.diag(torch.rand(k) + 0.5) + 0.1 * torch.randn(k, k), U=orthonormal_rows(k, m).T.contiguous(),
-        M=torch.randn(m, r), bias=torch.randn(m) if bias else None,
-    )
-
-
 def pica_fn(x, W, P, M, bias):
     return pica_linear(x, W, P, M, bias)
-
-
-def lowrank_fn(x, V, S, U, M, bias):
-    return pica_lowrank_linear(x, V, S, U, M, bias)
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "T{}n{}m{}r{}".format(*s))
@@ -51,102 +38,17 @@ def test_pica_triton_matches_reference(shape, bias):
     check_triton_against_reference(pica_fn, inputs, ["x", "M"] + (["bias"] if bias else []), f"{shape}")
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "T{}n{}m{}r{}".format(*s))
-@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
-def test_pica_lowrank_triton_matches_reference(shape, bias):
-    inputs = make_lowrank(*shape, bias=bias)
-    check_triton_against_reference(lowrank_fn, inputs, ["x", "S", "M"] + (["bias"] if bias else []), f"{shape}")
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
 @pytest.mark.parametrize("shape", SHAPES + [(1000, 257, 193, 64)], ids=lambda s: "T{}n{}m{}r{}".format(*s))
 def test_triton_on_gpu(shape, dtype):
-    """Both PiCa ops compiled on the real chip in every dtype (the interpreter's bf16 is wrong)."""
+    """The PiCa op compiled on the real chip in every dtype (the interpreter's bf16 is wrong)."""
     check_triton_against_reference(pica_fn, on_gpu(make(*shape), dtype), ["x", "M", "bias"], f"pica {shape} {dtype}")
-    check_triton_against_reference(
-        lowrank_fn, on_gpu(make_lowrank(*shape), dtype), ["x", "S", "M", "bias"], f"pica_lowrank {shape} {dtype}"
-    )
 
 
 def test_3d_inputs():
     check_triton_against_reference(pica_fn, make(37, 130, 77, 8, lead=(2, 37)), ["x", "M", "bias"], "pica 3d")
-    check_triton_against_reference(
-        lowrank_fn, make_lowrank(37, 130, 77, 8, lead=(2, 37)), ["x", "S", "M", "bias"], "pica_lowrank 3d"
-    )
     assert run("triton", pica_fn, make(37, 130, 77, 8, lead=(2, 37)), ["M"])[0].shape == (2, 37, 77)
-
-
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_fused_cersa_pica_equals_the_unfused_composition(backend):
-    """PiCa on a CERSA base in one op == CERSA op + a separate PiCa branch with P = V[:, :r]ᵀ
-    projected again; also for r = k, the largest rank the fusion allows."""
-    for r in (8, 45):
-        i = make_lowrank(37, 130, 77, r)
-
-        def unfused(x, V, S, U, M, bias):
-            from cersa_kernels.ops import lowrank_linear
-
-            return lowrank_linear(x, V, S, U, bias) + (x @ V[:, :r]) @ M.T
-
-        y, g = run(backend, lowrank_fn, i, ["x", "S", "M", "bias"])
-        y_ref, g_ref = run("torch", unfused, i, ["x", "S", "M", "bias"])
-        torch.testing.assert_close(y, y_ref, atol=1e-4, rtol=1e-4)
-        for k in g:
-            torch.testing.assert_close(g[k], g_ref[k], atol=1e-4, rtol=1e-4, msg=k)
-        # dM = dyᵀ · h[:, :r]
-        dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
-        torch.testing.assert_close(g["M"], dy.T @ (i["x"] @ i["V"][:, :r]), atol=1e-4, rtol=1e-4)
-
-
-def test_saved_bytes():
-    T, n, m, r, k = 37, 130, 77, 8, 45
-    i = make(T, n, m, r)
-    M = i["M"].requires_grad_()
-    x = i["x"].requires_grad_()
-    total, _ = saved_bytes(lambda: pica_linear(x, i["W"], i["P"], M, i["bias"]), [i["W"], i["P"], M])
-    assert total == 4 * T * r  # h = x·Pᵀ only: nothing for the frozen W0 path, not x
-    j = make_lowrank(T, n, m, r, k)
-    S, M2 = j["S"].requires_grad_(), j["M"].requires_grad_()
-    total, _ = saved_bytes(lambda: pica_lowrank_linear(x, j["V"], S, j["U"], M2, j["bias"]), [j["V"], S, j["U"], M2])
-    assert total == 4 * T * k  # CERSA's h = x·V only: the PiCa branch saves nothing more
-
-
-def test_reference_gradcheck_float64():
-    i = {k: v.double() for k, v in make(6, 9, 7, 3).items()}
-    with use_backend("torch"):
-        assert torch.autograd.gradcheck(
-            lambda x, M, b: pica_linear(x, i["W"], i["P"], M, b),
-            (i["x"].requires_grad_(), i["M"].requires_grad_(), i["bias"].requires_grad_()),
-        )
-        j = {k: v.double() for k, v in make_lowrank(6, 9, 7, 2, k=4).items()}
-        assert torch.autograd.gradcheck(
-            lambda x, S, M, b: pica_lowrank_linear(x, j["V"], S, j["U"], M, b),
-            tuple(j[k].requires_grad_() for k in ("x", "S", "M", "bias")),
-        )
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_opcheck(backend):
-    i, j = make(37, 130, 77, 8), make_lowrank(37, 130, 77, 8)
-    dy = torch.randn(37, 77)
-    with use_backend(backend):
-        torch.library.opcheck(
-            torch.ops.cersa.pica_fwd.default, (i["x"].requires_grad_(), i["W"], i["bias"], i["P"], i["M"].requires_grad_())
-        )
-        torch.library.opcheck(
-            torch.ops.cersa.pica_lowrank_fwd.default,
-            (j["x"].requires_grad_(), j["V"], j["S"].requires_grad_(), j["U"], j["M"].requires_grad_(), None),
-        )
-        for need_dx in (True, False):
-            torch.library.opcheck(
-                torch.ops.cersa.pica_bwd.default, (dy, torch.randn(37, 8), i["W"], i["P"], i["M"].detach(), need_dx)
-            )
-            torch.library.opcheck(
-                torch.ops.cersa.pica_lowrank_bwd.default,
-                (dy, torch.randn(37, 45), j["V"], j["S"].detach(), j["U"], j["M"].detach(), need_dx),
-            )
 
 
 class Block(nn.Module):
@@ -222,29 +124,6 @@ def test_pica_on_cersa_base_reuses_the_basis():
     torch.testing.assert_close((dense.P @ layer.projection().T).abs(), torch.eye(4), atol=1e-4, rtol=0)
 
 
-def test_torch_compile_fullgraph_forward_backward():
-    torch._dynamo.reset()
-    from torch._dynamo.utils import counters
-
-    counters.clear()
-    model = Block()
-    model.layers[0]["down"] = CersaLinear.from_linear(model.layers[0]["down"], rank=12)
-    Ms = apply_pica(model, rank=4)
-    with torch.no_grad():
-        for M in Ms.values():
-            M.normal_()
-    x = torch.randn(2, 5, 24, requires_grad=True)
-    model(x).square().sum().backward()
-    params = [x] + [p for p in model.parameters() if p.requires_grad]
-    eager = [p.grad.clone() for p in params]
-    for p in params:
-        p.grad = None
-    torch.compile(model, fullgraph=True)(x).square().sum().backward()
-    for p, e in zip(params, eager):
-        torch.testing.assert_close(p.grad, e, atol=1e-4, rtol=1e-4)
-    assert not counters["graph_break"], dict(counters["graph_break"])
-
-
 class TestErrors:
     def test_role_with_different_out_features(self):
         model = nn.ModuleDict(dict(a=nn.ModuleDict(dict(proj=nn.Linear(8, 6))), b=nn.ModuleDict(dict(proj=nn.Linear(8, 5)))))
@@ -273,9 +152,7 @@ class TestErrors:
             pica_linear(i["x"], i["W"], i["P"].requires_grad_(), i["M"])
         with pytest.raises(TypeError, match="dtype mismatch.*P=float64"):
             pica_linear(i["x"], i["W"], i["P"].detach().double(), i["M"])
-        j = make_lowrank(4, 10, 6, 5, k=4)
-        with pytest.raises(ValueError, match=r"PiCa rank r must be <= the CERSA rank k = 5 to reuse h = x V, got r = 6"):
-            pica_lowrank_linear(j["x"], j["V"], j["S"], j["U"], torch.randn(6, 6))
+
 
     def test_M_shape_for_layer(self):
         with pytest.raises(ValueError, match=r"M must have shape \(out_features, rank\) = \(6, 2\), got \(5, 2\)"):

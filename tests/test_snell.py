@@ -17,6 +17,7 @@ from torch import nn
 
 from cersa_kernels import SnellLinear, backends
 from cersa_kernels._alloc import AllocationRecorder
+from cersa_kernels.backends import cuda as cuda_backend
 from cersa_kernels.backends import use_backend
 from cersa_kernels.ops import snell_linear, snell_threshold
 from cersa_kernels.reference import snell as ref
@@ -282,15 +283,10 @@ def test_reference_matches_plain_autograd(sparsity):
         torch.testing.assert_close(g, e, atol=1e-12, rtol=1e-10, msg=name)
 
 
-def test_reference_gradcheck_float64():
-    """Numerical gradients: x and bias through the public op; A and B through the backward formula,
-    against finite differences of the surrogate where sg(|K|)·mask is the constant it is in backward."""
+def test_reference_gradcheck_float64_of_A_and_B():
+    """A and B through the backward formula, against finite differences of the surrogate where
+    sg(|K|)·mask is the constant it is in backward (x and bias: tests/test_ops_contract.py)."""
     x, W0, b, A, B = small64(0.5)
-    with use_backend("torch"):
-        assert torch.autograd.gradcheck(
-            lambda x_, b_: snell_linear(x_, W0, b_, A, B, COEFFS, 0.5),
-            (x.clone().requires_grad_(), b.clone().requires_grad_()),
-        )
     tau = ref.snell_threshold(A, B, COEFFS, 0.5)
     _, _, mag = ref._sparse_delta(A, B, COEFFS, tau)
 
@@ -307,60 +303,6 @@ def test_reference_gradcheck_float64():
             return ref.snell_bwd(dy, x_, W0, A_, B_, COEFFS, tau, True)
 
     assert torch.autograd.gradcheck(Surrogate.apply, tuple(t.clone().requires_grad_() for t in (x, A, B)))
-
-
-# ---------------------------------------------------------------- custom-op machinery
-
-
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_opcheck(backend):
-    x, W0, b, A, B = draw_inputs(9, 40, 24, 8, sparsity=0.9)  # small: opcheck runs each op many times
-    coeffs = list(COEFFS)
-    with use_backend(backend):
-        tau = torch.ops.cersa.snell_threshold(A, B, coeffs, 0.9)
-        torch.library.opcheck(torch.ops.cersa.snell_threshold.default, (A, B, coeffs, 0.9))
-        torch.library.opcheck(
-            torch.ops.cersa.snell_fwd.default,
-            (x.requires_grad_(), W0, b.requires_grad_(), A.requires_grad_(), B.requires_grad_(), coeffs, tau),
-        )
-        torch.library.opcheck(torch.ops.cersa.snell_fwd.default, (x.detach(), W0, None, A, B, coeffs, tau))
-        dy = torch.randn(9, 24)
-        for need_dx in (True, False):
-            torch.library.opcheck(
-                torch.ops.cersa.snell_bwd.default, (dy, x.detach(), W0, A.detach(), B.detach(), coeffs, tau, need_dx)
-            )
-
-
-class TwoLayer(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.a = SnellLinear.from_linear(nn.Linear(24, 40), rank=8, sparsity=0.5, train_bias=True)
-        self.b = SnellLinear.from_linear(nn.Linear(40, 12), rank=4, sparsity=0.9)
-
-    def forward(self, x):
-        return self.b(torch.relu(self.a(x)))
-
-
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_torch_compile_fullgraph_forward_backward(backend):
-    torch._dynamo.reset()
-    from torch._dynamo.utils import counters
-
-    counters.clear()
-    model = TwoLayer()
-    x = torch.randn(2, 5, 24, requires_grad=True)
-    with use_backend(backend):
-        model(x).square().sum().backward()
-        eager = [x.grad.clone()] + [p.grad.clone() for p in model.parameters() if p.requires_grad]
-        x.grad = None
-        model.zero_grad()
-        compiled = torch.compile(model, fullgraph=True)
-        compiled(x).square().sum().backward()
-    got = [x.grad] + [p.grad for p in model.parameters() if p.requires_grad]
-    assert len(got) == 6  # x, a.A, a.B, a.bias, b.A, b.B
-    for g, e in zip(got, eager):
-        torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-4)
-    assert not counters["graph_break"], dict(counters["graph_break"])
 
 
 # ---------------------------------------------------------------- memory claims
@@ -388,29 +330,6 @@ def test_triton_path_allocates_no_m_by_n_tensor():
     assert biggest.numel < m * n, f"an m×n-sized tensor was allocated: {biggest}"
     assert biggest.shape == (T, n)  # dx (x.grad)
     assert _record_layer_step("torch", layer, x).largest().numel >= m * n
-
-
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_saved_bytes_are_x_and_tau(backend):
-    """autograd keeps x (T·n·itemsize) and the fp32 scalar τ, nothing else but the layer's own tensors."""
-    T, n, m = 37, 130, 77
-    layer = SnellLinear.from_linear(nn.Linear(n, m), rank=8, sparsity=0.9, train_bias=True)
-    own = {t.untyped_storage().data_ptr() for t in list(layer.parameters()) + list(layer.buffers())}
-    x = torch.randn(3, T, n, requires_grad=True)
-    activations = []
-
-    def pack(t):
-        if t.untyped_storage().data_ptr() not in own:
-            activations.append(t)
-        return t
-
-    with use_backend(backend), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        y = layer(x)
-    assert sorted(tuple(t.shape) for t in activations) == [(), (3 * T, n)]
-    assert sum(t.numel() * t.element_size() for t in activations) == 3 * T * n * 4 + 4
-    with use_backend(backend):
-        y.sum().backward()
-    assert x.grad is not None and layer.A.grad is not None and layer.B.grad is not None
 
 
 @pytest.mark.gpu
@@ -708,3 +627,71 @@ def test_compiled_kernels_use_correctly_rounded_sqrt_and_division():
             assert sqrt_rn == "True" and sqrt_approx == "False" and div_approx == "False", (name, rows[name])
             if name == "dab":
                 assert div_rn == "True" and float_atomics == str(not det), (det, rows[name])
+
+
+# ---------------------------------------------------------------- the _cuda snell_delta kernel on a GPU, vs float64
+
+DEV = "cuda"
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+
+
+def snell_ref64(A, B, coeffs, tau):
+    """K[i, j] = Σ_h c_h‖B[h, i] − A[h, j]‖₂ in float64; K·|K| where |K| > tau, else 0 (docs/methods.md §4)."""
+    A, B = A.double(), B.double()
+    K = sum(c * (B[h][:, None, :] - A[h][None, :, :]).pow(2).sum(-1).sqrt() for h, c in enumerate(coeffs))
+    return torch.where(K.abs() > tau, K * K.abs(), torch.zeros_like(K)), K
+
+
+def _tau_in_a_gap(K):
+    """A threshold near the median |K| with no |K| within fp32 reach of it, so the mask is exact."""
+    v = K.abs().flatten().sort().values
+    lo, hi = int(0.4 * v.numel()), int(0.6 * v.numel())
+    gaps = v[lo + 1 : hi + 1] - v[lo:hi]
+    i = int(gaps.argmax())
+    assert gaps[i] > 1e-4 * float(v[-1]), "no usable gap; change the seed"
+    return float(v[lo + i] + gaps[i] / 2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dims", [(2, 130, 77, 4), (2, 64, 33, 8), (3, 37, 45, 40)], ids=lambda d: "H{}n{}m{}d{}".format(*d))
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse"])
+def test_cuda_snell_delta_matches_float64(dtype, dims, sparse):
+    H, n, m, d = dims
+    coeffs = (0.1, -0.1) if H == 2 else (0.5, -0.2, 0.1)
+    bound = 1 / d**0.5  # kaiming-uniform(a=√5) scale of SNELL's init
+    A = (torch.rand(H, n, d, device=DEV) * 2 - 1).mul(bound).to(dtype)
+    B = (torch.rand(H, m, d, device=DEV) * 2 - 1).mul(bound).to(dtype)
+    _, K = snell_ref64(A, B, coeffs, 0.0)
+    tau = _tau_in_a_gap(K) if sparse else 0.0
+    ref, _ = snell_ref64(A, B, coeffs, tau)
+    out = cuda_backend.snell_delta_cuda(A, B, coeffs, tau)
+    assert out.shape == (m, n) and out.dtype == dtype
+    # the float64 rule |K| > tau, after rounding to the dtype (tiny K·|K| underflow in fp16)
+    assert torch.equal(out != 0, ref.to(dtype) != 0), "kept entries differ from the float64 rule |K| > tau"
+    if sparse:
+        assert 0.3 < float((ref != 0).double().mean()) < 0.7
+    assert_matches_reference(out, ref.to(dtype), ref, f"snell {dims} {dtype}")
+    # K is fp32 whatever the dtype: apart from the final rounding, the error is fp32-sized
+    rounding = float((ref.to(dtype).double() - ref).abs().max())
+    err = float((out.double() - ref).abs().max())
+    assert err <= 2 * rounding + 1e-5 * float(ref.abs().max()), f"snell error {err:.3e}, rounding alone {rounding:.3e}"
+    # strided views of the same values give the same answer
+    A_t = A.transpose(1, 2).contiguous().transpose(1, 2)
+    torch.testing.assert_close(cuda_backend.snell_delta_cuda(A_t, B, coeffs, tau), out, atol=0, rtol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cuda_snell_delta_agrees_with_the_snell_reference(dtype):
+    """The two sides of the snell_delta contract: the CUDA kernel and reference.snell.snell_delta."""
+    H, n, m, d = 2, 130, 77, 4
+    bound = 1 / d**0.5
+    A = (torch.rand(H, n, d, device=DEV) * 2 - 1).mul(bound).to(dtype)
+    B = (torch.rand(H, m, d, device=DEV) * 2 - 1).mul(bound).to(dtype)
+    _, K = snell_ref64(A, B, (0.1, -0.1), 0.0)
+    tau = _tau_in_a_gap(K)
+    expected = ref.snell_delta(A, B, (0.1, -0.1), tau)
+    out = cuda_backend.snell_delta_cuda(A, B, (0.1, -0.1), tau)
+    assert torch.equal(out != 0, expected != 0)
+    assert_matches_reference(out, expected, snell_ref64(A, B, (0.1, -0.1), tau)[0], f"snell reference {dtype}")

@@ -1,5 +1,6 @@
-"""The layers inside the training stacks users embed them in: torch.compile, autocast, gradient
-checkpointing (torch and Hugging Face), DDP and FSDP2 over 2 gloo processes on CPU."""
+"""The layers inside the training stacks users embed them in: torch.compile of a Hugging Face model,
+gradient checkpointing (torch and Hugging Face), DDP and FSDP2 over 2 gloo processes on CPU. (compile and autocast of every
+method: test_methods_contract.py, over the method registry.)"""
 import os
 import socket
 
@@ -8,63 +9,12 @@ import torch
 import torch.multiprocessing as mp
 import transformers
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 import cersa_kernels as ck
 
+from registry import adapted_net, grads
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-
-class Block(nn.Module):
-    def __init__(self, d=32, hidden=48):
-        super().__init__()
-        self.up = nn.Linear(d, hidden)
-        self.down = nn.Linear(hidden, d)
-
-    def forward(self, x):
-        return x + self.down(torch.nn.functional.gelu(self.up(x)))
-
-
-class Net(nn.Module):
-    def __init__(self, checkpointing=None):
-        super().__init__()
-        self.blocks = nn.ModuleList([Block(), Block()])
-        self.head = nn.Linear(32, 8)
-        self.checkpointing = checkpointing  # None, "reentrant" or "non-reentrant"
-
-    def forward(self, x):
-        for block in self.blocks:
-            if self.checkpointing:
-                x = checkpoint(block, x, use_reentrant=self.checkpointing == "reentrant")
-            else:
-                x = block(x)
-        return self.head(x)
-
-
-METHOD_OPTIONS = {
-    "cersa": dict(energy=0.9),
-    "lora": dict(rank=4, alpha=8),
-    "pica": dict(rank=4),
-    "snell": dict(rank=4, sparsity=0.5),
-}
-
-
-def adapted_net(seed=0, method="cersa", options=None, **kwargs):
-    torch.manual_seed(seed)
-    net = Net(**kwargs)
-    ck.apply(net, method, exclude_modules=["head"], **(options or METHOD_OPTIONS[method]))
-    if method != "cersa":  # LoRA's B and PiCa's M start at zero: give every trainable tensor a gradient
-        g = torch.Generator().manual_seed(seed + 1)
-        with torch.no_grad():
-            for p in ck.trainable_parameters(net):
-                p.add_(0.1 * torch.randn(p.shape, generator=g))
-    return net
-
-
-def grads(net, x):
-    net.zero_grad()
-    net(x).square().mean().backward()
-    return [p.grad.clone() for p in ck.trainable_parameters(net)]
 
 
 class _TensorRecorder(torch.overrides.TorchFunctionMode):
@@ -97,22 +47,6 @@ def test_layers_keep_int_features_and_read_only_their_own_parameters():
         assert touched and touched <= own
 
 
-def test_torch_compile_fullgraph_of_an_adapted_model():
-    torch._dynamo.reset()
-    from torch._dynamo.utils import counters
-
-    counters.clear()
-    net = adapted_net()
-    x = torch.randn(4, 7, 32)
-    expected = grads(net, x)
-    compiled = torch.compile(net, fullgraph=True)
-    net.zero_grad()
-    compiled(x).square().mean().backward()
-    for p, e in zip(ck.trainable_parameters(net), expected):
-        torch.testing.assert_close(p.grad, e, atol=1e-5, rtol=1e-4)
-    assert not counters["graph_break"]
-
-
 def test_torch_compile_fullgraph_of_a_hugging_face_llama():
     """A whole adapted HF model traces in one graph (aot_eager: the inductor path is covered above)."""
     torch._dynamo.reset()
@@ -130,26 +64,6 @@ def test_torch_compile_fullgraph_of_a_hugging_face_llama():
     torch.testing.assert_close(out, eager, atol=1e-5, rtol=1e-4)
     out.square().mean().backward()
     assert all(p.grad is not None for p in ck.trainable_parameters(model))
-
-
-@pytest.mark.parametrize("method", sorted(METHOD_OPTIONS))
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_autocast_keeps_trainable_tensors_and_their_gradients_in_fp32(dtype, method):
-    # SNELL's mask is discontinuous: half-precision A, B move |K| values near τ across it, which
-    # changes those gradient entries outright. Compared here without sparsification.
-    options = dict(rank=4, sparsity=0.0) if method == "snell" else None
-    net = adapted_net(method=method, options=options)
-    x = torch.randn(4, 7, 32)
-    expected = grads(net, x)
-    net.zero_grad()
-    with torch.autocast("cpu", dtype=dtype):
-        y = net(x)
-        assert net.blocks[0].up(x).dtype == dtype
-    y.float().square().mean().backward()
-    for p, e in zip(ck.trainable_parameters(net), expected):
-        assert p.dtype == torch.float32 and p.grad.dtype == torch.float32
-        # half-precision activations: a few % of the gradient's scale
-        torch.testing.assert_close(p.grad, e, atol=0.05 * float(e.abs().max()), rtol=0.05)
 
 
 @pytest.mark.parametrize("mode", ["reentrant", "non-reentrant"])

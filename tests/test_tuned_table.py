@@ -31,12 +31,12 @@ def doctor(results, device=H100, arch="sm_90"):
 
 def test_table_keeps_only_verified_and_faster_backends():
     runs = [{"benchmarks": [
-        bench("cersa-torch", 1.0, 256), bench("cersa-torch", 2.0, 1024),
-        bench("cersa-triton", 0.9, 256), bench("cersa-triton", 1.9, 1024),  # verified, faster: wins
-        bench("cersa-cuda", 0.5, 256), bench("cersa-cuda", 0.5, 1024),  # faster but failed a check
-        bench("cersa-cuda", 0.01, 256, mode="fwd"), bench("eager", 0.01, 256),  # ignored rows
-        bench("cersa-torch", 1.0, 256, dtype="float16"), bench("cersa-triton", 1.5, 256, dtype="float16"),  # slower
-        bench("cersa-torch", 1.0, 256, device="GPU Y"), bench("cersa-triton", 0.1, 256, device="GPU Y"),  # no doctor
+        bench("lowrank-torch", 1.0, 256), bench("lowrank-torch", 2.0, 1024),
+        bench("lowrank-triton", 0.9, 256), bench("lowrank-triton", 1.9, 1024),  # verified, faster: wins
+        bench("lowrank-cuda", 0.5, 256), bench("lowrank-cuda", 0.5, 1024),  # faster but failed a check
+        bench("lowrank-cuda", 0.01, 256, mode="fwd"), bench("eager", 0.01, 256),  # ignored rows
+        bench("lowrank-torch", 1.0, 256, dtype="float16"), bench("lowrank-triton", 1.5, 256, dtype="float16"),  # slower
+        bench("lowrank-torch", 1.0, 256, device="GPU Y"), bench("lowrank-triton", 0.1, 256, device="GPU Y"),  # no doctor
     ]}]
     docs = [doctor([("lowrank", "bfloat16", "triton", True), ("lowrank", "bfloat16", "cuda", True),
                     ("lowrank", "bfloat16", "cuda", False), ("lowrank", "float16", "triton", True)])]
