@@ -3,8 +3,8 @@
 Used by the tests (to prove that no m×n buffer appears) and by the CPU benchmarks (which have no
 torch.cuda.max_memory_allocated). An allocation is an op output whose storage is none of the op's
 inputs' storages: views, in-place results and copies into existing tensors are not allocations.
-cersa custom ops are opaque to a dispatch mode, so the recorder runs them through their backend
-kernel with itself re-entered, and the aten ops inside the kernel function are seen too. Triton
+cersa custom ops are opaque to a dispatch mode, so the recorder runs them through the op's own
+dispatch (`ops._define.run_kernel`) with itself re-entered, and the aten ops inside the kernel function are seen too. Triton
 launches allocate nothing through aten (the Triton interpreter's host copies of kernel arguments go
 through UntypedStorage and are not recorded: they would not exist on a GPU).
 """
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from . import backends
+from .ops._define import run_kernel
 
 
 @dataclass
@@ -39,10 +39,8 @@ class AllocationRecorder(TorchDispatchMode):
         kwargs = kwargs or {}
         if func.namespace == "cersa":
             self.cersa_ops.append(func._opname)
-            tensors = [a for a in args if isinstance(a, torch.Tensor)]
-            kernel = backends.kernel_for(func._opname, tensors)
-            with self:
-                return kernel(*args, **kwargs)
+            with self:  # the op's own dispatch (backend choice included), with this mode re-entered
+                return run_kernel(func._opname, *args, *kwargs.values())
         out = func(*args, **kwargs)
         inputs = {a.untyped_storage().data_ptr() for a in args if isinstance(a, torch.Tensor)}
         for o in out if isinstance(out, (tuple, list)) else [out]:

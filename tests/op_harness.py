@@ -155,7 +155,7 @@ def snell_threshold_margin(A, B, coeffs, sparsity) -> float:
     """Distance, relative to max|K| and in float64, from τ to the nearest other |K|; inf for s = 0."""
     if sparsity == 0:
         return math.inf
-    vals = ref_snell.kernel_matrix(A.double(), B.double(), coeffs).abs().flatten().sort().values
+    vals = ref_snell.kernelized_update(A.double(), B.double(), coeffs).abs().flatten().sort().values
     k = ref_snell.kth_rank(vals.numel(), sparsity)
     below = vals[k - 1] - vals[k - 2] if k >= 2 else math.inf
     above = vals[k] - vals[k - 1] if k < vals.numel() else math.inf
@@ -203,7 +203,7 @@ def _flat(fwd, out_features):
 def _snell_eager(x, W0, bias, A, B, coeffs, sparsity):
     """docs/methods.md §4 under autograd: ΔW_s = K for s = 0, else K ⊙ sg(|K|) ⊙ 1[|K| > τ], τ the
     reference's selection on |K| in the same precision as K (so the kept set is the reference's)."""
-    K = ref_snell.kernel_matrix(A, B, coeffs)
+    K = ref_snell.kernelized_update(A, B, coeffs)
     if sparsity == 0:
         delta = K
     else:

@@ -6,6 +6,7 @@ from torch import nn
 
 from cersa_kernels import LoraLinear
 from cersa_kernels._alloc import AllocationRecorder
+from cersa_kernels.backends import use_backend
 from cersa_kernels.ops import lora_linear
 from cersa_kernels.reference.lora import dropout_keep, hash32
 
@@ -175,3 +176,13 @@ def test_triton_dropout_never_materialises_the_mask():
         # bool (1 byte) and int64 (8 bytes) allocations only
         masks = [a.numel for a in rec.allocations if a.nbytes in (a.numel, 8 * a.numel)]
         assert (T * n in masks) == expect_txn, (kernel.__name__, masks)
+
+
+def test_allocation_recorder_runs_lora_with_dropout_on_triton():
+    # the recorder runs an op through the op's own dispatch: the CPU int64 dropout seed is not an
+    # operand that chooses the backend (it once made the recorder refuse LoRA on triton)
+    g = torch.Generator().manual_seed(4)
+    x, W, A, B = (torch.randn(*s, generator=g) for s in ((5, 8), (6, 8), (2, 8), (6, 2)))
+    with use_backend("triton"), torch.no_grad(), AllocationRecorder() as rec:
+        y = lora_linear(x, W, A, B, None, 1.0, 0.3, seed=7)
+    assert rec.cersa_ops == ["lora_fwd"] and y.shape == (5, 6)

