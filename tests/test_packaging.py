@@ -15,7 +15,7 @@ def setup_commands():
 def test_readme_opens_with_two_setup_commands_each_with_its_own_venv():
     commands = setup_commands()
     assert len(commands) == 2
-    assert commands[0].startswith("python3 -m venv .venv-main ") and "-m cersa_kernels minilm" in commands[0]
+    assert commands[0].startswith("python3 -m venv .venv-main ") and "-m cersa_kernels compare" in commands[0]
     assert commands[1].startswith("python3 -m venv .venv-test ") and "pytest tests" in commands[1]
 
 
