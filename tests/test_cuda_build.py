@@ -6,7 +6,6 @@ contain HMMA (warp-level tensor-core MMA; wmma::mma_sync compiles to it on sm_80
 every fp16 and bf16 instantiation of gemm_kernel, and none in the fp32 one (CUDA cores: a check
 that the pattern can fail).
 """
-import importlib.util
 import re
 import shutil
 import subprocess
@@ -15,17 +14,12 @@ from pathlib import Path
 import pytest
 from triton import knobs
 
+from test_cuda_backend import SETUP  # setup.py loaded as a module, once
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _setup_module():
-    spec = importlib.util.spec_from_file_location("cersa_setup_archs", ROOT / "setup.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-ARCHS = _setup_module().DEFAULT_ARCHS.split(";")
+ARCHS = SETUP.DEFAULT_ARCHS.split(";")
 
 
 def sass_by_function(cubin: Path) -> dict:
