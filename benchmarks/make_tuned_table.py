@@ -9,7 +9,7 @@ GPU (every shape it checked), and (2) was faster than the `torch` row in forward
 summed over the benchmarked shapes measured for both. The arch of a benchmark's device comes from
 the doctor file of the same device; a device without one gets no entry (nothing is verified there).
 Benchmark rows: extra_info with op, row ("lowrank-<backend>"), mode, dtype, device, T, n, m, k
-(see benchmarks/test_bench_lowrank.py).
+(filled for every op by benchmarks/bench_harness.py; this table reads the lowrank rows).
 """
 from __future__ import annotations
 
