@@ -106,7 +106,7 @@ def test_pica_over_cersa_through_apply_save_load_merge_export(tmp_path):
     ck.apply(model, "cersa", energy=0.9)
     report = ck.apply(model, "pica", target_modules=["q_proj", "v_proj"], rank=3, freeze_base=False)
     layer = model.model.layers[0].self_attn.q_proj
-    assert isinstance(layer, PicaCersaLinear) and isinstance(layer.base, CersaLinear)
+    assert isinstance(layer, PicaCersaLinear) and isinstance(layer, PicaLinear) and isinstance(layer.base, CersaLinear)
     assert layer.M is model.model.layers[1].self_attn.q_proj.M  # shared per role
     assert report.rows[0]["bytes_after"] == layer.base.weight_bytes()
     perturb(model)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from cersa_kernels import CersaLinear, PicaLinear
+from cersa_kernels import CersaLinear, PicaCersaLinear, PicaLinear
 from cersa_kernels.nn.pica import apply_pica
 from cersa_kernels.ops import pica_linear
 
@@ -157,3 +157,11 @@ class TestErrors:
     def test_M_shape_for_layer(self):
         with pytest.raises(ValueError, match=r"M must have shape \(out_features, rank\) = \(6, 2\), got \(5, 2\)"):
             PicaLinear(nn.Linear(4, 6), 2, nn.Parameter(torch.zeros(5, 2)))
+
+
+def test_pica_over_cersa_is_its_own_class_and_the_old_spelling_still_works():
+    cersa = CersaLinear.from_linear(nn.Linear(8, 8), rank=4)
+    with pytest.warns(DeprecationWarning, match="PicaCersaLinear"):
+        layer = PicaLinear(cersa, 2)
+    assert type(layer) is PicaCersaLinear and isinstance(layer, PicaLinear) and layer.base is cersa
+    assert not hasattr(layer, "P") and not hasattr(layer, "weight")

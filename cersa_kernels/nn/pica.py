@@ -31,11 +31,63 @@ def _role(name: str) -> str:
     return name.rsplit(".", 1)[-1]
 
 
-class _PicaLayer(AdapterLayer):
-    """What both PiCa layers share: the rank, the (shareable) M, the role, and the PARA hooks.
-    Subclasses give `projection()` (P) and the forward."""
+class PicaLinear(AdapterLayer, method="pica"):
+    """x (..., in_features) -> y (..., out_features): y = x W0ᵀ + b + (x Pᵀ) Mᵀ over a dense base.
+
+    Frozen: `weight` (m, n), `bias` (m,), buffer `P` (r, n). `M` (m, r) is a Parameter that may be
+    shared with other PiCa layers (pass the same one). Given a CersaLinear base, the constructor
+    builds a PicaCersaLinear (deprecated spelling: call PicaCersaLinear directly).
+    PicaCersaLinear subclasses it: the rank, the shared M, the role and the PARA hooks are here.
+    """
 
     BASE_KEYS = ("weight", "bias")
+
+    def __new__(cls, base: nn.Module = None, *args, **kwargs):
+        if cls is PicaLinear and type(base) is CersaLinear:
+            warnings.warn(
+                "PicaLinear(cersa_layer, ...) is deprecated: PiCa over CERSA is PicaCersaLinear", DeprecationWarning,
+                stacklevel=2,
+            )
+            return super().__new__(PicaCersaLinear)  # then PicaCersaLinear.__init__ runs, once
+        return super().__new__(cls)
+
+    def __init__(self, base: nn.Linear, rank: int, M: Optional[nn.Parameter] = None,
+                 layer_name: Optional[str] = None) -> None:
+        super().__init__()
+        name = layer_name or type(base).__name__
+        if not isinstance(base, nn.Linear):  # before reading base.in_features
+            raise TypeError(f"PicaLinear ({name}): base must be an nn.Linear or a CersaLinear, got {type(base).__name__}")
+        label = self._init_branch(base, rank, M, layer_name)
+        w = base.weight.detach()
+        svd = decompose(w, rank=self.rank, layer=label)
+        self._init_frozen_base(base.bias is not None, device=w.device, dtype=w.dtype)
+        self._copy_frozen_base(base)
+        self.register_buffer("P", svd.V.T.contiguous())
+        self._init_M(M, w, label)
+
+    def projection(self) -> Tensor:
+        return self.P
+
+    def forward(self, x: Tensor) -> Tensor:
+        x, weight, P, M, bias = autocast_cast(x, self.weight, self.P, self.M, self.bias)
+        return pica_linear(x, weight, P, M, bias, layer=self._name())
+
+    def lowrank_update(self) -> LowRankUpdate:
+        """M·P over the original W0 (which this layer keeps)."""
+        return self.para_update()
+
+    @classmethod
+    def from_config(cls, config: dict, base: nn.Linear, device=None) -> "PicaLinear":
+        """The layer around the original Linear `base` (P and M come from a state_dict: P is saved,
+        not recomputed, since SVD signs are arbitrary); a config with a `cersa` entry (PiCa over
+        CERSA, as saved by older versions under this class name) builds a PicaCersaLinear."""
+        if "cersa" in config:
+            return PicaCersaLinear.from_config(config, base, device)
+        return cls(base, config["rank"])
+
+    def extra_repr(self) -> str:
+        base = "cersa" if isinstance(self, PicaCersaLinear) else "dense"
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, base={base}"
 
     def _init_branch(self, base: nn.Module, rank, M: Optional[nn.Parameter], layer_name: Optional[str]) -> str:
         self.layer_name = layer_name
@@ -54,23 +106,19 @@ class _PicaLayer(AdapterLayer):
             )
         self.M = M
 
-    def projection(self) -> Tensor:
-        """P (r, n), orthonormal rows."""
-        raise NotImplementedError
-
     def delta_weight(self) -> Tensor:
         """ΔW = M P (out, in): the PiCa update over the base."""
         return self.M.to(self.projection().dtype) @ self.projection()
 
     @classmethod
-    def adapt(cls, bases: dict[str, nn.Module], rank: int = 64) -> dict[str, "_PicaLayer"]:
+    def adapt(cls, bases: dict[str, nn.Module], rank: int = 64) -> dict[str, "PicaLinear"]:
         """`apply(model, "pica", rank=r)`: PiCa on every target, one zero M per role shared by its
         layers; a CersaLinear target becomes a PicaCersaLinear (the branch reuses h = x·V)."""
         return pica_layers(bases, rank)
 
     @classmethod
     def unsupported_reason(cls, module: nn.Module) -> Optional[str]:
-        if isinstance(module, _PicaLayer):
+        if isinstance(module, PicaLinear):
             return f"already a {type(module).__name__}: PiCa over PiCa is not supported"
         if type(module) is CersaLinear:  # PiCa over CERSA
             return None
@@ -104,77 +152,18 @@ class _PicaLayer(AdapterLayer):
             self.M.copy_(update.scale * update.B @ (update.A @ P.T))
         return None
 
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
 
-
-class PicaLinear(_PicaLayer, method="pica"):
-    """x (..., in_features) -> y (..., out_features): y = x W0ᵀ + b + (x Pᵀ) Mᵀ over a dense base.
-
-    Frozen: `weight` (m, n), `bias` (m,), buffer `P` (r, n). `M` (m, r) is a Parameter that may be
-    shared with other PiCa layers (pass the same one). Given a CersaLinear base, the constructor
-    builds a PicaCersaLinear (deprecated spelling: call PicaCersaLinear directly).
-    """
-
-    def __new__(cls, base: nn.Module = None, *args, **kwargs):
-        if cls is PicaLinear and type(base) is CersaLinear:
-            warnings.warn(
-                "PicaLinear(cersa_layer, ...) is deprecated: PiCa over CERSA is PicaCersaLinear", DeprecationWarning,
-                stacklevel=2,
-            )
-            return PicaCersaLinear(base, *args, **kwargs)
-        return super().__new__(cls)
-
-    def __init__(self, base: nn.Linear, rank: int, M: Optional[nn.Parameter] = None,
-                 layer_name: Optional[str] = None) -> None:
-        super().__init__()
-        name = layer_name or type(base).__name__
-        if not isinstance(base, nn.Linear):  # before reading base.in_features
-            raise TypeError(f"PicaLinear ({name}): base must be an nn.Linear or a CersaLinear, got {type(base).__name__}")
-        label = self._init_branch(base, rank, M, layer_name)
-        w = base.weight.detach()
-        svd = decompose(w, rank=self.rank, layer=label)
-        self._init_frozen_base(base.bias is not None, device=w.device, dtype=w.dtype)
-        self._copy_frozen_base(base)
-        self.register_buffer("P", svd.V.T.contiguous())
-        self._init_M(M, w, label)
-
-    def projection(self) -> Tensor:
-        return self.P
-
-    def forward(self, x: Tensor) -> Tensor:
-        x, weight, P, M, bias = autocast_cast(x, self.weight, self.P, self.M, self.bias)
-        return pica_linear(x, weight, P, M, bias, layer=self._name())
-
-    def lowrank_update(self) -> LowRankUpdate:
-        """M·P over the original W0 (which this layer keeps)."""
-        return self.para_update()
-
-    @classmethod
-    def from_config(cls, config: dict, base: nn.Linear, device=None) -> "_PicaLayer":
-        """The layer around the original Linear `base` (P and M come from a state_dict: P is saved,
-        not recomputed, since SVD signs are arbitrary); a config with a `cersa` entry (PiCa over
-        CERSA, as saved by older versions under this class name) builds a PicaCersaLinear."""
-        if "cersa" in config:
-            return PicaCersaLinear.from_config(config, base, device)
-        return cls(base, config["rank"])
-
-    def extra_repr(self) -> str:
-        return super().extra_repr() + ", base=dense"
-
-
-class PicaCersaLinear(_PicaLayer):
+class PicaCersaLinear(PicaLinear):
     """PiCa over CERSA: y = x V Sᵀ Uᵀ + (x V[:, :r]) Mᵀ + b, x (..., in_features) -> (..., out_features).
 
     Submodule `base`: the CersaLinear (U, V frozen, S trains). `M` (m, r ≤ k) as in PicaLinear.
     """
 
-    method = "pica"
     BASE_KEYS = ()  # CERSA's factors replace W0: everything is saved
 
     def __init__(self, base: CersaLinear, rank: int, M: Optional[nn.Parameter] = None,
                  layer_name: Optional[str] = None) -> None:
-        super().__init__()
+        AdapterLayer.__init__(self)  # not PicaLinear's: there is no dense base to decompose
         if type(base) is not CersaLinear:
             raise TypeError(f"PicaCersaLinear ({layer_name or type(base).__name__}): base must be a CersaLinear, "
                             f"got {type(base).__name__}")
@@ -219,18 +208,15 @@ class PicaCersaLinear(_PicaLayer):
         """An empty CERSA base from the saved config and M; every tensor comes from a state dict."""
         return cls(CersaLinear.from_config(config["cersa"], device=device), config["rank"])
 
-    def extra_repr(self) -> str:
-        return super().extra_repr() + ", base=cersa"
 
-
-def pica_layers(bases: dict[str, nn.Module], rank: int) -> dict[str, _PicaLayer]:
+def pica_layers(bases: dict[str, nn.Module], rank: int) -> dict[str, PicaLinear]:
     """{name: PiCa layer} around each base layer (nn.Linear or CersaLinear), with one zero M per
     role shared by all the layers of that role. Raises ValueError when a role's layers differ in
     out_features (the message names the role and every layer's shape)."""
     groups: dict[str, list[tuple[str, nn.Module]]] = {}
     for name, module in bases.items():
         groups.setdefault(_role(name), []).append((name, module))
-    out: dict[str, _PicaLayer] = {}
+    out: dict[str, PicaLinear] = {}
     for role, layers in groups.items():
         outs = {m.out_features for _, m in layers}
         if len(outs) > 1:
