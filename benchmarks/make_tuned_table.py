@@ -8,8 +8,9 @@ An entry {"<op>_fwd"/"<op>_bwd": {arch: {dtype: backend}}} is written only for a
 GPU (every shape it checked), and (2) was faster than the `torch` row in forward+backward time
 summed over the benchmarked shapes measured for both. The arch of a benchmark's device comes from
 the doctor file of the same device; a device without one gets no entry (nothing is verified there).
-Benchmark rows: extra_info with op, row ("lowrank-<backend>"), mode, dtype, device, T, n, m, k
-(filled for every op by benchmarks/bench_harness.py; this table reads the lowrank rows).
+Benchmark rows: extra_info with op, row ("<op>-<backend>", backend torch/triton/cuda; baseline rows
+such as "eager" or "snell-plain" are ignored), mode, dtype, device, and the group's shape and
+variant parameters (filled for every op by benchmarks/bench_harness.py).
 """
 from __future__ import annotations
 
@@ -32,16 +33,31 @@ def verified_backends(doctor_docs: list[dict]) -> dict:
     return out
 
 
+BACKENDS = ("torch", "triton", "cuda")
+# extra_info keys that describe the row or its measurement, not the group (shape and variant)
+_NOT_SHAPE = {
+    "op", "row", "mode", "dtype", "device", "shape", "tflops", "saved_activation_bytes", "allocated_bytes",
+    "largest_allocation_bytes", "mn_bytes", "bf16_matmul_peak_tflops", "peak_memory_bytes", "fraction_of_bf16_peak",
+}
+
+
+def _case(info: dict) -> str:
+    """The group a row was measured in (shape and variant), as a key comparable across rows."""
+    return json.dumps({k: v for k, v in info.items() if k not in _NOT_SHAPE and isinstance(v, (int, float, str))},
+                      sort_keys=True)
+
+
 def tuned_table(runs: list[dict], doctor_docs: list[dict]) -> dict:
     """{op_fwd|op_bwd: {arch: {dtype: backend}}} from pytest-benchmark JSON and doctor files."""
     times: dict = defaultdict(lambda: defaultdict(dict))  # (op, device, dtype) -> backend -> shape -> s
     for run in runs:
         for bench in run["benchmarks"]:
             info = bench.get("extra_info", {})
-            if not str(info.get("row", "")).startswith("lowrank-") or info.get("mode") != "fwd+bwd":
+            op, row = info.get("op", ""), str(info.get("row", ""))
+            backend = row[len(op) + 1:] if row.startswith(f"{op}-") else None
+            if backend not in BACKENDS or info.get("mode") != "fwd+bwd":
                 continue
-            shape = (info["T"], info["n"], info["m"], info["k"])
-            times[(info["op"], info["device"], info["dtype"])][info["row"].split("-", 1)[1]][shape] = bench["stats"]["mean"]
+            times[(op, info["device"], info["dtype"])][backend][_case(info)] = bench["stats"]["mean"]
     verified = verified_backends(doctor_docs)
     table: dict = defaultdict(lambda: defaultdict(dict))
     for (op, device, dtype), per_backend in sorted(times.items()):

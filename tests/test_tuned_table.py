@@ -44,6 +44,27 @@ def test_table_keeps_only_verified_and_faster_backends():
     assert table == {"lowrank_fwd": {"sm_90": {"bfloat16": "triton"}}, "lowrank_bwd": {"sm_90": {"bfloat16": "triton"}}}
 
 
+def test_table_covers_every_op_and_compares_within_a_variant():
+    def row(op, backend, mean, p, peak=None):
+        info = dict(op=op, row=f"{op}-{backend}", mode="fwd+bwd", dtype="bfloat16", device=H100, T=8192, n=4096,
+                    m=4096, r=16, p=p, tflops=1.0 / mean, peak_memory_bytes=peak or 0)
+        return {"extra_info": info, "stats": {"mean": mean}}
+
+    runs = [{"benchmarks": [
+        row("lora", "torch", 1.0, 0.0), row("lora", "triton", 0.5, 0.0, peak=5),  # measurements differ per row
+        row("lora", "torch", 1.0, 0.1), row("lora", "triton", 1.2, 0.1),  # slower with dropout
+        row("snell", "torch", 3.0, 0.0), row("snell", "triton", 1.0, 0.0),
+        {"extra_info": dict(op="snell", row="snell-plain", mode="fwd+bwd", dtype="bfloat16", device=H100, p=0.0),
+         "stats": {"mean": 0.001}},  # a baseline, not a backend
+    ]}]
+    docs = [doctor([("lora", "bfloat16", "triton", True), ("snell", "bfloat16", "triton", True)])]
+    table = load_script().tuned_table(runs, docs)
+    # LoRA is compared group by group (the peak-memory field must not split a group): summed over both
+    # variants 0.5 + 1.2 < 1.0 + 1.0, so faster; compared on the dropout group alone it would be slower
+    assert table["lora_fwd"] == {"sm_90": {"bfloat16": "triton"}}
+    assert table["snell_fwd"] == {"sm_90": {"bfloat16": "triton"}} and table["snell_bwd"] == table["snell_fwd"]
+
+
 class FakeCudaTensor:
     is_cuda = True
     dtype = torch.bfloat16
