@@ -9,8 +9,7 @@ import torch
 
 from .analyze import bundled_minilm_dir, check_model_dir, load_pretrained
 from .decompose import check_energy
-from .nn.tree import named_linears, replace_module
-from .nn import CersaLinear
+from .model import apply
 
 SENTENCES = [
     "The central bank raised interest rates by a quarter point to curb inflation.",
@@ -42,20 +41,14 @@ def sentence_embeddings(model, tokenizer, sentences) -> torch.Tensor:
 
 
 def convert_to_cersa(model, energy: float = 0.95) -> list[dict]:
-    """Replace every nn.Linear of `model` in place; one report row per layer."""
-    rows = []
-    for name, linear in list(named_linears(model)):
-        layer = CersaLinear.from_linear(linear, energy=energy)
-        layer.layer_name = name
-        replace_module(model, name, layer)
-        rows.append(
-            dict(
-                name=name, shape=(linear.out_features, linear.in_features), k=layer.rank,
-                energy_kept=float(layer.energy_kept), bytes_before=layer.dense_weight_bytes(),
-                bytes_after=layer.weight_bytes(),
-            )
-        )
-    return rows
+    """`apply(model, "cersa", energy=energy)` in place; its report rows with each layer's k and the
+    energy it keeps."""
+    report = apply(model, "cersa", energy=energy, freeze_base=False)
+    return [
+        dict(name=r["name"], shape=r["shape"], k=r["rank"], energy_kept=float(model.get_submodule(r["name"]).energy_kept),
+             bytes_before=r["bytes_before"], bytes_after=r["bytes_after"])
+        for r in report.rows
+    ]
 
 
 def main(energy: float = 0.95, model_dir=None) -> dict:
