@@ -146,6 +146,9 @@ def _worker(rank, world, port, wrapper, method, out_path):
         state = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone() for k, v in net.state_dict().items()}
         if rank == 0:
             torch.save(state, out_path)
+        # Leave together: a rank that tears gloo down while the other still works (here rank 0's
+        # save) can abort with "terminate called without an active exception" (a CI flake, seen once)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
