@@ -24,9 +24,9 @@ from ..backends import kernel_for, use_backend
 __all__ = ["OpPair", "define_op", "define_op_pair", "run_kernel", "bias_grad", "flatten_tokens"]
 
 
-def _parameter_names(params: str) -> list[str]:
-    """'Tensor x, Tensor? bias, float s' -> ['x', 'bias', 's']."""
-    return [p.split()[-1] for p in params.split(",") if p.strip()]
+def _parameter_types(params: str) -> dict[str, str]:
+    """'Tensor x, Tensor? bias, float s' -> {'x': 'Tensor', 'bias': 'Tensor?', 's': 'float'}."""
+    return {p.split()[-1]: p.split()[0] for p in params.split(",") if p.strip()}
 
 
 def _dispatch_tensors(args: Sequence[object]) -> list[Tensor]:
@@ -106,11 +106,14 @@ def define_op_pair(
     save_when: {name: predicate(non-tensor inputs)}: save that tensor only when it holds (LoRA's
     dropout seed is kept only when there is a mask to regenerate); a zero int64 scalar stands in.
     """
-    input_names = _parameter_names(inputs)
-    input_types = dict(zip(input_names, (p.split()[0] for p in inputs.split(",") if p.strip())))
+    input_types = _parameter_types(inputs)
+    input_names = list(input_types)
     if gradients[0] != "x" or any(g not in input_names for g in gradients):
         raise ValueError(f"define_op_pair({name!r}): gradients must be forward inputs, x first; got {gradients}")
     save_when = dict(save_when or {})
+    for n in list(backward_uses) + list(save_when):  # before anything is registered
+        if n not in input_names and n not in outputs:
+            raise ValueError(f"define_op_pair({name!r}): {n!r} is neither a forward input nor an output")
 
     def bwd_type(n: str) -> str:
         return input_types.get(n, "Tensor").rstrip("?")
@@ -121,9 +124,6 @@ def define_op_pair(
     fwd = define_op(f"{name}_fwd", inputs, fwd_returns, fake_forward)
     bwd = define_op(f"{name}_bwd", bwd_params, bwd_returns, fake_backward)
     tensor_uses = [n for n in backward_uses if bwd_type(n) == "Tensor"]
-    for n in list(backward_uses) + list(save_when):
-        if n not in input_names and n not in outputs:
-            raise ValueError(f"define_op_pair({name!r}): {n!r} is neither a forward input nor an output")
 
     def setup_context(ctx, inputs, output):
         values = dict(zip(input_names, inputs))
