@@ -61,7 +61,7 @@ _UNSPECIALISED = ["drop_key", "drop_thresh", "TUNE_M", "TUNE_N", "TUNE_K"]
 def _gemm_kernel(
     a_ptr, b_ptr, c_ptr, bias_ptr, r_ptr,
     M, N, K, K_PER_SPLIT,
-    stride_am, stride_ak, stride_bk, stride_bn, stride_cs, stride_cm, stride_cn, stride_rm, stride_rn,
+    stride_am, stride_ak, stride_bk, stride_bn, stride_cs, stride_cm, stride_cn, stride_rm, stride_rn, stride_bias,
     drop_key: tl.int64, drop_thresh: tl.int64, drop_cols, drop_scale,
     TUNE_M: tl.int64, TUNE_N: tl.int64, TUNE_K: tl.int64,
     HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, DROP: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -105,7 +105,7 @@ def _gemm_kernel(
     if DROP != 0:
         acc = acc * drop_scale
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+        acc += tl.load(bias_ptr + offs_n * stride_bias, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
     in_c = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     if HAS_RESIDUAL:
         acc += tl.load(r_ptr + offs_m[:, None] * stride_rm + offs_n[None, :] * stride_rn, mask=in_c, other=0.0).to(
@@ -217,7 +217,7 @@ def _gemm(
         a, b, buf, bias if bias is not None else a, r,
         M, N, K, rows_per_split,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), *buf.stride(),
-        r.stride(0), r.stride(-1),
+        r.stride(0), r.stride(-1), bias.stride(0) if bias is not None else 0,
         key, thresh, cols, scale,
         tune_bucket(M), tune_bucket(N), tune_bucket(rows_per_split),
     )
