@@ -6,8 +6,8 @@ LoRA layers on our fused `cersa::lora` op in place, and save our adapters from t
     unpatch_peft(peft_model)                   # PEFT's own forward again
     trainer = Trainer(..., callbacks=[trainer_callback()])  # ck.save(model) beside every checkpoint
 
-`peft` and `transformers` are imported inside the functions that need them, so that
-`import cersa_kernels` stays light (it does not pull in transformers); there is no import cycle.
+`peft`, `transformers` and `bitsandbytes` are imported inside the functions that need them, so
+that `import cersa_kernels` stays light (it does not pull in transformers); there is no import cycle.
 """
 from __future__ import annotations
 
@@ -24,8 +24,9 @@ from torch import Tensor, nn
 from .model import ApplyReport, apply, save
 from .nn.tree import as_linear, is_conv1d
 from .ops import lora_linear
+from .quant import QuantizedTensor
 
-__all__ = ["from_peft", "patch_peft", "unpatch_peft", "trainer_callback"]
+__all__ = ["from_peft", "patch_peft", "unpatch_peft", "trainer_callback", "bnb_nf4_view"]
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -147,6 +148,57 @@ def from_peft(model: nn.Module, adapter_dir: Union[str, Path], dropout: float | 
 
 # --- patch_peft: PEFT's lora.Linear layers on our op, in place ------------------------------------
 
+def _is_bnb_4bit(module: nn.Module) -> bool:
+    """A bitsandbytes `Linear4bit` (checked by class name and module, so bitsandbytes is imported
+    only where such a layer exists)."""
+    return any(c.__name__ == "Linear4bit" and c.__module__.startswith("bitsandbytes") for c in type(module).__mro__)
+
+
+def _bnb_layout_problem(base: nn.Module) -> str | None:
+    """Why the storage of a bitsandbytes Linear4bit cannot be read as a `QuantizedTensor`, or None."""
+    weight = base.weight
+    state = getattr(weight, "quant_state", None)
+    if state is None:
+        return ("its bitsandbytes weight is not quantized yet (bitsandbytes quantizes a Linear4bit when it is moved "
+                "to a device: call .to('cpu') or .to('cuda') first)")
+    if state.quant_type != "nf4":
+        return f"bitsandbytes quant_type={state.quant_type!r}; only 'nf4' runs on our op"
+    if getattr(state, "packing_format_for_cpu", False):
+        return "its bitsandbytes weight was repacked for bitsandbytes' AVX512-bf16 CPU kernel (not the NF4 block layout)"
+    out_features, in_features = tuple(state.shape)
+    if in_features % state.blocksize:
+        return (f"in_features={in_features} is not a multiple of the bitsandbytes blocksize {state.blocksize}: its "
+                "blocks would straddle rows, which the row-grouped QuantizedTensor layout cannot express")
+    return None
+
+
+def bnb_nf4_view(base: nn.Module, name: str, dtype: torch.dtype | None = None) -> QuantizedTensor:
+    """The frozen weight of a bitsandbytes NF4 `Linear4bit` as a `QuantizedTensor` over bitsandbytes'
+    own storage: the packed codes are a view (same data_ptr, no copy) and so is the absmax unless it
+    is itself quantized. `dtype`: what the operand computes in (default: the layer's compute_dtype,
+    else bitsandbytes' stored dtype).
+
+    bitsandbytes quantizes the row-major (out, in) weight in flat blocks of `blocksize`; when the
+    blocksize divides in_features each block lies inside one row and the layout is exactly
+    `cersa_kernels.quant`'s (groups of `blocksize` along the row). With `compress_statistics=True`
+    (bitsandbytes' default, `quant_state.nested`) the absmax is itself 8-bit blockwise quantized:
+    it is dequantized here with bitsandbytes' own `dequantize_blockwise` (+ the offset), as
+    bitsandbytes' forward does, into a float32 vector of out·in/blocksize values (1/blocksize of
+    the weight's elements) on every call. Raises ValueError naming `name` for any other layout."""
+    problem = _bnb_layout_problem(base)
+    if problem:
+        raise ValueError(f"{name}: {problem}")
+    state = base.weight.quant_state
+    absmax = state.absmax
+    if state.nested:
+        import bitsandbytes.functional as bnbF
+
+        absmax = bnbF.dequantize_blockwise(state.absmax, state.state2) + state.offset
+    codes = base.weight.data.view(torch.uint8).view(-1)  # (numel/2, 1) packed pairs, high nibble first
+    dtype = dtype or getattr(base, "compute_dtype", None) or state.dtype
+    return QuantizedTensor(codes, absmax.float().view(-1), tuple(state.shape), "nf4", state.blocksize, dtype)
+
+
 class _OnCersaLora:
     """The forward of one patched PEFT `lora.Linear`: y = base(x) + s·B(A(drop(x))) through the fused
     `cersa::lora` op when one plain-LoRA adapter is active, PEFT's own forward otherwise (adapters
@@ -165,7 +217,8 @@ class _OnCersaLora:
             return type(layer).forward(layer, x, *args, **kwargs)
         adapter = active[0]
         base = layer.get_base_layer()
-        weight = base.weight.t() if is_conv1d(base) else base.weight  # Conv1D stores (in, out)
+        qlora = _is_bnb_4bit(base)
+        in_dtype = x.dtype
         A, B = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
         drop = layer.lora_dropout[adapter]
         p = float(drop.p) if isinstance(drop, nn.Dropout) and drop.training else 0.0
@@ -175,11 +228,21 @@ class _OnCersaLora:
         # The op wants one dtype. Under autocast that is autocast's dtype (the dispatcher does not
         # autocast a custom op); else the base weight's: PEFT keeps float32 adapters over a 16-bit
         # base. Gradients flow back through the casts, so float32 adapters get float32 gradients.
-        dtype = weight.dtype
+        # A bitsandbytes 4-bit base computes in its compute_dtype (x's dtype until it is set).
+        if qlora:
+            dtype = base.compute_dtype or x.dtype
+        else:
+            weight = base.weight.t() if is_conv1d(base) else base.weight  # Conv1D stores (in, out)
+            dtype = weight.dtype
         if torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type):
             dtype = torch.get_autocast_dtype(x.device.type)
-        x, weight, A, B, bias = (None if t is None else t.to(dtype) for t in (x, weight, A, B, base.bias))
-        return lora_linear(x, weight, A, B, bias, layer.scaling[adapter], p, seed, layer=self.name)
+        if qlora:  # bitsandbytes' packed NF4 storage itself, viewed (no copy, no dequantized W)
+            weight = bnb_nf4_view(base, self.name, dtype)
+        else:
+            weight = weight.to(dtype)
+        x, A, B, bias = (None if t is None else t.to(dtype) for t in (x, A, B, base.bias))
+        y = lora_linear(x, weight, A, B, bias, layer.scaling[adapter], p, seed, layer=self.name)
+        return y.to(in_dtype) if qlora else y  # as bitsandbytes' Linear4bit: the output in the input's dtype
 
 
 def _lora_layers(peft_model: nn.Module) -> dict[str, nn.Module]:
@@ -192,13 +255,20 @@ def _lora_layers(peft_model: nn.Module) -> dict[str, nn.Module]:
     for name, module in peft_model.named_modules():
         if not isinstance(module, BaseTunerLayer):
             continue
+        qlora = isinstance(module, LoraLayer) and _is_bnb_4bit(module.get_base_layer())
         if not isinstance(module, LoraLayer):
             problems.append(f"{name} is a {type(module).__module__}.{type(module).__name__} (not a LoRA layer: mixed adapter types)")
-        elif not isinstance(module, PeftLoraLinear):
+        elif qlora and _bnb_layout_problem(module.get_base_layer()):
+            problems.append(f"{name}: {_bnb_layout_problem(module.get_base_layer())}")
+        elif not qlora and not isinstance(module, PeftLoraLinear):  # QLoRA: PEFT's lora.bnb.Linear4bit
             problems.append(f"{name} is a LoRA {type(module).__name__} over a {type(module.get_base_layer()).__name__} "
                             "(only LoRA on nn.Linear / Conv1D runs on our op)")
         elif not (isinstance(module.get_base_layer(), nn.Linear) or is_conv1d(module.get_base_layer())):
             problems.append(f"{name} wraps a {type(module.get_base_layer()).__name__}, not an nn.Linear / Conv1D")
+        elif not qlora and not module.get_base_layer().weight.is_floating_point():  # e.g. bitsandbytes Linear8bitLt
+            problems.append(f"{name} wraps a {type(module.get_base_layer()).__name__} with a "
+                            f"{module.get_base_layer().weight.dtype} weight (only floating-point or bitsandbytes NF4 "
+                            "Linear4bit weights run on our op)")
         elif module.lora_variant:
             problems.append(f"{name} uses {sorted(type(v).__name__ for v in module.lora_variant.values())} for adapters "
                             f"{sorted(module.lora_variant)} (DoRA / LoRA variants are not supported)")
