@@ -60,3 +60,106 @@ def test_training_batches_are_full_and_every_method_gets_the_same_order():
     assert len(training_batches(200, 16, epochs=4, max_steps=30, seed=3)) == 30
     with pytest.raises(ValueError, match="cannot fill one batch"):
         training_batches(10, 16, epochs=1, max_steps=None, seed=0)
+
+
+# --- the quantized rows: cheap checks of their construction, measurement and report (no MiniLM) ----
+
+def test_quantized_rows_are_named_choices_outside_the_default_run():
+    import argparse
+
+    from cersa_kernels.compare.cli import add_arguments
+    from cersa_kernels.compare.methods import DEFAULT_METHODS, METHODS, QUANT_METHODS
+
+    assert QUANT_METHODS == ("cersa-a0.95-int8", "cersa-a0.95-nf4", "cersa-a0.9-nf4", "lora-r8-nf4", "qlora-r8")
+    assert set(QUANT_METHODS) <= set(METHODS) and not set(QUANT_METHODS) & set(DEFAULT_METHODS)
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert parser.parse_args([]).methods == list(DEFAULT_METHODS)
+    assert parser.parse_args(["--methods", "lora-r8-nf4", "qlora-r8"]).methods == ["lora-r8-nf4", "qlora-r8"]
+    # qlora-r8 is lora-r8's adapter (rank 8, scale alpha/r = 1, no dropout) over bitsandbytes NF4
+    assert METHODS["qlora-r8"].options == dict(r=8, lora_alpha=8, lora_dropout=0.0)
+    assert METHODS["lora-r8-nf4"].options == dict(METHODS["lora-r8"].options, base_format="nf4")
+
+
+def test_frozen_bytes_count_quantized_storage_once():
+    import bitsandbytes as bnb
+    from torch import nn
+
+    from cersa_kernels.compare.measure import frozen_bytes
+    from cersa_kernels.quant import quantize
+
+    torch.manual_seed(0)
+    dense = nn.Linear(128, 64).requires_grad_(False)
+    assert frozen_bytes(dense) == 4 * (64 * 128 + 64)
+    for nested in (False, True):
+        q = bnb.nn.Linear4bit(128, 64, compress_statistics=nested, quant_type="nf4").to("cpu").requires_grad_(False)
+        state = q.weight.quant_state
+        nested_bytes = 4 * state.state2.absmax.numel() + 4 * state.state2.code.numel() if nested else 0
+        absmax = (1 if nested else 4) * 64 * 128 // 64  # uint8 codes of the absmax when nested
+        assert frozen_bytes(q) == 64 * 128 // 2 + absmax + 4 * 16 + nested_bytes + 4 * 64, nested
+    holder = nn.Module()
+    holder.w = quantize(torch.randn(64, 128), "int8")  # a QuantizedTensor attribute, not a buffer
+    holder.register_buffer("same_codes", holder.w.data)  # also a buffer: counted once
+    assert frozen_bytes(holder) == 64 * 128 + 4 * 64 * 2
+
+
+def test_qlora_row_is_bitsandbytes_config_then_peft_and_its_bytes_are_measured(tmp_path):
+    """The qlora-r8 construction on a tiny BERT: Linear4bit NF4 everywhere from BitsAndBytesConfig
+    (blocksize 64, float32 absmax), PEFT LoRA on every Linear, frozen Linear bytes = codes + absmax +
+    bias + the 16-value code table of each layer, against the dense fp32 bytes."""
+    import bitsandbytes as bnb
+    import peft
+    import transformers
+
+    from cersa_kernels.compare.methods import METHODS
+    from cersa_kernels.compare.worker import (
+        Classifier, adapt, linear_dense_bytes, linear_frozen_bytes, linear_positions, load_encoder,
+    )
+
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=64, hidden_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=128, max_position_embeddings=16)
+    transformers.BertModel(config, add_pooling_layer=False).save_pretrained(tmp_path)
+    encoder = load_encoder(str(tmp_path), METHODS["qlora-r8"], "cpu", "fp32")
+    positions = linear_positions(encoder)
+    assert len(positions) == 6 and all(isinstance(encoder.get_submodule(n), bnb.nn.Linear4bit) for n in positions)
+    assert {encoder.get_submodule(n).weight.quant_state.blocksize for n in positions} == {64}
+    assert not any(encoder.get_submodule(n).weight.quant_state.nested for n in positions)
+    shapes = [(64, 64)] * 4 + [(128, 64), (64, 128)]  # q, k, v, attention out; intermediate, output
+    dense = linear_dense_bytes(encoder, positions)
+    assert dense == sum(4 * (m * n + m) for m, n in shapes)
+    model = Classifier(encoder, 5)
+    adapt(model, METHODS["qlora-r8"])
+    assert isinstance(model.encoder, peft.PeftModel)
+    lora_layers = [m for m in model.encoder.modules() if isinstance(m, peft.tuners.lora.bnb.Linear4bit)]
+    assert len(lora_layers) == 6 and all(m.r["default"] == 8 and m.scaling["default"] == 1.0 for m in lora_layers)
+    frozen = linear_frozen_bytes(model.encoder, positions)
+    expected = sum(m * n // 2 + 4 * m * n // 64 + 4 * m + 4 * 16 for m, n in shapes)  # each layer its code table
+    assert frozen == expected and frozen / dense < 0.16
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    model(ids, torch.ones_like(ids)).sum().backward()
+    assert all(m.lora_B["default"].weight.grad is not None for m in lora_layers)
+
+
+def _fake_run(method, seed, accuracy, linear_frozen, sec_per_step, peak):
+    run = {key: kind() for key, kind in FIELDS.items()}
+    run.update(method=method, seed=seed, test=dict(accuracy=accuracy, macro_f1=accuracy), val=dict(accuracy=accuracy),
+               linear_frozen_bytes=linear_frozen, linear_dense_bytes=1000, sec_per_step=sec_per_step,
+               tokens_per_sec=1.0, peak_train_bytes=peak)
+    return run
+
+
+def test_verdict_sets_each_quantized_row_against_what_it_quantizes_and_lora_nf4_against_qlora():
+    from cersa_kernels.compare.report import markdown_table, summarise, verdict
+
+    runs = [_fake_run("cersa-a0.95", s, 0.93, 1100, 1.0, 300) for s in range(2)]
+    runs += [_fake_run("cersa-a0.95-nf4", s, 0.925, 155, 1.2, 250) for s in range(2)]
+    runs += [_fake_run("lora-r8-nf4", s, 0.94, 142, 0.9, 200) for s in range(2)]
+    runs += [_fake_run("qlora-r8", s, 0.935, 141, 1.0, 210) for s in range(2)]
+    rows = summarise(runs)
+    words = verdict(rows)
+    assert "cersa-a0.95-nf4: frozen Linear bytes 0.155× the dense fp32 Linear layers; -0.5 pt vs cersa-a0.95 (0.141× its frozen Linear bytes)." in words
+    assert "qlora-r8: frozen Linear bytes 0.141× the dense fp32 Linear layers." in words
+    assert ("lora-r8-nf4 vs qlora-r8 (bitsandbytes + PEFT): +0.5 pt, 1.007× its frozen Linear bytes, 0.90× its s/step, "
+            "0.95× its peak training memory.") in words
+    assert "| frozen Linear MB |" in markdown_table(rows)

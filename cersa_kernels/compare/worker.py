@@ -19,7 +19,9 @@ import cersa_kernels as ck
 from cersa_kernels import para
 
 from .data import stratified_split, tokenize
-from .measure import LiveTensorTracker, SavedActivations, reset_peak_rss, rss_bytes, storage_bytes
+from .measure import (
+    LiveTensorTracker, SavedActivations, frozen_bytes, reset_peak_rss, rss_bytes, storage_bytes, weight_tensors,
+)
 from .methods import HEAD_LR, METHODS, Method
 
 
@@ -48,11 +50,67 @@ def _encoder_linears(model: Classifier) -> list[nn.Linear]:
     return [m for m in model.encoder.modules() if isinstance(m, nn.Linear)]
 
 
+def load_encoder(model_dir: str, method: Method, device: str, dtype: str) -> nn.Module:
+    """The pretrained encoder; for 'qlora', loaded as QLoRA users load it: `from_pretrained` with a
+    `BitsAndBytesConfig` (every Linear becomes a bitsandbytes Linear4bit NF4, quantized on `device`,
+    which bitsandbytes supports on the CPU too), then `peft.prepare_model_for_kbit_training`.
+
+    BitsAndBytesConfig's defaults otherwise: blocksize 64, float32 absmax (no double quantization,
+    `bnb_4bit_use_double_quant=False`), the layout of cersa_kernels' own NF4, so that lora-r8-nf4
+    and qlora-r8 hold the same bytes. Gradient checkpointing (prepare_model_for_kbit_training's
+    default) is off, as for every other method: it trades time for activation memory alike for all."""
+    from transformers import AutoModel
+
+    if method.kind != "qlora":
+        return AutoModel.from_pretrained(model_dir, add_pooling_layer=False)
+    try:
+        import bitsandbytes  # noqa: F401
+        import peft
+    except ImportError as exc:
+        raise RuntimeError(f"compare: {method.name} needs bitsandbytes and peft "
+                           "(pip install 'cersa_kernels[bnb,peft]')") from exc
+    from transformers import BitsAndBytesConfig
+
+    compute = torch.bfloat16 if dtype == "bf16" else torch.float32
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute)
+    encoder = AutoModel.from_pretrained(model_dir, add_pooling_layer=False, quantization_config=quant,
+                                        device_map={"": device})
+    return peft.prepare_model_for_kbit_training(encoder, use_gradient_checkpointing=False)
+
+
+def linear_positions(encoder: nn.Module) -> list[str]:
+    """The names of the encoder's Linear layers (bitsandbytes' Linear4bit is one): where every
+    method's adapted (or frozen dense) Linear weights live."""
+    return [name for name, m in encoder.named_modules() if isinstance(m, nn.Linear)]
+
+
+def linear_frozen_bytes(encoder: nn.Module, positions: list[str]) -> int:
+    """Bytes that do not train held at the encoder's Linear positions (an adapter layer, a PEFT
+    LoRA layer and its base, or the dense Linear itself): dense or quantized W0 and bias, CERSA's
+    U, V (codes and absmax when quantized). The embeddings and LayerNorms are left out."""
+    # a PeftModel resolves the original names through to its base model
+    modules = [encoder.get_submodule(name) for name in positions]
+    return storage_bytes(t for m in modules for t in weight_tensors(m) if not t.requires_grad)
+
+
+def linear_dense_bytes(encoder: nn.Module, positions: list[str]) -> int:
+    """Bytes the encoder's Linear layers hold dense in float32 (W0 and bias, as the checkpoint stores
+    them): the reference of every frozen-Linear-bytes ratio, whatever the method stores instead."""
+    layers = [encoder.get_submodule(name) for name in positions]
+    return 4 * sum(l.out_features * l.in_features + (l.out_features if l.bias is not None else 0) for l in layers)
+
+
 def adapt(model: Classifier, method: Method) -> dict:
-    """Make `method`'s parameters trainable (ck.apply for adapters); the head always trains."""
+    """Make `method`'s parameters trainable (ck.apply for adapters, PEFT's get_peft_model for
+    'qlora'); the head always trains."""
     info = {}
     if method.kind == "probe":
         model.encoder.requires_grad_(False)
+    elif method.kind == "qlora":
+        import peft
+
+        targets = sorted({name.rsplit(".", 1)[-1] for name in linear_positions(model.encoder)})
+        model.encoder = peft.get_peft_model(model.encoder, peft.LoraConfig(target_modules=targets, bias="none", **method.options))
     elif method.kind == "apply":
         options = dict(method.options)
         if method.budget_fraction is not None:
@@ -62,7 +120,7 @@ def adapt(model: Classifier, method: Method) -> dict:
         info.update(base_bytes_before=report.base_bytes_before, base_bytes_after=report.base_bytes_after,
                     ranks=[r["rank"] for r in report.rows])
     elif method.kind != "full":
-        raise ValueError(f"compare: method kind must be probe, full or apply, got {method.kind!r} ({method.name})")
+        raise ValueError(f"compare: method kind must be probe, full, apply or qlora, got {method.kind!r} ({method.name})")
     model.head.requires_grad_(True)
     return info
 
@@ -130,7 +188,7 @@ def run_one(config: dict) -> dict:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # not the load report of the unused pooler
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoTokenizer
 
     method = METHODS[config["method"]]
     device, dtype, seed = config["device"], config["dtype"], int(config["seed"])
@@ -141,7 +199,9 @@ def run_one(config: dict) -> dict:
     data = {k: tokenize(tokenizer, s, config["seq_len"]) for k, s in (("train", train), ("val", val), ("test", test))}
 
     torch.manual_seed(seed)
-    encoder = AutoModel.from_pretrained(model_dir, add_pooling_layer=False)
+    encoder = load_encoder(model_dir, method, device, dtype)
+    positions = linear_positions(encoder)
+    dense_linear = linear_dense_bytes(encoder, positions)
     model = Classifier(encoder, len(names)).to(device)
     info = adapt(model, method)
     model.train()
@@ -151,7 +211,7 @@ def run_one(config: dict) -> dict:
     if method.kind != "probe":
         groups.append(dict(params=[p for p in trainable if id(p) not in head], lr=lr))
     optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
-    weights = list(model.parameters()) + list(model.buffers())
+    weights = weight_tensors(model)  # bitsandbytes' absmax is neither a parameter nor a buffer
 
     n, bs = len(train.labels), int(config["batch_size"])
     batches = training_batches(n, bs, config["epochs"], config.get("max_steps"), seed)
@@ -211,12 +271,13 @@ def run_one(config: dict) -> dict:
         measured["backends"] = _cuda_backends(model, data["train"], device, dtype)
 
     sec_per_step = sum(step_times) / len(step_times) if step_times else float("nan")
-    frozen = [t for t in weights if not t.requires_grad]
     result = dict(
         method=method.name, seed=seed, lr=lr, head_lr=groups[0]["lr"], device=device, dtype=dtype,
         steps=total_steps, batch_size=bs, seq_len=config["seq_len"], losses=losses,
         trainable_params=sum(p.numel() for p in trainable),
-        adapter_bytes=saved_adapter_bytes(model), frozen_weight_bytes=storage_bytes(frozen),
+        adapter_bytes=saved_adapter_bytes(model), frozen_weight_bytes=frozen_bytes(model),
+        linear_frozen_bytes=linear_frozen_bytes(model.encoder, positions),
+        linear_dense_bytes=dense_linear,
         peak_train_bytes=int(measured["peak_live_tensor_bytes"]),
         peak_rss_bytes=peak_rss, rss_before_train_bytes=rss_before, peak_rss_reset=rss_reset,
         sec_per_step=sec_per_step, tokens_per_sec=bs * config["seq_len"] / sec_per_step if step_times else float("nan"),
