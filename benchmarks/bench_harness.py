@@ -33,6 +33,7 @@ from torch import nn
 
 from cersa_kernels._alloc import AllocationRecorder
 from cersa_kernels.backends import unavailable_reasons, use_backend
+from cersa_kernels.quant import QuantizedTensor
 
 from op_harness import saved_bytes
 
@@ -80,6 +81,9 @@ class BenchOp:
     activations: the inputs counted in saved bytes when autograd keeps them; every other input is
         a weight (frozen or trained), never counted.
     cpu_dtypes / gpu_dtypes: the dtypes benchmarked on each kind of machine.
+    prepare(inputs) -> inputs: runs after the inputs are on the device in the dtype (e.g. quantizes
+        a frozen weight into a `QuantizedTensor`, whose codes and absmax count as weights).
+    extra(inputs, dims, row, mode) -> dict: more extra_info for a row (e.g. operand and read bytes).
     """
 
     op: str
@@ -96,6 +100,8 @@ class BenchOp:
     activations: tuple = ("x",)
     cpu_dtypes: tuple = (torch.float32,)
     gpu_dtypes: tuple = (torch.bfloat16,)
+    prepare: Optional[Callable[[dict], dict]] = None
+    extra: Optional[Callable[[dict, dict, str, str], dict]] = None
 
 
 class Draw:
@@ -239,7 +245,7 @@ def _inputs(entry: BenchOp, dims: dict, variant: dict, dtype: torch.dtype) -> di
                 value.requires_grad_(True)
         inputs[name] = value
     inputs.update(variant)
-    return inputs
+    return entry.prepare(inputs) if entry.prepare else inputs
 
 
 def _op_forward(entry: BenchOp, backend: str, inputs: dict) -> Forward:
@@ -267,6 +273,7 @@ def run_case(entry: BenchOp, benchmark, case: Case) -> None:
     benchmark.group = " ".join([entry.op, *(f"{d}{s}" for d, s in dims.items())] + ([case.variant] if case.variant else [])
                                + [_dtype_name(case.dtype), case.mode])
     weights = [t for name, t in inputs.items() if isinstance(t, torch.Tensor) and name not in entry.activations]
+    weights += [t for q in inputs.values() if isinstance(q, QuantizedTensor) for t in (q.data, q.absmax)]
     saved = saved_bytes(forward.fn, weights + list(forward.weights))[0]
     fwd_flops, bwd_flops = (baseline.flops if baseline and baseline.flops else entry.flops)(**dims)
     flops = {"fwd": fwd_flops, "bwd": bwd_flops, "fwd+bwd": fwd_flops + bwd_flops}[case.mode]
@@ -274,7 +281,7 @@ def run_case(entry: BenchOp, benchmark, case: Case) -> None:
 
     info = dict(op=entry.op, row=case.row, mode=case.mode, dtype=_dtype_name(case.dtype),
                 device=torch.cuda.get_device_name() if HAS_GPU else "cpu", shape=dims, **dims, **variant,
-                saved_activation_bytes=saved)
+                saved_activation_bytes=saved, **(entry.extra(inputs, dims, case.row, case.mode) if entry.extra else {}))
     if HAS_GPU:
         info["bf16_matmul_peak_tflops"] = bf16_matmul_peak_tflops()
     else:  # no allocator statistics on CPU: count what one step allocates instead
