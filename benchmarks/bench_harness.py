@@ -249,7 +249,8 @@ def _inputs(entry: BenchOp, dims: dict, variant: dict, dtype: torch.dtype) -> di
 
 
 def _op_forward(entry: BenchOp, backend: str, inputs: dict) -> Forward:
-    tensors = [t for t in inputs.values() if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    tensors = [t for t in inputs.values()
+               if (isinstance(t, torch.Tensor) and t.is_floating_point()) or isinstance(t, QuantizedTensor)]
     reasons = unavailable_reasons(backend, f"{entry.op}_fwd", tensors)
     if reasons:
         pytest.skip("; ".join(reasons))

@@ -1,11 +1,11 @@
 """Benchmark entries of the ops over quantized frozen weights (cersa_kernels.quant: int8 / NF4 in
 groups of 64 along the stored row, one float32 absmax per group).
 
-- `lowrank` with CERSA's frozen factors V (n×k) and U (m×k) quantized (variants int8, nf4):
-  rows `lowrank-<backend>` (the op reading the codes), `dequant+lowrank` (what a user without
+- `lowrank_q` (cersa::lowrank_q, the lowrank op with CERSA's frozen factors V (n×k) and U (m×k)
+  quantized; variants int8, nf4): rows `lowrank_q-<backend>` (the op reading the codes), `dequant+lowrank` (what a user without
   quantized kernels runs: dequantize both factors, then the unquantized op, every call),
   `fp-factors` (the op over the float factors: the unquantized speed) and `dense` (nn.Linear).
-- `lora` with W0 (m×n) quantized (variants int8, nf4; dropout off): rows `lora-<backend>`,
+- `lora_q` (cersa::lora_q, W0 (m×n) quantized; variants int8, nf4; dropout off): rows `lora_q-<backend>`,
   `dequant+lora`, `fp-W0` (the op over the float W0), and for nf4 `bnb+peft` (bitsandbytes
   `Linear4bit` NF4 + PEFT LoRA, as QLoRA users run it) and `bnb+peft-patched` (the same model after
   `patch_peft`: our op over bitsandbytes' storage).
@@ -82,7 +82,7 @@ def lowrank_extra(i, dims, row, mode):
 
 
 LOWRANK_QUANT = BenchOp(
-    op="lowrank", dims=("T", "n", "m", "k"),
+    op="lowrank_q", dims=("T", "n", "m", "k"),
     cpu_shapes=[(256, 512, 512, 128)],
     gpu_shapes=[(8192, 4096, 4096, 2048), (8192, 4096, 11008, 2048)],
     make=lowrank_make, prepare=quantize_factors, extra=lowrank_extra,
@@ -171,7 +171,7 @@ def _is_nf4(variant) -> bool:
 
 
 LORA_QUANT = BenchOp(
-    op="lora", dims=("T", "n", "m", "r"),
+    op="lora_q", dims=("T", "n", "m", "r"),
     cpu_shapes=[(256, 512, 512, 16)],
     gpu_shapes=[(8192, 4096, 4096, 16), (8192, 4096, 11008, 16)],
     make=lora_make, prepare=quantize_w0, extra=lora_extra,

@@ -120,7 +120,8 @@ def tiny_bert_in_4bit(tmp_path, nested: bool):
 
     torch.manual_seed(0)
     config = transformers.BertConfig(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                     intermediate_size=128, max_position_embeddings=32)
+                                     intermediate_size=128, max_position_embeddings=32, hidden_dropout_prob=0.0,
+                                     attention_probs_dropout_prob=0.0)  # train mode, same outputs
     transformers.BertModel(config).save_pretrained(tmp_path)
     quant = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32,
                                             bnb_4bit_use_double_quant=nested)
