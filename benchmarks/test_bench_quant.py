@@ -12,9 +12,9 @@ groups of 64 along the stored row, one float32 absmax per group).
 
 extra_info adds, per row: `operand_bytes` (the bytes of the frozen and trained operands as that row
 stores them: codes + absmax for a quantized operand, bitsandbytes' codes + absmax + code table for
-the bnb rows), `materialized_bytes` (the dense copy of the frozen weight a row writes and reads back
-on every call: 0 where the kernel reads the codes) and `read_bytes` (the bytes one call reads at
-least: its operands as stored, the activations of the mode, and the materialized copy).
+the bnb rows), `materialized_bytes` (the dense copies of the quantized weight a row writes, and reads
+back, in one call: see `_materialized`; 0 where the kernel reads the codes) and `read_bytes` (the
+bytes one call reads at least: its operands as stored, the activations of the mode, and those copies).
 Small shapes run on the CPU in CI; the LLM shapes (d = 4096, k = 2048; MLP 4096 → 11008) are
 marked gpu. The groups, timing and the rest of extra_info come from bench_harness.
 """
@@ -42,8 +42,20 @@ def _bytes(t) -> int:
     return t.nbytes if isinstance(t, QuantizedTensor) else t.numel() * t.element_size()
 
 
-def _dense_bytes(q: QuantizedTensor) -> int:
-    return q.dense_nbytes()
+def _materialized(row: str, mode: str, dense: int) -> int:
+    """Bytes of dense copies of the quantized weight(s) (`dense` bytes each time) a row writes in one
+    call of `mode`: the torch reference dequantizes inside each product that reads the weight (once
+    in forward, once in backward; `bnb+peft-patched` runs it under auto, which picks torch until a
+    quantized kernel is verified), bitsandbytes' matmul_4bit dequantizes W0 in forward and again in
+    backward, `dequant+<op>` dequantizes once in forward (its backward reuses the saved copy), the
+    Triton kernels dequantize tiles in registers, the float rows hold no quantized weight."""
+    if row.endswith("-torch") or row in ("bnb+peft", "bnb+peft-patched"):
+        per_mode = {"fwd": 1, "bwd": 1, "fwd+bwd": 2}
+    elif row.startswith("dequant+"):
+        per_mode = {"fwd": 1, "bwd": 0, "fwd+bwd": 1}
+    else:
+        per_mode = {"fwd": 0, "bwd": 0, "fwd+bwd": 0}
+    return per_mode[mode] * dense
 
 
 # --- lowrank over quantized factors ----------------------------------------------------------------
@@ -74,10 +86,10 @@ def lowrank_extra(i, dims, row, mode):
         operands = e * (m * n + m)
     else:
         operands = sum(_bytes(f) for f in factors) + _bytes(i["S"]) + _bytes(i["bias"])
-    materialized = sum(_dense_bytes(q) for q in (i["V"], i["U"])) if row == "dequant+lowrank" else 0
-    fwd = e * T * n + operands + materialized
-    bwd = e * T * m + e * T * (n if row == "dense" else k) + operands + materialized  # dy and x (dense) or h = x V
-    read = {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[mode]
+    materialized = _materialized(row, mode, sum(q.dense_nbytes() for q in (i["V"], i["U"])))
+    fwd = e * T * n + operands
+    bwd = e * T * m + e * T * (n if row == "dense" else k) + operands  # dy and x (dense) or h = x V
+    read = {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[mode] + materialized  # each copy read back once
     return dict(operand_bytes=operands, materialized_bytes=materialized, read_bytes=read)
 
 
@@ -159,10 +171,10 @@ def lora_extra(i, dims, row, mode):
     else:
         operands = _bytes(i["W"])
     operands += others
-    materialized = _dense_bytes(i["W"]) if row in ("dequant+lora", "bnb+peft") else 0  # bitsandbytes dequantizes W0
-    fwd = e * T * n + operands + materialized
-    bwd = e * T * m + e * T * n + (0 if row == "dense" else e * T * r) + operands + materialized  # dy, x, x·Aᵀ
-    read = {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[mode]
+    materialized = _materialized(row, mode, i["W"].dense_nbytes())
+    fwd = e * T * n + operands
+    bwd = e * T * m + e * T * n + (0 if row == "dense" else e * T * r) + operands  # dy, x, x·Aᵀ
+    read = {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[mode] + materialized  # each copy read back once
     return dict(operand_bytes=operands, materialized_bytes=materialized, read_bytes=read)
 
 
