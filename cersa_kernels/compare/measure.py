@@ -10,6 +10,8 @@
 - Which backend ran each cersa op: the tracker asks `backends.select_backend` for every custom op
   it sees, with the op's own tensors, as the op's dispatch does.
 - Peak resident memory of the process: VmHWM, reset through /proc/self/clear_refs before training.
+- Weight bytes: parameters, buffers and quantized storage that is neither (a `QuantizedTensor`
+  attribute; bitsandbytes' quantization state), each storage once.
 """
 from __future__ import annotations
 
@@ -128,7 +130,11 @@ def weight_tensors(module: torch.nn.Module) -> list[torch.Tensor]:
     return list(module.parameters()) + list(module.buffers()) + quantized_storage(module)
 
 
+def frozen_tensors(module: torch.nn.Module) -> list[torch.Tensor]:
+    """`module`'s weights that do not train (quantized storage included: it never trains)."""
+    return [t for t in weight_tensors(module) if not t.requires_grad]
+
+
 def frozen_bytes(module: torch.nn.Module) -> int:
-    """Bytes of the distinct storages of `module`'s weights that do not train (quantized storage
-    included: it never trains)."""
-    return storage_bytes(t for t in weight_tensors(module) if not t.requires_grad)
+    """Bytes of the distinct storages of `module`'s frozen weights."""
+    return storage_bytes(frozen_tensors(module))

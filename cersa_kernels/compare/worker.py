@@ -20,7 +20,8 @@ from cersa_kernels import para
 
 from .data import stratified_split, tokenize
 from .measure import (
-    LiveTensorTracker, SavedActivations, frozen_bytes, reset_peak_rss, rss_bytes, storage_bytes, weight_tensors,
+    LiveTensorTracker, SavedActivations, frozen_bytes, frozen_tensors, reset_peak_rss, rss_bytes, storage_bytes,
+    weight_tensors,
 )
 from .methods import HEAD_LR, METHODS, Method
 
@@ -90,7 +91,7 @@ def linear_frozen_bytes(encoder: nn.Module, positions: list[str]) -> int:
     U, V (codes and absmax when quantized). The embeddings and LayerNorms are left out."""
     # a PeftModel resolves the original names through to its base model
     modules = [encoder.get_submodule(name) for name in positions]
-    return storage_bytes(t for m in modules for t in weight_tensors(m) if not t.requires_grad)
+    return storage_bytes(t for m in modules for t in frozen_tensors(m))
 
 
 def linear_dense_bytes(encoder: nn.Module, positions: list[str]) -> int:
