@@ -57,6 +57,8 @@ def _keep(rows, cols, n_cols, drop_key, drop_thresh):
 # Operand storage formats (A_FMT / B_FMT constexprs): dense tensor, int8 codes, packed NF4 codes.
 FMT_DENSE, FMT_INT8, FMT_NF4 = 0, 1, 2
 _FORMAT_CODE = {"int8": FMT_INT8, "nf4": FMT_NF4}
+# The formats every launcher built on `_gemm` reads in place (backends look for QUANTIZED_FORMATS).
+QUANTIZED_FORMATS = tuple(_FORMAT_CODE)
 _DOT_DTYPE_NAME = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
