@@ -189,8 +189,9 @@ def save(model: nn.Module, directory: Union[str, Path]) -> None:
     """Write the adapter layers (and any other trainable parameter) of `model` to `directory`:
     `cersa_adapter.safetensors` and `cersa_config.json` (class, method, config and names of each
     layer). Frozen base weights that the original model already holds (a layer's BASE_KEYS) are not
-    written; CERSA's U, S, V are, since its W0 is gone. Both files are written to temporary names
-    and renamed into place, so a failure leaves an earlier adapter in `directory` intact."""
+    written; CERSA's U, S, V are, since its W0 is gone. Both files are committed in one atomic step
+    (`_adapter_files.write_files_atomically`): a failure or a kill at any point leaves an earlier
+    adapter in `directory` intact."""
     layers = adapter_layers(model)
     aliases = tree.module_aliases(model)
     tensors, config = {}, {"format": FORMAT, "version": FORMAT_VERSION, "layers": {}, "trainable": []}
