@@ -277,7 +277,21 @@ def read_safetensors(path: Path, layer: str) -> tuple[dict[str, torch.Tensor], d
         metadata = json.loads(data[8 : 8 + header_size]).get("__metadata__") or {}
     except Exception as e:  # safetensors raises its own SafetensorError (and others) on bad bytes
         raise UsageError(f"{layer}: {path} is not a readable safetensors file, corrupted or truncated ({_one_line(e)})") from None
+    check_finite(tensors, path, layer)
     return tensors, metadata, sha256(data)
+
+
+def check_finite(tensors: dict[str, torch.Tensor], path: Path, layer: str) -> None:
+    """UsageError naming the first floating-point tensor that holds a NaN or an infinity: an adapter
+    with one gives NaN outputs (or NaN ranks in PARA), however well the fingerprints match."""
+    for key, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            nan, inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+            found = " and ".join(f"{n} {what}" for n, what in ((nan, "NaN"), (inf, "infinite")) if n)
+            raise UsageError(
+                f"{layer}: tensor {key!r} in {path} holds non-finite values ({found} of {t.numel()}); a model with it "
+                "computes NaN: use an adapter saved before training diverged"
+            )
 
 
 def check_pair(config: dict, config_path: Path, metadata: dict, weights_path: Path, layer: str,
