@@ -66,7 +66,7 @@ STATE_DIR = ".cersa_kernels"
 LINKED_LAYOUT = os.name == "posix"
 
 
-def slot_name(names) -> str:
+def _slot_name(names) -> str:
     """The pointer's name for one set of files: the stems of their names, sorted."""
     return "+".join(sorted(Path(name).stem for name in names))
 
@@ -83,7 +83,7 @@ def write_files_atomically(directory: Path, files: dict[str, bytes]) -> None:
     _make_dir(directory)
     state = directory / STATE_DIR
     _make_dir(state)
-    slot = slot_name(files)
+    slot = _slot_name(files)
     with _locked(state / f"{slot}.lock"):  # under the lock no other save's generation is in progress
         _remove_leftovers(directory, state, slot, files)
         if not all(_is_our_link(directory, slot, name) for name in files):
