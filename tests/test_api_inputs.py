@@ -1,10 +1,14 @@
 """Issue 16 items 3, 6 (SNELL coefficients) and 8: a second `apply` leaves the first one's adapters
 trainable; non-finite or wrongly typed layer options, a bad target regex and dropout seeds that
 differ only above bit 32 get a clear error or a distinct mask, never a raw or silent failure."""
+import math
+
+import pytest
 import torch
 from torch import nn
 
 import cersa_kernels as ck
+from cersa_kernels import LoraLinear, SnellLinear
 
 
 def two_linears():
@@ -46,3 +50,50 @@ def test_pica_over_cersa_still_freezes_the_cersa_core_it_adapts():
     ck.apply(model, "pica", target_modules=["0"], rank=2)
     assert not model[0].base.S.requires_grad and model[0].M.requires_grad
     assert model[1].S.requires_grad  # the CERSA layer PiCa did not touch keeps training
+
+
+# ---- item 6: SNELL coefficients (and every float option of a layer) must be finite ---------------
+
+SNELL = r"SnellLinear\(in_features=16, out_features=8\)"
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf], ids=["nan", "inf", "-inf"])
+def test_snell_coeffs_must_be_finite(bad):
+    with pytest.raises(ValueError, match=rf"^{SNELL}: coeffs\[1\] must be finite, got {bad}$"):
+        SnellLinear(16, 8, rank=4, heads=2, coeffs=[0.1, bad])
+    with pytest.raises(ValueError, match=r"^SnellLinear\(in_features=6, out_features=4\): coeffs\[0\] must be finite"):
+        SnellLinear.from_linear(nn.Linear(6, 4), rank=2, heads=2, coeffs=(bad, bad))
+
+
+def test_snell_coeffs_must_be_numbers():
+    with pytest.raises(TypeError, match=rf"^{SNELL}: coeffs must be a sequence of one real number per head, got 0.1$"):
+        SnellLinear(16, 8, rank=4, heads=1, coeffs=0.1)
+    with pytest.raises(TypeError, match=rf"^{SNELL}: coeffs\[0\] must be a real number, got '0.1' \(str\)$"):
+        SnellLinear(16, 8, rank=4, heads=1, coeffs=["0.1"])
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf], ids=["nan", "inf"])
+def test_snell_sparsity_must_be_finite(bad):
+    with pytest.raises(ValueError, match=rf"^{SNELL}: sparsity must be in \[0, 1\), got {bad}$"):
+        SnellLinear(16, 8, rank=4, sparsity=bad)
+    with pytest.raises(TypeError, match=rf"^{SNELL}: sparsity must be a real number, got '0.5' \(str\)$"):
+        SnellLinear(16, 8, rank=4, sparsity="0.5")
+
+
+@pytest.mark.parametrize("option", ["alpha", "dropout"])
+@pytest.mark.parametrize("bad", [math.nan, math.inf], ids=["nan", "inf"])
+def test_lora_float_options_must_be_finite(option, bad):
+    """Already refused before issue 16 (check_real); kept here beside SNELL's so every float option
+    of a layer is covered."""
+    with pytest.raises(ValueError, match=rf"^LoraLinear: {option} must be finite, got {bad}$"):
+        LoraLinear.from_linear(nn.Linear(8, 6), 2, **{option: bad})
+
+
+# ---- item 8: clear errors where users got raw ones -----------------------------------------------
+
+@pytest.mark.parametrize("option", ["rank", "heads"])
+def test_snell_rank_and_heads_must_be_ints(option):
+    with pytest.raises(TypeError, match=rf"^{SNELL}: {option} must be an int, got 2.0 \(float\)$"):
+        SnellLinear(16, 8, **{"rank": 4, "heads": 2, option: 2.0})
+    with pytest.raises(TypeError, match=rf"^{SNELL}: {option} must be an int, got True \(bool\)$"):
+        SnellLinear(16, 8, **{"rank": 4, "heads": 2, option: True})
