@@ -91,6 +91,19 @@ def test_lora_float_options_must_be_finite(option, bad):
 
 # ---- item 8: clear errors where users got raw ones -----------------------------------------------
 
+@pytest.mark.parametrize("option", ["target_modules", "exclude_modules"])
+def test_bad_target_regex_names_the_option_and_the_pattern(option):
+    options = {"target_modules": "all-linear", option: "("}
+    with pytest.raises(ValueError, match=rf"^apply: {option}='\(' is not a valid regular expression \(missing \)"):
+        ck.apply(two_linears(), "lora", rank=2, **options)
+
+
+@pytest.mark.parametrize("spec", [5, ["0", 1]], ids=["int", "list-with-int"])
+def test_target_spec_of_the_wrong_type(spec):
+    with pytest.raises(TypeError, match=r"^apply: target_modules must be a regex string, a list of module names or None"):
+        ck.apply(two_linears(), "lora", target_modules=spec, rank=2)
+
+
 @pytest.mark.parametrize("option", ["rank", "heads"])
 def test_snell_rank_and_heads_must_be_ints(option):
     with pytest.raises(TypeError, match=rf"^{SNELL}: {option} must be an int, got 2.0 \(float\)$"):
