@@ -9,6 +9,9 @@ from torch import nn
 
 import cersa_kernels as ck
 from cersa_kernels import LoraLinear, SnellLinear
+from cersa_kernels.backends import use_backend
+from cersa_kernels.ops import lora_linear
+from cersa_kernels.reference.lora import dropout_params, hash32
 
 
 def two_linears():
@@ -110,3 +113,39 @@ def test_snell_rank_and_heads_must_be_ints(option):
         SnellLinear(16, 8, **{"rank": 4, "heads": 2, option: 2.0})
     with pytest.raises(TypeError, match=rf"^{SNELL}: {option} must be an int, got True \(bool\)$"):
         SnellLinear(16, 8, **{"rank": 4, "heads": 2, option: True})
+
+
+def lora_inputs():
+    g = torch.Generator().manual_seed(3)
+    return (torch.randn(5, 16, generator=g), torch.randn(6, 16, generator=g), torch.randn(2, 16, generator=g),
+            torch.randn(6, 2, generator=g))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_dropout_seeds_differing_above_bit_32_give_different_masks(backend):
+    x, W, A, B = lora_inputs()
+    with use_backend(backend):
+        low, high = (lora_linear(x, W, A, B, None, 1.0, 0.5, seed) for seed in (5, 5 + 2**32))
+        negative = lora_linear(x, W, A, B, None, 1.0, 0.5, 5 - 2**32)  # the same low word, another high one
+    assert not torch.equal(low, high) and not torch.equal(low, negative) and not torch.equal(high, negative)
+
+
+@pytest.mark.parametrize("seed", [5 + 2**32, -3, 2**63 - 1, -(2**63)])
+def test_high_seed_bits_agree_between_reference_and_triton(seed):
+    """The key is computed once (reference.lora.dropout_params) for both backends: same bits."""
+    x, W, A, B = lora_inputs()
+    A.requires_grad_(True)
+    results = {}
+    for backend in ("torch", "triton"):
+        with use_backend(backend):
+            y = lora_linear(x, W, A, B, None, 1.0, 0.5, seed)
+            (dA,) = torch.autograd.grad(y.sum(), A)
+        results[backend] = (y, dA)
+    torch.testing.assert_close(results["triton"][0], results["torch"][0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(results["triton"][1], results["torch"][1], rtol=1e-5, atol=1e-5)
+
+
+def test_seeds_below_2_32_keep_their_mask():
+    """Folding the high word in changes no mask of a seed in [0, 2³²): the key is still hash32(seed)."""
+    for seed in (0, 5, 2**31 - 2, 2**32 - 1):
+        assert dropout_params(0.1, torch.tensor(seed))[0] == hash32(seed)
