@@ -101,10 +101,15 @@ def test_bad_target_regex_names_the_option_and_the_pattern(option):
         ck.apply(two_linears(), "lora", rank=2, **options)
 
 
-@pytest.mark.parametrize("spec", [5, ["0", 1]], ids=["int", "list-with-int"])
+@pytest.mark.parametrize("spec", [5, ["0", 1], (name for name in ["0"])], ids=["int", "list-with-int", "generator"])
 def test_target_spec_of_the_wrong_type(spec):
     with pytest.raises(TypeError, match=r"^apply: target_modules must be a regex string, a list of module names or None"):
         ck.apply(two_linears(), "lora", target_modules=spec, rank=2)
+
+
+def test_target_spec_collections_still_accepted():
+    for spec in (("1",), {"1"}, {"1": None}.keys()):
+        assert [row["name"] for row in ck.apply(two_linears(), "lora", target_modules=spec, rank=2).rows] == ["1"]
 
 
 @pytest.mark.parametrize("option", ["rank", "heads"])

@@ -11,6 +11,7 @@ all its names.
 from __future__ import annotations
 
 import re
+from collections.abc import Collection
 from typing import Iterator, Optional, Sequence, Union
 
 import torch
@@ -108,7 +109,8 @@ def _check_spec(option: str, spec: TargetSpec) -> None:
                 "regex against the full module name, a list of names matches name suffixes"
             ) from None
         return
-    if not isinstance(spec, (list, tuple, set, frozenset)) or not all(isinstance(s, str) for s in spec):
+    # a collection (list, tuple, set, dict keys), not a one-shot iterator: every module reads it again
+    if not isinstance(spec, Collection) or not all(isinstance(s, str) for s in spec):
         raise TypeError(
             f"apply: {option} must be a regex string, a list of module names or None, got {spec!r}"
         )
