@@ -110,7 +110,8 @@ def apply(
     "lora" (rank, alpha, dropout); "pica" (rank; one M shared per role; targets may be CersaLinear
     layers of an earlier apply, whose h = x·V the branch reuses); "snell" (rank, heads, sparsity,
     coeffs, train_bias). With freeze_base, every parameter that is not an adapter
-    parameter stops requiring grad (as PEFT does). Returns an ApplyReport.
+    parameter stops requiring grad (as PEFT does); the layers of an earlier apply keep theirs, except
+    those adapted now (PiCa over CERSA freezes S unless freeze_base=False). Returns an ApplyReport.
     """
     methods = method_classes()
     if method not in methods:
@@ -130,8 +131,16 @@ def apply(
             )
     new_layers = cls.adapt(bases, **options)
     if freeze_base:  # before the new layers go in: they keep the requires_grad their method set
+        # Adapter layers of an earlier apply keep their trainable state: only the parameters that
+        # are no adapter's are frozen, and those of the layers adapted now (CERSA under PiCa),
+        # which become this method's base.
+        targets = {id(m) for m in originals.values()}
+        earlier = {
+            id(p) for layer in adapter_layers(model).values() if id(layer) not in targets for p in layer.parameters()
+        }
         for p in model.parameters():
-            p.requires_grad_(False)
+            if id(p) not in earlier:
+                p.requires_grad_(False)
     report = ApplyReport(method)
     counted: set[int] = set()  # a shared parameter (PiCa's M) counts once, in its first layer
     for name, layer in new_layers.items():
