@@ -78,7 +78,7 @@ def write_files_atomically(directory: Path, files: dict[str, bytes]) -> None:
     directory under other names are left alone."""
     directory = Path(directory)
     if not LINKED_LAYOUT:
-        _write_by_renames(directory, files)
+        write_files_renamed(directory, files)
         return
     _make_dir(directory)
     state = directory / STATE_DIR
@@ -94,8 +94,11 @@ def write_files_atomically(directory: Path, files: dict[str, bytes]) -> None:
             _remove_quietly(state / earlier)
 
 
-def _write_by_renames(directory: Path, files: dict[str, bytes]) -> None:
-    """Without symbolic links: each file to a temporary name, fsync'ed, then renamed into place."""
+def write_files_renamed(directory: Path, files: dict[str, bytes]) -> None:
+    """Each file to a temporary name, fsync'ed, then renamed into place, in `files`' order: plain
+    files (no links), each one atomic by itself; the pair is not. What `write_files_atomically`
+    does without symbolic links, and what `compare` uses for results meant to be committed to git,
+    where the last file written (results.json) marks a complete run."""
     directory.mkdir(parents=True, exist_ok=True)
     temporaries: dict[str, Path] = {}
     try:

@@ -69,7 +69,7 @@ def _runner(in_process: bool):
 
 def run(args) -> dict:
     """Everything the command does; returns what results.json holds."""
-    from .._adapter_files import write_files_atomically
+    from .._adapter_files import write_files_renamed
     from .._checks import UsageError
     from .methods import METHODS, SWEEP_FACTORS
     from .report import markdown_table, plot_png, summarise, verdict
@@ -110,7 +110,7 @@ def run(args) -> dict:
         files["accuracy_vs_memory.png"] = plot_png(rows)
     files["results.json"] = json.dumps(results, indent=1).encode()  # last: its presence marks a complete run
     try:
-        write_files_atomically(out, files)
+        write_files_renamed(out, files)
     except OSError as exc:
         raise UsageError(
             f"compare: could not write the results to {out} ({exc}); results.json was not written (it is written "
