@@ -192,3 +192,16 @@ def test_inconsistent_parts_are_refused():
         QuantizedTensor(q.data, q.absmax, (4, 8), "nf4", 4, torch.int32)
     with pytest.raises(ValueError, match="from_parts: meta must be"):
         from_parts(q.data, q.absmax, [7, 4, 4, 8, 0, 2])
+
+
+def test_to_a_dtype_changes_what_the_operand_stands_for_not_its_codes():
+    """Autocast casts frozen weights with `t.to(dtype)`: a quantized one keeps its codes."""
+    q = quantize(randn(6, 10), "nf4", 4).T
+    b = q.to(torch.bfloat16)
+    assert b.dtype == torch.bfloat16 and b.data is q.data and b.absmax is q.absmax and b.transposed
+    assert torch.equal(b.dequantize(), q.dequantize().bfloat16())
+    assert q.to(torch.float32) is q and q.to("cpu") is q and q.to(device="cpu", dtype=torch.float32) is q
+    c = q.to("cpu", torch.float16)
+    assert c.dtype == torch.float16 and c.device == torch.device("cpu")
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        q.to(torch.int8)

@@ -287,3 +287,19 @@ def test_an_operand_that_cannot_be_quantized_is_refused_naming_the_layer(op, nam
     allowed = ", ".join(case.quantizable)
     with pytest.raises(TypeError, match=rf"{op}: {name} must be a torch.Tensor, got a QuantizedTensor \(only {allowed} can"):
         case.call(**inputs)
+
+
+def test_autocast_casts_a_quantized_weight_like_a_dense_one():
+    """nn/_autocast.autocast_cast calls `t.to(dtype)` on every input: a quantized W takes the dtype
+    (its codes unchanged) and the op runs in it."""
+    from cersa_kernels.nn._autocast import autocast_cast
+
+    j = draw("lora_linear", "", T=4, n=8, m=6, r=2)
+    Wq = quantize(j["W"], "nf4")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        x, W, A, B = autocast_cast(j["x"], Wq, j["A"], j["B"])
+    assert W.dtype == torch.bfloat16 and W.data is Wq.data
+    with use_backend("torch"):
+        y = ops.lora_linear(x, W, A, B)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), ops.lora_linear(x, W.dequantize(), A, B).float())
