@@ -18,7 +18,7 @@ from cersa_kernels import backends, ops, quant
 from cersa_kernels.backends import BackendUnavailableError, use_backend
 from cersa_kernels.quant import QuantizedTensor, quantize
 
-from op_harness import OPS, check_against_reference, dequantized, grads_present, quantized, run, saved_bytes
+from op_harness import OPS, check_against_reference, dequantized, grads_present, on_gpu, quantized, run, saved_bytes
 
 T, N, M, R = 37, 130, 77, 45  # odd everywhere; R is CERSA's k (45), LoRA's and PiCa's rank
 QUANT_OPS = [op for op in OPS if OPS[op].quantizable]
@@ -303,3 +303,25 @@ def test_autocast_casts_a_quantized_weight_like_a_dense_one():
         y = ops.lora_linear(x, W, A, B)
     assert y.dtype == torch.bfloat16
     torch.testing.assert_close(y.float(), ops.lora_linear(x, W.dequantize(), A, B).float())
+
+
+# ---- on a GPU (`pytest -m gpu`): the compiled quantized Triton GEMM in every dtype ----------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("op,variant", variants(TRITON_QUANT_OPS))
+def test_triton_on_gpu_matches_the_oracle_on_the_dequantized_operands(op, variant, dtype):
+    """Quantized on the GPU (the interpreter's bf16 is wrong, so 16-bit is checked here only)."""
+    case = OPS[op]
+    base, formats = case.quant_variants()[variant]
+    dense_inputs = on_gpu(case.draw(T, N, M, R, gen=torch.Generator().manual_seed(7), variant=base), dtype)
+    inputs = quantized(dense_inputs, formats, case.quantizable)
+    check_against_reference("triton", case.call, inputs, grads_present(case, inputs), f"{op} {variant} {dtype}")
+
+
+@pytest.mark.gpu
+def test_auto_runs_quantized_ops_on_torch_on_a_gpu():
+    x = torch.randn(4, 8, device="cuda", dtype=torch.bfloat16)
+    Vq = quantize(torch.randn(3, 8, device="cuda", dtype=torch.bfloat16), "nf4").T
+    assert backends.select_backend("lowrank_q_fwd", [x, Vq]) == "torch"
