@@ -135,7 +135,8 @@ class OpCase:
     own weights); `variants` {id: keyword arguments}, each passed to `make` if it takes it, else
     set as an input; `gradcheck_grads` the inputs float64 gradcheck differentiates (default: grads);
     `quantizable` {frozen operand: stored transposed?}: the operands the op takes quantized, which
-    give the `quant_variants` (each in every format, and the first one alone)."""
+    give the `quant_variants` (each in every format, and the first one alone), run on
+    `quantized_backends`."""
 
     name: str
     make: Callable
@@ -146,6 +147,11 @@ class OpCase:
     variants: dict = field(default_factory=lambda: {"": {}})
     gradcheck_grads: Optional[tuple] = None
     quantizable: dict = field(default_factory=dict)
+    quantized_backends: tuple = ("torch", "triton")  # the backends meant to serve quant_variants
+
+    def serves(self, variant, backend) -> bool:
+        """Whether `backend` is meant to run `variant` (every dense one; a quantized one if listed)."""
+        return variant not in self.quant_variants() or backend in self.quantized_backends
 
     def quant_variants(self) -> dict:
         """{id: (base variant, {operand: format})}: every quantizable operand in int8, then in nf4
@@ -320,6 +326,7 @@ OPS = {
         # those two are gradchecked against a surrogate in test_snell.py
         gradcheck_grads=("x", "bias"),
         quantizable={"W0": False},
+        quantized_backends=("torch",),  # its Triton kernels read W0 tiles themselves: refused
     ),
 }
 
