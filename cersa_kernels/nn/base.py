@@ -164,6 +164,12 @@ class AdapterLayer(nn.Module):
         CERSA's factors where they replace it."""
         return self.weight.numel() * self.weight.element_size()
 
+    def weight_dtype(self) -> torch.dtype:
+        """The dtype of the Linear this layer stands for, which its inputs come in: the frozen W0's
+        here, CERSA's factors' where they replace it. `load` refuses an adapter whose layer has
+        another dtype than the model's Linear at that place."""
+        return self.weight.dtype
+
     # --- PARA (data-free rank pruning) -------------------------------------------------------------
 
     def para_update(self) -> Optional[LowRankUpdate]:

@@ -250,6 +250,9 @@ class CersaLinear(AdapterLayer, method="cersa"):
     def base_weight_bytes(self) -> int:
         return self.weight_bytes()
 
+    def weight_dtype(self) -> torch.dtype:
+        return self.U.dtype  # U and V stand for W0; S may be kept wider (core_dtype)
+
     def dense_weight_bytes(self) -> int:
         return self.in_features * self.out_features * self.U.element_size()
 

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from ..quant import is_quantized
-from .gemm import _gemm, reduction_split
+from .gemm import QUANTIZED_FORMATS, _gemm, reduction_split  # noqa: F401 (QUANTIZED_FORMATS: read by backends)
 
 
 def pica_lowrank_fwd_triton(
