@@ -112,18 +112,13 @@ def test_qlora_row_is_bitsandbytes_config_then_peft_and_its_bytes_are_measured(t
     bias + the 16-value code table of each layer, against the dense fp32 bytes."""
     import bitsandbytes as bnb
     import peft
-    import transformers
 
     from cersa_kernels.compare.methods import METHODS
     from cersa_kernels.compare.worker import (
         Classifier, adapt, linear_dense_bytes, linear_frozen_bytes, linear_positions, load_encoder,
     )
 
-    torch.manual_seed(0)
-    config = transformers.BertConfig(vocab_size=64, hidden_size=64, num_hidden_layers=1, num_attention_heads=2,
-                                     intermediate_size=128, max_position_embeddings=16)
-    transformers.BertModel(config, add_pooling_layer=False).save_pretrained(tmp_path)
-    encoder = load_encoder(str(tmp_path), METHODS["qlora-r8"], "cpu", "fp32")
+    encoder = load_encoder(_tiny_bert_dir(tmp_path), METHODS["qlora-r8"], "cpu", "fp32")
     positions = linear_positions(encoder)
     assert len(positions) == 6 and all(isinstance(encoder.get_submodule(n), bnb.nn.Linear4bit) for n in positions)
     assert {encoder.get_submodule(n).weight.quant_state.blocksize for n in positions} == {64}
@@ -265,3 +260,34 @@ def test_a_results_file_that_cannot_be_written_leaves_no_results_json(monkeypatc
     with pytest.raises(UsageError, match=r"^compare: could not write the results to .*results\.json was not written"):
         run_compare(monkeypatch, tmp_path)
     assert [p.name for p in tmp_path.iterdir()] == ["results.md"] and (tmp_path / "results.md").is_dir()
+
+
+def _tiny_bert_dir(tmp_path):
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=64, hidden_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=128, max_position_embeddings=16)
+    transformers.BertModel(config, add_pooling_layer=False).save_pretrained(tmp_path)
+    return str(tmp_path)
+
+
+def test_our_quantized_rows_hold_the_bytes_their_formats_promise(tmp_path):
+    """lora-r8-nf4 stores W0 as codes + one float32 absmax per 64 (qlora-r8's bytes but for
+    bitsandbytes' 64-byte code table per layer); CERSA's NF4 factors weigh less than its int8 ones,
+    which weigh less than the float32 factors."""
+    from cersa_kernels.compare.methods import METHODS
+    from cersa_kernels.compare.worker import Classifier, adapt, linear_frozen_bytes, linear_positions, load_encoder
+
+    directory = _tiny_bert_dir(tmp_path)
+    shapes = [(64, 64)] * 4 + [(128, 64), (64, 128)]
+    measured = {}
+    for name in ("lora-r8-nf4", "qlora-r8", "cersa-a0.95", "cersa-a0.95-int8", "cersa-a0.95-nf4"):
+        encoder = load_encoder(directory, METHODS[name], "cpu", "fp32")
+        positions = linear_positions(encoder)
+        model = Classifier(encoder, 5)
+        adapt(model, METHODS[name])
+        measured[name] = linear_frozen_bytes(model.encoder, positions)
+    assert measured["lora-r8-nf4"] == sum(m * n // 2 + 4 * m * n // 64 + 4 * m for m, n in shapes)
+    assert measured["qlora-r8"] - measured["lora-r8-nf4"] == 6 * 4 * 16  # bitsandbytes' code table per layer
+    assert measured["cersa-a0.95-nf4"] < measured["cersa-a0.95-int8"] < measured["cersa-a0.95"]
