@@ -81,17 +81,19 @@ def _load_operand(
         # When the tile's extent along the stored row divides GROUP (and it starts at a multiple of
         # that extent), each stored row of the tile lies in one group: one scale per stored row, a
         # vector load broadcast over the tile, instead of one (cached, but issued and, when
-        # pipelined, staged in shared memory) 4-byte load per element.
+        # pipelined, staged in shared memory) 4-byte load per element. Otherwise the division by
+        # GROUP is done on the 1-D index (a 2-D int64 division cost 80-112 B of spills in int8).
+        # Offsets are summed before they meet the pointer, so every pointer offset is int64.
         if STORED_T:  # stored row = logical column, stored column = logical row
             if GROUP % BLOCK_ROWS == 0:
-                absmax = tl.load(scale_ptr + cols * groups_per_row + row0 // GROUP, mask=cols_ok, other=0.0)[None, :]
+                absmax = tl.load(scale_ptr + (cols * groups_per_row + row0 // GROUP), mask=cols_ok, other=0.0)[None, :]
             else:
-                absmax = tl.load(scale_ptr + cols[None, :] * groups_per_row + rows[:, None] // GROUP, mask=mask, other=0.0)
+                absmax = tl.load(scale_ptr + (cols[None, :] * groups_per_row + (rows // GROUP)[:, None]), mask=mask, other=0.0)
         else:
             if GROUP % BLOCK_COLS == 0:
-                absmax = tl.load(scale_ptr + rows * groups_per_row + col0 // GROUP, mask=rows_ok, other=0.0)[:, None]
+                absmax = tl.load(scale_ptr + (rows * groups_per_row + col0 // GROUP), mask=rows_ok, other=0.0)[:, None]
             else:
-                absmax = tl.load(scale_ptr + rows[:, None] * groups_per_row + cols[None, :] // GROUP, mask=mask, other=0.0)
+                absmax = tl.load(scale_ptr + (rows[:, None] * groups_per_row + (cols // GROUP)[None, :]), mask=mask, other=0.0)
         if FMT == 1:
             codes = tl.load(ptr + flat, mask=mask, other=0)
             tile = codes.to(tl.float32) * (absmax / 127.0)
@@ -207,10 +209,13 @@ _GPU_CONFIGS = [
 # Measured with ptxas as above, loading one scale per element (a group size the tile does not
 # divide): with an NF4 B stored transposed, 64×128×64 (8 warps, 4 stages) spills 84 B on sm_80 with
 # odd strides and needs 200 KB of shared memory there (an A100 has 163 KB) and 240 KB on sm_90 with
-# aligned ones (an H100 has 227 KB); 32×64×64 spills 36 B on sm_80. The six others spill nothing.
+# aligned ones (an H100 has 227 KB); 32×64×64 spills 36 B on sm_80; 64×64×32 with 4 warps and 5
+# stages spills 80 B (sm_90) and 112 B (sm_80) with an int8 B as stored and a scale per element
+# (4 B on sm_80 with an NF4 A). The five others spill nothing.
 _QUANT_GPU_CONFIGS = [
     cfg for cfg in _GPU_CONFIGS
     if (cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"]) not in {(64, 128, 64), (32, 64, 64)}
+    and not (cfg.kwargs["BLOCK_M"] == 64 and cfg.kwargs["BLOCK_K"] == 32 and cfg.num_warps == 4 and cfg.num_stages == 5)
 ]
 
 AUTOTUNE_KEY = ["TUNE_M", "TUNE_N", "TUNE_K", "HAS_RESIDUAL", "DROP", "DOT_PRECISION", "A_FMT", "B_FMT"]
