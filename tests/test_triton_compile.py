@@ -12,7 +12,10 @@ Bounds asserted (per variant, per arch):
 - 16-bit variants (fp16/bf16 operands) spill at most SPILL_BOUND_16BIT bytes (ptxas -v);
   fp32 spills are printed, not bounded (fp32 GEMMs without TF32 run on CUDA cores);
 - 16-bit GEMM tiles with BLOCK_M >= 64 use wgmma on sm_90 and mma.sync on sm_80;
-- no pointer offset is a 32-bit integer (an i32 index product wraps past 2^31 elements).
+- no pointer offset is a 32-bit integer (an i32 index product wraps past 2^31 elements);
+- GEMMs with a quantized operand (int8, NF4: `QUANTIZED_POSITIONS`): each one the launchers
+  produce is compiled, 16-bit ones spill nothing, and those with BLOCK_M >= 64 run tl.dot on the
+  dequantized tiles with wgmma (sm_90) / mma.sync (sm_80).
 """
 import json
 import os
@@ -132,6 +135,51 @@ def test_fp32_gemm_uses_tf32_tensor_cores_when_torch_allows(reports, arch):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_pointer_offsets_are_int64(reports, arch):
     assert not _failures(reports, arch, lambda r: r.get("i32_addptr"))
+
+
+# Quantized operands: `_quant_gemm_cases` runs every launcher with int8 and NF4 frozen weights.
+# (A_FMT, A_STORED_T, B_FMT, B_STORED_T) of each quantized GEMM the launchers make, per format:
+# U·S (A = U, stored Uᵀ), x·V, x·W0ᵀ and dy·U (B stored transposed), S·Vᵀ and dy·W0 (B as stored).
+QUANTIZED_POSITIONS = {(f, True, 0, False) for f in (1, 2)} | {(0, False, f, t) for f in (1, 2) for t in (False, True)}
+
+
+def _quantized(report) -> bool:
+    return report["kernel"] == "_gemm_kernel" and (report["constexprs"]["A_FMT"] or report["constexprs"]["B_FMT"])
+
+
+def _position(report):
+    c = report["constexprs"]
+    return (c["A_FMT"], c["A_STORED_T"], c["B_FMT"], c["B_STORED_T"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_quantized_operand_position_is_compiled(reports, arch):
+    """Every position in bf16; the default subset compiles fp16 and fp32 once per format (the same
+    dequantizing code; the full sweep every position)."""
+    for dtype in ("*bf16", "*fp16", "*fp32"):
+        quantized = [r for r in reports[arch] if _quantized(r) and dtype in r["pointer_types"]]
+        if dtype == "*bf16" or FULL:
+            assert QUANTIZED_POSITIONS <= {_position(r) for r in quantized}, dtype
+        assert {f for r in quantized for f in _position(r)[::2]} - {0} == {1, 2}, dtype
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ARCHS)
+def test_16bit_quantized_gemms_do_not_spill(reports, arch):
+    assert not _failures(reports, arch, lambda r: _quantized(r) and _is_16bit(r) and r.get("spill_stores", 0)
+                         and f"{r['spill_stores']} B spill stores")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ARCHS)
+def test_quantized_gemm_tiles_use_tensor_cores(reports, arch):
+    """tl.dot on the dequantized tiles of every 16-bit quantized position is a tensor-core MMA."""
+    instr = "wgmma" if arch == 90 else "mma_sync"
+    tiles = [r for r in reports[arch] if _quantized(r) and _is_16bit(r) and r["constexprs"]["BLOCK_M"] >= 64
+             and "error" not in r]
+    assert QUANTIZED_POSITIONS <= {_position(r) for r in tiles}
+    assert not [r["id"] for r in tiles if not r[instr]]
 
 
 # Specialisation, without compiling: what the JIT would key its cache on.
