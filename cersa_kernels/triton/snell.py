@@ -39,6 +39,7 @@ fits the arch's shared memory and the 16-bit paths do not spill.
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional, Sequence
 
 import torch
@@ -340,7 +341,15 @@ def _coeffs(coeffs: Sequence[float], device) -> Tensor:
     # a new contiguous vector: the kernels read c_h at c_ptr + h. Every caller tensor (x, W0, bias,
     # A, B, dy, values) goes in with its own strides; τ is 0-d (one element at its data_ptr); the
     # other buffers (dA, dB, the histogram, the prefix, the outputs) are allocated here, contiguous.
-    return torch.tensor([float(c) for c in coeffs], dtype=torch.float32, device=device)
+    # Made once per (coefficients, device): torch.tensor(list, device=cuda) at every call is a
+    # host-to-device copy that synchronises the host, three times per SNELL layer per step. The
+    # cached vector is never written to.
+    return _coeffs_on(tuple(float(c) for c in coeffs), torch.device(device))
+
+
+@functools.lru_cache(maxsize=64)
+def _coeffs_on(coeffs: tuple, device: torch.device) -> Tensor:
+    return torch.tensor(coeffs, dtype=torch.float32, device=device)
 
 
 def _factor_args(A: Tensor, B: Tensor):
