@@ -232,3 +232,17 @@ def test_dot_precision_follows_allow_tf32():
         assert dot_precision(torch.bfloat16) == "tf32"  # ignored for 16-bit operands
     finally:
         torch.backends.cuda.matmul.allow_tf32 = allowed
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ARCHS)
+def test_snell_kernels_compute_abs_k_without_contraction(reports, arch):
+    """SNELL's kernels are compiled with enable_fp_fusion=False: the |K| they compare with τ is then
+    rounded after every operation, the bits of the torch reference (which computes τ for the
+    doctor and the merge) and of the interpreter. Checked in the PTX: no fp32 fma in the selection
+    kernel (no tl.dot there) nor in any 16-bit SNELL kernel (its dots are mma, not fma)."""
+    snell = [r for r in reports[arch] if r["kernel"] != "_gemm_kernel"]
+    assert snell, "no SNELL kernel captured"
+    bad = [r["id"] for r in snell if not r.get("error") and r.get("fma_f32", 0) > 0
+           and (r["kernel"] == "_snell_select_kernel" or _is_16bit(r))]
+    assert not bad, f"SNELL kernels with fused fp32 multiply-adds: {bad}"

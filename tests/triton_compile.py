@@ -233,7 +233,8 @@ class Recorder:
                       instrumentation_mode=knobs.compilation.instrumentation_mode)
         bound_args, specialization, options = binder(*args, **kwargs)
         options, signature, constexprs, attrs = jit._pack_args(self.backend, kwargs, bound_args, specialization, options)
-        option_kwargs = {k: kwargs[k] for k in ("num_warps", "num_stages", "num_ctas", "maxnreg") if k in kwargs}
+        option_kwargs = {k: kwargs[k] for k in ("num_warps", "num_stages", "num_ctas", "maxnreg", "enable_fp_fusion")
+                         if k in kwargs}
         variant = dict(
             module=jit.fn.__module__, kernel=jit.fn.__name__, signature=signature,
             constexprs=[[list(k), v] for k, v in sorted(constexprs.items())],
@@ -453,6 +454,8 @@ def compile_variant(v: dict, arch: int, workdir: Path) -> dict:
         shared=compiled.metadata.shared,
         wgmma="wgmma.mma_async" in ptx,
         mma_sync="mma.sync" in ptx,
+        # fused multiply-adds in fp32: a contracted a*b + c rounds once, not twice (SNELL's |K|)
+        fma_f32=len(re.findall(r"\bfma\.rn\.f32\b", ptx)),
         # pointer offsets of 32 bits: an i32 index product can wrap past 2^31 elements
         i32_addptr=[line.strip()[:240] for line in ttir.splitlines()
                     if "tt.addptr" in line and re.search(r"(, |x)i32>? loc", line)],
