@@ -31,6 +31,7 @@ from ._adapter_files import (
 )
 from .nn.base import AdapterLayer, adapter_classes, method_classes
 from .nn import tree
+from .nn._quantized import weight_bytes_of
 from .nn.tree import TargetSpec
 from .para import compress
 from .para_peft import write_lora_adapter
@@ -106,10 +107,12 @@ def apply(
     """Replace the selected Linear/Conv1D layers of `model` in place by `method`'s adapter layers.
 
     method: "cersa" (options: energy, energy_power, rank, max_rank, trainable_rank, train_bias,
-    energy_scope="layer"|"global", budget (parameters), budget_bytes, core_dtype=torch.float32);
-    "lora" (rank, alpha, dropout); "pica" (rank; one M shared per role; targets may be CersaLinear
-    layers of an earlier apply, whose h = x·V the branch reuses); "snell" (rank, heads, sparsity,
-    coeffs, train_bias). With freeze_base, every parameter that is not an adapter
+    energy_scope="layer"|"global", budget (parameters), budget_bytes, core_dtype=torch.float32,
+    factor_format=None|"int8"|"nf4", factor_group_size=64, refit=True);
+    "lora" (rank, alpha, dropout, base_format=None|"int8"|"nf4", base_group_size=64); "pica" (rank,
+    base_format, base_group_size; one M shared per role; targets may be CersaLinear layers of an
+    earlier apply, whose h = x·V the branch reuses); "snell" (rank, heads, sparsity, coeffs,
+    train_bias). bitsandbytes Linear4bit targets are read in place (docs/quantization.md). With freeze_base, every parameter that is not an adapter
     parameter stops requiring grad (as PEFT does). Returns an ApplyReport.
     """
     methods = method_classes()
@@ -144,7 +147,7 @@ def apply(
         base = bases[name]
         new_trainable = [p for p in layer.parameters() if p.requires_grad and id(p) not in counted]
         counted.update(id(p) for p in new_trainable)
-        before = base.base_weight_bytes() if isinstance(base, AdapterLayer) else base.weight.numel() * base.weight.element_size()
+        before = base.base_weight_bytes() if isinstance(base, AdapterLayer) else weight_bytes_of(base)
         report.rows.append(
             dict(
                 name=name, shape=(base.out_features, base.in_features), rank=layer.rank,
@@ -310,7 +313,13 @@ def _build_layer(model, name, entry, tensors, config_path, weights_path, aliases
         if tuple(value.shape) != tuple(wanted[key].shape):
             raise ValueError(
                 f"{here} ({entry['cls']}): tensor {key!r} has shape {tuple(value.shape)} in {weights_path}, "
-                f"the model needs {tuple(wanted[key].shape)}"
+                f"the model needs {tuple(wanted[key].shape)}{layer.state_hint(key)}"
+            )
+        # quantized codes (int8 / uint8) and their float32 scales load bit for bit or not at all
+        if (not value.is_floating_point() or key in layer.quantized_keys()) and value.dtype != wanted[key].dtype:
+            raise ValueError(
+                f"{here} ({entry['cls']}): tensor {key!r} has dtype {value.dtype} in {weights_path}, "
+                f"the model needs {wanted[key].dtype}{layer.state_hint(key)}"
             )
     layer.load_state_dict(state, strict=False)
     parameters = dict(layer.named_parameters())
@@ -422,7 +431,7 @@ def export_peft_lora(
                 "(SNELL's is sparse); merge() it instead"
             )
     base_types = {layer.base_type for layer in layers.values()}
-    if len(base_types) > 1:
+    if len({t == "Conv1D" for t in base_types}) > 1:  # Linear and bitsandbytes Linear4bit share a layout
         raise ValueError(f"export_peft_lora: PEFT needs one fan_in_fan_out for all modules; the targets mix {sorted(base_types)}")
     result = compress(factors, energy=energy, budget=budget)
     if not any(f is not None for f in result.adapters.values()):
