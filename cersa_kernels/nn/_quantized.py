@@ -77,6 +77,9 @@ def linear4bit_problem(module: nn.Module) -> Optional[str]:
                 "to a device: call .to('cpu') or .cuda() first)")
     if state.quant_type != "nf4":
         return f"a bitsandbytes Linear4bit with quant_type={state.quant_type!r}; only 'nf4' is read"
+    if getattr(state, "packing_format_for_cpu", False):
+        return ("a bitsandbytes Linear4bit repacked for bitsandbytes' AVX512-bf16 CPU kernel, which is not the NF4 "
+                "block layout")
     if module.in_features % state.blocksize:
         return (
             f"a bitsandbytes Linear4bit with in_features={module.in_features}, not a multiple of its block size "
