@@ -80,12 +80,22 @@ def tuned_table(runs: list[dict], doctor_docs: list[dict]) -> dict:
     return json.loads(json.dumps(table))
 
 
+def read_run(path: str) -> dict:
+    """A pytest-benchmark JSON file, or a .jsonl of its benchmark records (what the GPU check's bench
+    stage appends as each benchmark finishes, so a stage killed at its limit still counts)."""
+    with open(path) as f:
+        if path.endswith(".jsonl"):
+            return {"benchmarks": [json.loads(line) for line in f if line.strip()]}
+        return json.load(f)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--bench", nargs="+", required=True, help="pytest-benchmark JSON files")
+    parser.add_argument("--bench", nargs="+", required=True,
+                        help="pytest-benchmark JSON files, or the GPU check's bench.jsonl (one benchmark a line)")
     parser.add_argument("--verified", nargs="*", default=[], help="doctor cache files of the same GPUs")
     args = parser.parse_args(argv)
-    runs = [json.load(open(p)) for p in args.bench]
+    runs = [read_run(p) for p in args.bench]
     docs = [json.load(open(p)) for p in args.verified]
     json.dump(tuned_table(runs, docs), sys.stdout, indent=2, sort_keys=True)
     sys.stdout.write("\n")

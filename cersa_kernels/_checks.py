@@ -11,6 +11,8 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
+from .quant import is_quantized
+
 
 def check_features(x: Tensor, expected: int, layer: str) -> None:
     if x.dim() < 1 or x.shape[-1] != expected:
@@ -102,11 +104,16 @@ def check_features_args(in_features, out_features, dtype, layer: str) -> tuple[i
     return in_features, out_features
 
 
-def check_tensors(layer: str, **tensors) -> None:
-    """Each named value is a torch.Tensor (None allowed, for an optional bias): a Python list or a
-    NumPy array fails here with its name, instead of as an AttributeError deep inside."""
+def check_tensors(layer: str, quantizable: Sequence[str] = (), **tensors) -> None:
+    """Each named value is a torch.Tensor (None allowed, for an optional bias), or a
+    quant.QuantizedTensor for the frozen operands named in `quantizable`: a Python list or a NumPy
+    array fails here with its name, instead of as an AttributeError deep inside."""
     for name, t in tensors.items():
-        if t is not None and not isinstance(t, Tensor):
+        if is_quantized(t):
+            if name not in quantizable:
+                can = f"only {', '.join(quantizable)} can" if quantizable else "no operand of it can"
+                raise TypeError(f"{layer}: {name} must be a torch.Tensor, got a QuantizedTensor ({can} be quantized)")
+        elif t is not None and not isinstance(t, Tensor):
             raise TypeError(f"{layer}: {name} must be a torch.Tensor, got {type(t).__name__}")
 
 

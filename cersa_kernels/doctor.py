@@ -19,7 +19,7 @@ import datetime
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -50,24 +50,27 @@ class CheckResult:
     max_rel_err: float = float("nan")  # worst output, relative to max|reference|
     ms: float = float("nan")  # forward + backward
     torch_ms: float = float("nan")
+    variant: dict = field(default_factory=dict)  # epilogue options of `_inputs` (bias, dropout)
 
 
 # Inputs per op: (forward args, backward args from (forward outputs, dy)). Shapes as in docs/methods.md.
-def _inputs(op: str, shape: tuple, dtype: torch.dtype, device, gen: torch.Generator):
+def _inputs(op: str, shape: tuple, dtype: torch.dtype, device, gen: torch.Generator, bias: bool = True,
+            dropout: float = 0.1):
+    """(forward args, bwd_args(out, dy)) of `op`; `bias` and `dropout` (LoRA) pick the epilogue variant."""
     T, n, m, k = shape
     r = max(1, k // 4)
 
     def rand(*size, scale=1.0, dt=dtype):
         return (torch.randn(*size, generator=gen) * scale).to(device=device, dtype=dt)
 
-    x, bias = rand(T, n), rand(m, scale=0.1)
+    x, bias = rand(T, n), (rand(m, scale=0.1) if bias else None)
     if op == "lowrank":
         V, S, U = rand(n, k, scale=n**-0.5), rand(k, k, scale=k**-0.5, dt=torch.float32), rand(m, k)
         return (x, V, S, U, bias), lambda out, dy: (dy, out[1], V, S, U, True)
     if op == "lora":
         W, A, B = rand(m, n, scale=n**-0.5), rand(r, n, scale=n**-0.5), rand(m, r)
         seed = torch.tensor(1234, dtype=torch.int64)
-        return (x, W, bias, A, B, 2.0, 0.1, seed), lambda out, dy: (dy, x, out[1], W, A, B, 2.0, 0.1, seed, True)
+        return (x, W, bias, A, B, 2.0, dropout, seed), lambda out, dy: (dy, x, out[1], W, A, B, 2.0, dropout, seed, True)
     if op == "pica":
         W, P, M = rand(m, n, scale=n**-0.5), rand(r, n, scale=n**-0.5), rand(m, r, dt=torch.float32)
         return (x, W, bias, P, M), lambda out, dy: (dy, out[1], W, P, M, True)
@@ -122,12 +125,14 @@ def _time(fn: Callable, device: torch.device, reps: int) -> float:
     return (time.perf_counter() - t0) * 1e3 / reps
 
 
-def check_one(op: str, backend: str, dtype_name: str, shape: tuple, device, reps: int = 10) -> CheckResult:
-    """Verify `backend`'s fwd+bwd kernels of `op` against the reference, then time them and torch."""
+def check_one(op: str, backend: str, dtype_name: str, shape: tuple, device, reps: int = 10,
+              **variant) -> CheckResult:
+    """Verify `backend`'s fwd+bwd kernels of `op` against the reference, then time them and torch
+    (reps = 0: verify only). `variant`: `_inputs`' epilogue options (bias=False, dropout=0.0)."""
     dtype = getattr(torch, dtype_name)
-    result = CheckResult(op, backend, dtype_name, tuple(shape), verified=False)
+    result = CheckResult(op, backend, dtype_name, tuple(shape), verified=False, variant=dict(variant))
     gen = torch.Generator().manual_seed(0)
-    fwd_args, bwd_args = _inputs(op, shape, dtype, device, gen)
+    fwd_args, bwd_args = _inputs(op, shape, dtype, device, gen, **variant)
     tensors = [a for a in fwd_args if isinstance(a, Tensor) and a.is_floating_point() and a.dim() > 0]
     reasons = backends.unavailable_reasons(backend, f"{op}_fwd", tensors) + backends.unavailable_reasons(
         backend, f"{op}_bwd", tensors)
@@ -157,7 +162,7 @@ def check_one(op: str, backend: str, dtype_name: str, shape: tuple, device, reps
     result.max_rel_err = worst
     result.verified = not failures
     result.note = "; ".join(failures)
-    if result.verified:
+    if result.verified and reps > 0:
         result.ms = _time(lambda: _fwd_bwd(op, backend, fwd_args, bwd_args, dy), torch.device(device), reps)
         result.torch_ms = _time(lambda: _fwd_bwd(op, "torch", fwd_args, bwd_args, dy), torch.device(device), reps)
     return result
@@ -165,8 +170,10 @@ def check_one(op: str, backend: str, dtype_name: str, shape: tuple, device, reps
 
 def run_checks(device, ops: Sequence[str] = OPS, backend_names: Sequence[str] = ("triton", "cuda"),
                dtypes: Sequence[str] = DTYPES, shapes: Sequence[tuple] = DEFAULT_SHAPES, reps: int = 10,
-               progress: bool = True) -> list[CheckResult]:
-    """check_one for every (op, backend, dtype, shape), with a progress bar on stderr."""
+               progress: bool = True, on_result: Optional[Callable[[CheckResult], None]] = None) -> list[CheckResult]:
+    """check_one for every (op, backend, dtype, shape), with a progress bar on stderr;
+    `on_result(result)` runs as each one finishes (the GPU check appends it to a file there, so a
+    run killed at its time limit keeps what it did)."""
     todo = [(o, b, d, s) for o in ops for b in backend_names for d in dtypes for s in shapes]
     bar = Progress(len(todo), "doctor", after=0.0) if progress else None
     results = []
@@ -174,6 +181,8 @@ def run_checks(device, ops: Sequence[str] = OPS, backend_names: Sequence[str] = 
         if bar:
             bar.update(i, f"{op} {backend} {dtype}")
         results.append(check_one(op, backend, dtype, shape, device, reps))
+        if on_result is not None:
+            on_result(results[-1])
     if bar:
         bar.update(len(todo))
         bar.close()
@@ -248,8 +257,10 @@ def format_table(results: Sequence[CheckResult]) -> str:
     return "\n".join(lines)
 
 
-def main(model_dir: Optional[str] = None, reps: int = 10) -> int:
-    """The command; returns the exit status (0 unless a kernel failed verification on a GPU)."""
+def main(model_dir: Optional[str] = None, reps: int = 10,
+         on_result: Optional[Callable[[CheckResult], None]] = None) -> int:
+    """The command; returns the exit status (0 unless a kernel failed verification on a GPU).
+    `on_result` is passed to `run_checks` (called as each check finishes)."""
     env = environment()
     print("cersa_kernels doctor")
     for key, value in env.items():
@@ -260,7 +271,7 @@ def main(model_dir: Optional[str] = None, reps: int = 10) -> int:
               "and their speed; `auto` uses torch on this machine. Run this on a GPU to verify them.")
         return 0
     shapes = model_shapes(model_dir) if model_dir else list(DEFAULT_SHAPES)
-    results = run_checks(torch.device("cuda", 0), shapes=shapes, reps=reps)
+    results = run_checks(torch.device("cuda", 0), shapes=shapes, reps=reps, on_result=on_result)
     print(format_table(results))
     table = verified_table(results, env["arch"])
     path = backends.verified_cache_path(env["gpu"], env["arch"])

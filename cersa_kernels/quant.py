@@ -24,9 +24,14 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["FORMATS", "NF4_CODE", "QuantizedTensor", "quantize", "dense", "is_quantized", "quantized_bytes"]
+__all__ = [
+    "FORMATS", "NF4_CODE", "QuantizedTensor", "quantize", "dense", "is_quantized", "quantized_bytes", "to_parts",
+    "from_parts",
+]
 
 FORMATS = ("int8", "nf4")
+# The dtypes an operand may stand for, in the order of their id in `to_parts`' meta.
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 DEFAULT_GROUP_SIZE = 64
 
 # QLoRA's NormalFloat-4 code (the values bitsandbytes uses for quant_type="nf4"): quantiles of
@@ -73,6 +78,9 @@ class QuantizedTensor:
 
     def __post_init__(self) -> None:
         _check_format(self.format, "QuantizedTensor")
+        _check_group_size(self.group_size, "QuantizedTensor")
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"QuantizedTensor: dtype must be one of {[str(d) for d in _DTYPES]}, got {self.dtype}")
         rows, cols = self.stored_shape
         numel = rows * cols
         want = numel if self.format == "int8" else (numel + 1) // 2
@@ -198,6 +206,28 @@ def quantize(t: Tensor, format: str, group_size: int = DEFAULT_GROUP_SIZE, *, wh
 
 def is_quantized(t) -> bool:
     return isinstance(t, QuantizedTensor)
+
+
+def to_parts(t) -> tuple[Tensor, Optional[Tensor], list[int]]:
+    """A frozen operand as custom-op arguments `(data, absmax, meta)`: a QuantizedTensor is not a
+    Tensor and cannot cross a torch.library schema, its parts can. meta = [format id (index in
+    FORMATS), group_size, stored rows, stored cols, transposed, dtype id]; a dense tensor travels
+    as `(t, None, [])`, so one quantized op also serves calls where only some operands are."""
+    if not isinstance(t, QuantizedTensor):
+        return t, None, []
+    rows, cols = t.stored_shape
+    meta = [FORMATS.index(t.format), t.group_size, rows, cols, int(t.transposed), _DTYPES.index(t.dtype)]
+    return t.data, t.absmax, meta
+
+
+def from_parts(data: Tensor, absmax: Optional[Tensor], meta: list[int]):
+    """The operand `to_parts` split: a QuantizedTensor (validated again), or `data` when dense."""
+    if absmax is None:
+        return data
+    if len(meta) != 6 or not 0 <= meta[0] < len(FORMATS) or not 0 <= meta[5] < len(_DTYPES):
+        raise ValueError(f"from_parts: meta must be [format id, group size, rows, cols, transposed, dtype id], got {meta}")
+    fmt, group_size, rows, cols, transposed, dtype = meta
+    return QuantizedTensor(data, absmax, (rows, cols), FORMATS[fmt], group_size, _DTYPES[dtype], bool(transposed))
 
 
 def dense(t, dtype: Optional[torch.dtype] = None) -> Tensor:

@@ -1,7 +1,10 @@
 """Shared driver of the op tests: run a functional forward + backward on a backend, and compare the
-Triton kernels and the float32 reference against a float64 oracle (tolerances.py's rule)."""
+Triton kernels and the float32 reference against a float64 oracle (tolerances.py's rule). Inputs may
+hold quantized frozen operands (`quant.QuantizedTensor`): the oracle and the same-dtype comparator
+then run on the dequantized operands."""
 import torch
 
+from cersa_kernels import quant
 from cersa_kernels.backends import use_backend
 
 from tolerances import assert_matches_reference
@@ -25,9 +28,30 @@ def run(backend, fn, inputs, grads, dy_seed=1, edit_dy=None):
 
 
 def as64(inputs):
+    """The inputs in float64, quantized operands dequantized (the float64 oracle's inputs)."""
     return {
-        k: (v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for k, v in inputs.items()
+        k: (v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
+        for k, v in dequantized(inputs, torch.float64).items()
     }
+
+
+def dequantized(inputs, dtype=None):
+    """The inputs with every QuantizedTensor replaced by its dense value (in `dtype`, default its own)."""
+    return {k: (v.dequantize(dtype) if quant.is_quantized(v) else v) for k, v in inputs.items()}
+
+
+def quantized(inputs, formats, transposed, group_size=quant.DEFAULT_GROUP_SIZE):
+    """The inputs with each operand of `formats` ({name: format}) quantized; an operand with
+    `transposed[name]` is stored as its transpose and given as the `.T` view (how the CERSA layers
+    keep Vᵀ and Uᵀ, grouped along n and m)."""
+    out = dict(inputs)
+    for name, fmt in formats.items():
+        t = inputs[name]
+        if transposed[name]:
+            out[name] = quant.quantize(t.T.contiguous(), fmt, group_size).T
+        else:
+            out[name] = quant.quantize(t, fmt, group_size)
+    return out
 
 
 def on_gpu(inputs, dtype):
@@ -38,21 +62,38 @@ def on_gpu(inputs, dtype):
     }
 
 
-def check_triton_against_reference(fn, inputs, grads, what=""):
-    """Triton within twice the same-dtype reference's error of the float64 oracle (tolerances.py)."""
+def check_against_reference(backend, fn, inputs, grads, what=""):
+    """`backend` within twice the same-dtype reference's error of the float64 oracle (tolerances.py);
+    both run on the dequantized operands where `inputs` holds quantized ones."""
     y64, g64 = run("torch", fn, as64(inputs), grads)
-    y32, g32 = run("torch", fn, inputs, grads)
-    yt, gt = run("triton", fn, inputs, grads)
+    y32, g32 = run("torch", fn, dequantized(inputs), grads)
+    yt, gt = run(backend, fn, inputs, grads)
     assert_matches_reference(yt, y32, y64, f"y {what}")
     for k in grads:
         assert gt[k] is not None, f"d{k} {what}: no gradient"
         assert_matches_reference(gt[k], g32[k], g64[k], f"d{k} {what}")
 
 
+def check_triton_against_reference(fn, inputs, grads, what=""):
+    """Triton within twice the same-dtype reference's error of the float64 oracle (tolerances.py)."""
+    check_against_reference("triton", fn, inputs, grads, what)
+
+
+def weight_buffers(values):
+    """The tensors behind `values` (tensors, QuantizedTensors' data and absmax, None skipped)."""
+    out = []
+    for v in values:
+        if quant.is_quantized(v):
+            out.extend((v.data, v.absmax))
+        elif v is not None:
+            out.append(v)
+    return out
+
+
 def saved_bytes(fn, own):
     """Bytes autograd saves for one call of fn(), except tensors sharing storage with `own` (weights);
     returns (bytes, fn's output, the saved tensors' shapes)."""
-    ptrs = {t.untyped_storage().data_ptr() for t in own if t is not None}
+    ptrs = {t.untyped_storage().data_ptr() for t in weight_buffers(own)}
     shapes, sizes = [], []
 
     def pack(t):
@@ -92,7 +133,9 @@ class OpCase:
     composed from the reference modules: the same-dtype comparator and the float64 oracle;
     `saved(inputs, T)` the exact bytes autograd keeps for one call over T tokens (beside the op's
     own weights); `variants` {id: keyword arguments}, each passed to `make` if it takes it, else
-    set as an input; `gradcheck_grads` the inputs float64 gradcheck differentiates (default: grads)."""
+    set as an input; `gradcheck_grads` the inputs float64 gradcheck differentiates (default: grads);
+    `quantizable` {frozen operand: stored transposed?}: the operands the op takes quantized, which
+    give the `quant_variants` (each in every format, and the first one alone)."""
 
     name: str
     make: Callable
@@ -102,9 +145,28 @@ class OpCase:
     saved: Callable
     variants: dict = field(default_factory=lambda: {"": {}})
     gradcheck_grads: Optional[tuple] = None
+    quantizable: dict = field(default_factory=dict)
+
+    def quant_variants(self) -> dict:
+        """{id: (base variant, {operand: format})}: every quantizable operand in int8, then in nf4
+        (on the first variant), and the first operand alone in nf4 (the others dense)."""
+        base = next(iter(self.variants))
+        prefix = f"{base}-" if base else ""
+        out = {f"{prefix}q-{fmt}": (base, {n: fmt for n in self.quantizable}) for fmt in quant.FORMATS}
+        if len(self.quantizable) > 1:
+            first = next(iter(self.quantizable))
+            out[f"{prefix}q-{first}-nf4"] = (base, {first: "nf4"})
+        return out
+
+    def all_variants(self) -> list:
+        """The ids of every variant, dense then quantized."""
+        return [*self.variants, *self.quant_variants()]
 
     def draw(self, T, n, m, r, dtype=torch.float32, bias=True, gen=None, variant=""):
-        """Inputs of variant `variant` (gen: a fresh seeded Generator when None)."""
+        """Inputs of variant `variant`, dense or quantized (gen: a fresh seeded Generator when None)."""
+        if variant in self.quant_variants():
+            base, formats = self.quant_variants()[variant]
+            return quantized(self.draw(T, n, m, r, dtype, bias, gen, base), formats, self.quantizable)
         kw = self.variants[variant]
         takes = inspect.signature(self.make).parameters
         gen = torch.Generator().manual_seed(7) if gen is None else gen
@@ -225,17 +287,20 @@ OPS = {
         ("x", "S", "bias"),
         lambda x, V, S, U, bias: _flat(ref_lowrank.lowrank_fwd, lambda V, S, U, b: U.shape[0])(x, V, S, U, bias),
         saved=lambda i, T: T * i["S"].shape[0] * _itemsize(i),  # h = x V only
+        quantizable={"V": True, "U": True},  # the layer stores Vᵀ and Uᵀ, passes .T views
     ),
     "lora_linear": OpCase(
         "lora_linear", make_lora, _lora_call, ("x", "A", "B", "bias"), _lora_eager,
         # x and x Aᵀ, plus the 8-byte seed when a mask must be regenerated; never a T×n mask
         saved=lambda i, T: T * (i["x"].shape[-1] + i["A"].shape[0]) * _itemsize(i) + (8 if i.get("dropout_p") else 0),
         variants={"": {}, "drop0.3": {"dropout_p": 0.3}},
+        quantizable={"W": False},
     ),
     "pica_linear": OpCase(
         "pica_linear", make_pica, lambda x, W, P, M, bias: ops.pica_linear(x, W, P, M, bias), ("x", "M", "bias"),
         lambda x, W, P, M, bias: _flat(ref_pica.pica_fwd, lambda W, b, P, M: W.shape[0])(x, W, bias, P, M),
         saved=lambda i, T: T * i["P"].shape[0] * _itemsize(i),  # h = x Pᵀ only: not x, nothing for W0
+        quantizable={"W": False},
     ),
     "pica_lowrank_linear": OpCase(
         "pica_lowrank_linear", make_pica_lowrank,
@@ -243,6 +308,7 @@ OPS = {
         lambda x, V, S, U, M, bias: _flat(ref_pica_lowrank.pica_lowrank_fwd, lambda V, S, U, M, b: U.shape[0])(
             x, V, S, U, M, bias),
         saved=lambda i, T: T * i["S"].shape[0] * _itemsize(i),  # CERSA's h = x V: the PiCa branch adds nothing
+        quantizable={"V": True, "U": True},
     ),
     "snell_linear": OpCase(
         "snell_linear", make_snell,
@@ -253,6 +319,7 @@ OPS = {
         # backward treats sg(|K|)·mask as a constant, which finite differences of A, B do not:
         # those two are gradchecked against a surrogate in test_snell.py
         gradcheck_grads=("x", "bias"),
+        quantizable={"W0": False},
     ),
 }
 

@@ -75,7 +75,7 @@ def test_the_written_cache_is_what_auto_reads(monkeypatch, tmp_path):
     """The GPU branch of main, with the GPU and the checks faked: it writes the cache auto reads."""
     monkeypatch.setenv("CERSA_KERNELS_CACHE", str(tmp_path))
     monkeypatch.setattr(doctor, "environment", lambda: {"gpu": "GPU X", "arch": "sm_90", "torch": torch.__version__})
-    monkeypatch.setattr(doctor, "run_checks", lambda device, shapes, reps: [
+    monkeypatch.setattr(doctor, "run_checks", lambda device, shapes, reps, on_result=None: [
         result("lowrank", "triton", "bfloat16", True, 1.0, 2.0)])
     assert doctor.main() == 0
     doc = json.loads(backends.verified_cache_path("GPU X", "sm_90").read_text())

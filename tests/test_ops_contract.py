@@ -2,18 +2,23 @@
 `torch.library.opcheck` on every custom op a call runs (forward, backward and helpers such as
 SNELL's threshold), float64 gradcheck on the reference, `torch.compile(fullgraph=True)` forward +
 backward without a graph break, and the exact bytes autograd saves (each op's count is its
-registry entry's `saved`). Adding an op adds one OPS entry and these tests cover it."""
+registry entry's `saved`). Adding an op adds one OPS entry and these tests cover it; its quantized
+variants (`OpCase.quant_variants`: frozen operands as QuantizedTensors, run by the `<op>_q_*` ops)
+are covered the same way, and must save exactly the dense op's activations."""
 import pytest
 import torch
 from torch._dynamo.utils import counters
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from cersa_kernels.backends import use_backend
+from cersa_kernels.quant import QuantizedTensor
 
 from op_harness import OPS, grads_present, run, saved_bytes
 
 BACKENDS = ["torch", "triton"]
-CASES = [pytest.param(op, variant, id=f"{op}{'-' + variant if variant else ''}") for op in OPS for variant in OPS[op].variants]
+CASES = [
+    pytest.param(op, variant, id=f"{op}{'-' + variant if variant else ''}") for op in OPS for variant in OPS[op].all_variants()
+]
 
 
 class CersaCalls(TorchDispatchMode):
@@ -103,7 +108,7 @@ def test_saved_bytes_are_exactly_the_declared_activations(op, variant, backend, 
     T, n = 74, 130
     inputs = case.draw(T, n, 77, 8, dtype, variant=variant)
     x = inputs["x"].reshape(2, T // 2, n).requires_grad_()
-    weights = {k: v for k, v in inputs.items() if k != "x" and isinstance(v, torch.Tensor)}
+    weights = {k: v for k, v in inputs.items() if k != "x" and isinstance(v, (torch.Tensor, QuantizedTensor))}
     for k in case.grads:
         if k != "x" and weights.get(k) is not None:
             weights[k].requires_grad_()

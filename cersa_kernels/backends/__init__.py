@@ -21,6 +21,12 @@ reason; nothing falls back silently.
 
 Kernels are found by name: backend `torch` runs `cersa_kernels.reference.<module>.<op>`, `triton`
 runs `cersa_kernels.triton.<module>.<op>_triton`, `cuda` runs `cersa_kernels.backends.cuda.<op>_cuda`.
+
+Quantized operands (`quant.QuantizedTensor`) come through the ops `<op>_q_fwd` / `<op>_q_bwd`, which
+run the same kernels as `<op>_fwd` / `<op>_bwd`: `torch` dequantizes them; `triton` serves a format
+once the op's Triton module lists it in `QUANTIZED_FORMATS` (its launchers read that format); `cuda`
+reads dense operands only. `auto` reads the tables under the `_q_` names, which hold no entry until a
+quantized kernel is verified on a GPU, so it runs `torch` for them.
 """
 from __future__ import annotations
 
@@ -34,8 +40,8 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import torch
-from torch import Tensor
 
+from .. import quant
 from ..triton import triton_interpreting
 from . import cuda
 
@@ -50,6 +56,7 @@ __all__ = [
     "triton_interpreting",
     "device_arch",
     "verified_cache_path",
+    "plain_op",
 ]
 
 BACKENDS = ("torch", "triton", "cuda")
@@ -90,7 +97,14 @@ def _triton_import_error() -> str | None:
     return None
 
 
+def plain_op(op: str) -> str:
+    """The op whose kernels `op` runs: lowrank_q_fwd -> lowrank_fwd (a quantized op reuses them)."""
+    base, _, direction = op.rpartition("_")
+    return f"{base[:-2]}_{direction}" if base.endswith("_q") and direction in ("fwd", "bwd") else op
+
+
 def _kernel_location(backend: str, op: str) -> tuple[str, str]:
+    op = plain_op(op)
     module = op.rsplit("_", 1)[0]  # lowrank_fwd -> lowrank
     if backend == "torch":
         return f"cersa_kernels.reference.{module}", op
@@ -109,8 +123,20 @@ def _load_kernel(backend: str, op: str) -> Callable | None:
     return getattr(module, attr, None)
 
 
-def unavailable_reasons(backend: str, op: str, tensors: Sequence[Tensor]) -> list[str]:
-    """Every reason `backend` cannot run `op` on these tensors; empty when it can."""
+def _quantized_formats(backend: str, op: str) -> tuple[str, ...]:
+    """The formats `backend`'s kernels for `op` read in place (the Triton module's QUANTIZED_FORMATS)."""
+    if backend != "triton":
+        return ()
+    module_name, _ = _kernel_location(backend, op)
+    try:
+        return tuple(getattr(importlib.import_module(module_name), "QUANTIZED_FORMATS", ()))
+    except ModuleNotFoundError:
+        return ()
+
+
+def unavailable_reasons(backend: str, op: str, tensors: Sequence) -> list[str]:
+    """Every reason `backend` cannot run `op` on these operands (tensors or QuantizedTensors);
+    empty when it can."""
     reasons: list[str] = []
     devices = sorted({t.device.type for t in tensors})
     dtypes = sorted({str(t.dtype).replace("torch.", "") for t in tensors})
@@ -130,8 +156,16 @@ def unavailable_reasons(backend: str, op: str, tensors: Sequence[Tensor]) -> lis
             reasons.append(f"dtype {'/'.join(bad)} is not supported (float16, bfloat16, float32)")
         if triton_interpreting() and devices == ["cpu"] and "bfloat16" in dtypes:
             reasons.append("bfloat16 tl.dot is wrong under the Triton interpreter; test bfloat16 on a GPU")
+        formats = sorted({t.format for t in tensors if quant.is_quantized(t)})
+        if formats and not err:
+            unread = [f for f in formats if f not in _quantized_formats(backend, op)]
+            if unread:
+                reasons.append(
+                    f"quantized {'/'.join(unread)} operands: the Triton kernels of {plain_op(op)} do not read them "
+                    f"yet (no such format in {_kernel_location(backend, op)[0]}.QUANTIZED_FORMATS)"
+                )
     elif backend == "cuda":
-        reasons.extend(cuda.unavailable_reasons(op, tensors))
+        reasons.extend(cuda.unavailable_reasons(plain_op(op), tensors))
     if not reasons and _load_kernel(backend, op) is None:
         module_name, attr = _kernel_location(backend, op)
         reasons.append(f"backend {backend} has no kernel for {op} ({module_name}.{attr} is missing)")
@@ -170,9 +204,9 @@ def _user_table(device_name: str, arch: str) -> dict:
         return {}
 
 
-def _auto_candidates(op: str, tensors: Sequence[Tensor]) -> list[str]:
+def _auto_candidates(op: str, tensors: Sequence) -> list[str]:
     """[backend verified and faster for this op, arch and dtype, 'torch'], or ['torch']."""
-    if not all(t.is_cuda for t in tensors):
+    if not all(t.device.type == "cuda" for t in tensors):
         return ["torch"]
     device = tensors[0].device
     dtype = str(tensors[0].dtype).replace("torch.", "")
@@ -184,7 +218,7 @@ def _auto_candidates(op: str, tensors: Sequence[Tensor]) -> list[str]:
     return ["torch"]
 
 
-def select_backend(op: str, tensors: Sequence[Tensor]) -> str:
+def select_backend(op: str, tensors: Sequence) -> str:
     """The backend that runs `op` for these tensors, honouring the request; raises if it cannot."""
     name = requested_backend()
     if name == "auto":
@@ -199,7 +233,7 @@ def select_backend(op: str, tensors: Sequence[Tensor]) -> str:
     return name
 
 
-def kernel_for(op: str, tensors: Sequence[Tensor]) -> Callable:
+def kernel_for(op: str, tensors: Sequence) -> Callable:
     """The kernel function of the selected backend for `op` (see the module docstring)."""
     backend = select_backend(op, tensors)
     kernel = _load_kernel(backend, op)

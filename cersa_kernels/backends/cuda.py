@@ -7,6 +7,7 @@ Kernels (same contracts as cersa_kernels.reference):
 - `lowrank_fwd_cuda(x, V, S, U, bias) -> (y, h)`, `lowrank_bwd_cuda(dy, h, V, S, U, need_dx) -> (dx, dS)`
 - `snell_delta_cuda(A, B, coeffs, tau) -> ΔW_s` (m, n)
 Nothing here touches CUDA or imports `_cuda` until a kernel is called or a reason is asked for.
+The kernels read dense operands only: a quantized operand (`quant.QuantizedTensor`) is refused.
 """
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
+
+from .. import quant
 
 __all__ = ["lowrank_fwd_cuda", "lowrank_bwd_cuda", "snell_delta_cuda", "unavailable_reasons", "build_info"]
 
@@ -52,9 +55,14 @@ def build_info() -> dict:
     return module.build_info()
 
 
-def unavailable_reasons(op: str, tensors: Sequence[Tensor]) -> list[str]:
-    """Every reason the cuda backend cannot run `op` on these tensors; empty when it can."""
+def unavailable_reasons(op: str, tensors: Sequence) -> list[str]:
+    """Every reason the cuda backend cannot run `op` on these operands; empty when it can."""
     reasons = []
+    quantized = [t for t in tensors if quant.is_quantized(t)]
+    if quantized:
+        formats = "/".join(sorted({t.format for t in quantized}))
+        reasons.append(f"quantized {formats} operands: the cuda backend's kernels read dense operands only")
+        tensors = [t for t in tensors if not quant.is_quantized(t)]
     module, error = _load()
     if module is None:
         reasons.append(error)

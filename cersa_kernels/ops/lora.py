@@ -37,6 +37,7 @@ LORA = define_op_pair(
     ),
     # the seed is kept only when there is a mask to regenerate
     save_when={"seed": lambda constants: constants["dropout_p"] > 0},
+    quantizable=("W",),
 )
 
 
@@ -54,11 +55,11 @@ def lora_linear(
 ) -> Tensor:
     """`y = x Wᵀ + bias + scale·(drop(x) Aᵀ) Bᵀ`: x (..., n), W (m, n), A (r, n), B (m, r) -> (..., m).
 
-    W is frozen; gradients flow to x, A, B and bias. Only x and x·Aᵀ (T×r) are saved. With
+    W is frozen and may be a `quant.QuantizedTensor`; gradients flow to x, A, B and bias. Only x and x·Aᵀ (T×r) are saved. With
     dropout_p > 0 a `seed` (int or int64 scalar tensor, best kept on the CPU) is required: the same
     seed gives the same mask, and the backward regenerates it. `layer` names the caller in errors.
     """
-    check_tensors(layer, x=x, W=W, A=A, B=B, bias=bias)
+    check_tensors(layer, LORA.quantizable, x=x, W=W, A=A, B=B, bias=bias)
     if W.dim() != 2 or A.dim() != 2 or B.dim() != 2:
         raise ValueError(
             f"{layer}: W, A and B must be 2-D, got W {tuple(W.shape)}, A {tuple(A.shape)}, B {tuple(B.shape)}"
@@ -82,5 +83,5 @@ def lora_linear(
     # A CPU scalar whatever x's device: the kernels read it as a Python int (no GPU sync).
     seed = torch.zeros((), dtype=torch.int64) if seed is None else check_seed(seed, layer)
     x2, lead = flatten_tokens(x)
-    y, _ = LORA.forward(x2, W, bias, A, B, float(scale), dropout_p, seed)
+    y, _ = LORA(x2, W, bias, A, B, float(scale), dropout_p, seed, layer=layer)
     return y.reshape(*lead, m)

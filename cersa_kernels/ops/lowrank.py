@@ -26,6 +26,7 @@ LOWRANK = define_op_pair(
     fake_backward=lambda dy, h, V, S, U, need_dx: (
         dy.new_empty((dy.shape[0] if need_dx else 0, V.shape[0])), S.new_empty(S.shape)
     ),
+    quantizable=("V", "U"),
 )
 
 
@@ -34,11 +35,12 @@ def lowrank_linear(
 ) -> Tensor:
     """`y = x V Sᵀ Uᵀ + bias`: x (..., n), V (n, k), S (k, k), U (m, k), bias (m,) -> y (..., m).
 
-    U and V are frozen (no gradient flows to them); gradients flow to x, S and bias. Only h = x V
+    U and V are frozen (no gradient flows to them) and may be `quant.QuantizedTensor`s (e.g. `Vt_q.T`
+    for a Vᵀ stored quantized); gradients flow to x, S and bias. Only h = x V
     (T×k) is saved for backward. S may be kept in a wider dtype than x (an fp32 master copy): it is
     cast for the matmuls and dS comes back in S's dtype. `layer` names the caller in errors.
     """
-    check_tensors(layer, x=x, V=V, S=S, U=U, bias=bias)
+    check_tensors(layer, LOWRANK.quantizable, x=x, V=V, S=S, U=U, bias=bias)
     if V.dim() != 2 or U.dim() != 2:
         raise ValueError(f"{layer}: U and V must be 2-D, got U {tuple(U.shape)} and V {tuple(V.shape)}")
     n, k = V.shape
@@ -54,5 +56,5 @@ def lowrank_linear(
     check_same_device({"x": x, "V": V, "S": S, "U": U, "bias": bias}, layer)
     check_frozen(layer, U=U, V=V)
     x2, lead = flatten_tokens(x)
-    y, _ = LOWRANK.forward(x2, V, S, U, bias)
+    y, _ = LOWRANK(x2, V, S, U, bias, layer=layer)
     return y.reshape(*lead, m)

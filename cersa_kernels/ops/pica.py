@@ -27,6 +27,7 @@ PICA = define_op_pair(
     fake_backward=lambda dy, h, W, P, M, need_dx: (
         dy.new_empty((dy.shape[0] if need_dx else 0, W.shape[1])), M.new_empty(M.shape)
     ),
+    quantizable=("W",),
 )
 
 
@@ -35,10 +36,10 @@ def pica_linear(
 ) -> Tensor:
     """`y = x Wᵀ + bias + (x Pᵀ) Mᵀ`: x (..., n), W (m, n), P (r, n), M (m, r) -> y (..., m).
 
-    W and P are frozen; gradients flow to x, M and bias. Only h = x Pᵀ (T×r) is saved. M may be
+    W and P are frozen, and W may be a `quant.QuantizedTensor`; gradients flow to x, M and bias. Only h = x Pᵀ (T×r) is saved. M may be
     kept in a wider dtype than x (fp32 master); dM comes back in M's dtype.
     """
-    check_tensors(layer, x=x, W=W, P=P, M=M, bias=bias)
+    check_tensors(layer, PICA.quantizable, x=x, W=W, P=P, M=M, bias=bias)
     if W.dim() != 2 or P.dim() != 2 or M.dim() != 2:
         raise ValueError(
             f"{layer}: W, P and M must be 2-D, got W {tuple(W.shape)}, P {tuple(P.shape)}, M {tuple(M.shape)}"
@@ -56,5 +57,5 @@ def pica_linear(
     check_same_device({"x": x, "W": W, "P": P, "M": M, "bias": bias}, layer)
     check_frozen(layer, W=W, P=P)
     x2, lead = flatten_tokens(x)
-    y, _ = PICA.forward(x2, W, bias, P, M)
+    y, _ = PICA(x2, W, bias, P, M, layer=layer)
     return y.reshape(*lead, m)

@@ -30,6 +30,7 @@ PICA_LOWRANK = define_op_pair(
     fake_backward=lambda dy, h, V, S, U, M, need_dx: (
         dy.new_empty((dy.shape[0] if need_dx else 0, V.shape[0])), S.new_empty(S.shape), M.new_empty(M.shape)
     ),
+    quantizable=("V", "U"),
 )
 
 
@@ -39,10 +40,11 @@ def pica_lowrank_linear(
 ) -> Tensor:
     """`y = x V Sᵀ Uᵀ + (x V[:, :r]) Mᵀ + bias`: CERSA with a PiCa branch that reuses h = x V.
 
-    x (..., n), V (n, k), S (k, k), U (m, k), M (m, r) with r ≤ k -> y (..., m). U, V frozen;
+    x (..., n), V (n, k), S (k, k), U (m, k), M (m, r) with r ≤ k -> y (..., m). U, V frozen (either
+    may be a `quant.QuantizedTensor`);
     gradients flow to x, S, M and bias. Only h = x V (T×k) is saved.
     """
-    check_tensors(layer, x=x, V=V, S=S, U=U, M=M, bias=bias)
+    check_tensors(layer, PICA_LOWRANK.quantizable, x=x, V=V, S=S, U=U, M=M, bias=bias)
     if V.dim() != 2 or U.dim() != 2 or M.dim() != 2:
         raise ValueError(
             f"{layer}: U, V and M must be 2-D, got U {tuple(U.shape)}, V {tuple(V.shape)}, M {tuple(M.shape)}"
@@ -62,5 +64,5 @@ def pica_lowrank_linear(
     check_same_device({"x": x, "V": V, "S": S, "U": U, "M": M, "bias": bias}, layer)
     check_frozen(layer, U=U, V=V)
     x2, lead = flatten_tokens(x)
-    y, _ = PICA_LOWRANK.forward(x2, V, S, U, M, bias)
+    y, _ = PICA_LOWRANK(x2, V, S, U, M, bias, layer=layer)
     return y.reshape(*lead, m)

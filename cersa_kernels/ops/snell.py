@@ -58,6 +58,7 @@ SNELL = define_op_pair(
     fake_backward=lambda dy, x, W0, A, B, coeffs, tau, need_dx: (
         dy.new_empty((dy.shape[0] if need_dx else 0, x.shape[1])), A.new_empty(A.shape), B.new_empty(B.shape)
     ),
+    quantizable=("W0",),
 )
 
 
@@ -126,8 +127,9 @@ def snell_linear(
     """`y = x (W0 + ΔW_s)ᵀ + bias`, x (..., n) -> y (..., m), with W0 (m, n) frozen, A (H, n, d_h),
     B (H, m, d_h), K[i, j] = Σ_h coeffs[h]·‖B[h, i] − A[h, j]‖, τ = the s-quantile of |K| and
     ΔW_s = K ⊙ sg(|K|) ⊙ 1[|K| > τ], or ΔW = K for sparsity 0 (docs/methods.md §4). Gradients flow to x, A, B and bias. Autograd keeps
-    x and τ only; `layer` names the caller in error messages."""
-    check_tensors(layer, x=x, W0=W0, bias=bias)
+    x and τ only; `layer` names the caller in error messages. W0 may be a `quant.QuantizedTensor`
+    (the torch backend dequantizes it; the Triton and CUDA kernels refuse it)."""
+    check_tensors(layer, SNELL.quantizable, x=x, W0=W0, bias=bias)
     if W0.dim() != 2:
         raise ValueError(f"{layer}: W0 must be 2-D (out_features, in_features), got {tuple(W0.shape)}")
     m, n = W0.shape
@@ -145,5 +147,5 @@ def snell_linear(
     coeffs = [float(c) for c in coeffs]
     tau = _THRESHOLD(A.detach(), B.detach(), coeffs, float(sparsity))
     x2, lead = flatten_tokens(x)
-    y = SNELL.forward(x2, W0, bias, A, B, coeffs, tau)
+    y = SNELL(x2, W0, bias, A, B, coeffs, tau, layer=layer)
     return y.reshape(*lead, m)

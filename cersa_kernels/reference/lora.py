@@ -1,6 +1,7 @@
 """Reference for the LoRA op (docs/methods.md §5), plain eager PyTorch, with reproducible dropout.
 
 Shapes: x (T, n), W (m, n) frozen, bias (m,) or None, A (r, n), B (m, r); dy (T, m), xa (T, r).
+W may be a `quant.QuantizedTensor`, dequantized (`quant.dense`) inside the product that reads it.
 `y = x Wᵀ + b + s·(drop(x) Aᵀ) Bᵀ`, with drop(x) = x ⊙ keep / (1 − p).
 
 Dropout is counter-based: keep[t, j] = hash32(lo32(t·n + j) ^ hash32(seed)) >> 8 ≥ round(p·2²⁴).
@@ -14,6 +15,8 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+
+from ..quant import dense
 
 _MASK32 = 0xFFFFFFFF
 
@@ -54,7 +57,7 @@ def lora_fwd(
 ) -> tuple[Tensor, Tensor]:
     """y = x Wᵀ + b + s·xa Bᵀ with xa = drop(x) Aᵀ. Returns y (T, m) and xa (T, r)."""
     xa = _dropped(x, dropout_p, seed) @ A.T
-    y = x @ W.T + (xa @ B.T) * scale
+    y = x @ dense(W).T + (xa @ B.T) * scale  # the dense W is a temporary, freed after its product
     if bias is not None:
         y = y + bias
     return y, xa
@@ -70,7 +73,7 @@ def lora_bwd(
     dB = (dy.T @ xa) * scale
     dA = g.T @ _dropped(x, dropout_p, seed)
     if need_dx:
-        dx = dy @ W + _dropped(g @ A, dropout_p, seed)  # dropout's backward is the same mask and scale
+        dx = dy @ dense(W) + _dropped(g @ A, dropout_p, seed)  # dropout's backward is the same mask and scale
     else:
         dx = dy.new_empty((0, W.shape[1]))
     return dx, dA, dB

@@ -4,6 +4,7 @@ is the CERSA basis itself, so the branch reuses h = x V_k.
 Shapes: x (T, n), V (n, k), S (k, k), U (m, k), M (m, r) with r ≤ k, bias (m,); dy (T, m), h (T, k).
     y  = h Sᵀ Uᵀ + h[:, :r] Mᵀ + b
     dS = (dy U)ᵀ h,  dM = dyᵀ h[:, :r],  dx = (dy U) S Vᵀ + (dy M) V[:, :r]ᵀ
+U and V may be `quant.QuantizedTensor`s (dequantized one at a time, see reference/lowrank.py).
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Optional
 
 from torch import Tensor
 
+from ..quant import dense
 from .lowrank import lowrank_bwd, lowrank_fwd
 
 
@@ -31,5 +33,7 @@ def pica_lowrank_bwd(
     dx, dS = lowrank_bwd(dy, h, V, S, U, need_dx)
     dM = (dy.T @ h[:, :r]).to(M.dtype)
     if need_dx:
-        dx = dx + (dy @ M.to(dy.dtype)) @ V[:, :r].T
+        # a quantized V is dequantized a second time here (O(n·k), against the O(T·n·k) products)
+        # rather than kept dense across lowrank_bwd, where U's transient would then coexist with it
+        dx = dx + (dy @ M.to(dy.dtype)) @ dense(V)[:, :r].T
     return dx, dS, dM

@@ -5,7 +5,8 @@ G = dyᵀx) every call, exactly like the published method. The Triton backend co
 quantities tile by tile without any m×n buffer.
 
 Shapes: x (T, n), W0 (m, n), bias (m,) or None, A (H, n, d_h), B (H, m, d_h), coeffs H floats,
-tau a 0-d tensor (the threshold); dy (T, m).
+tau a 0-d tensor (the threshold); dy (T, m). W0 may be a `quant.QuantizedTensor`, dequantized
+(`quant.dense`) where it is added to ΔW_s (this path forms m×n matrices anyway).
 K[i, j] = Σ_h c_h ‖B[h, i] − A[h, j]‖₂ in float32 (float64 for float64 inputs).
 
 Numerics (the same choices as the Triton and CUDA kernels, so the backends agree):
@@ -26,6 +27,8 @@ from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
+
+from ..quant import dense
 
 __all__ = [
     "compute_dtype",
@@ -118,7 +121,7 @@ def snell_fwd(
 ) -> Tensor:
     """y (T, m) = x (W0 + ΔW_s)ᵀ + b. W0 + ΔW_s is summed in the compute dtype, then cast to x's dtype."""
     delta = _sparse_delta(A, B, coeffs, tau)[0]
-    W = (W0.to(delta.dtype) + delta).to(x.dtype)
+    W = (dense(W0, delta.dtype) + delta).to(x.dtype)
     y = x @ W.T
     return y if bias is None else y + bias
 
@@ -132,7 +135,7 @@ def snell_bwd(
     delta, D, mag = _sparse_delta(A, B, coeffs, tau)
     cd = delta.dtype
     if need_dx:
-        dx = dy @ (W0.to(cd) + delta).to(dy.dtype)
+        dx = dy @ (dense(W0, cd) + delta).to(dy.dtype)
     else:
         dx = dy.new_empty((0, x.shape[1]))
     Gp = (dy.to(cd).T @ x.to(cd)) * mag

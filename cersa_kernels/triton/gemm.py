@@ -8,18 +8,22 @@ constexpr so an unused one costs nothing:
   e.g. y = x·W0ᵀ + b then y += h·Mᵀ with R = C in place);
 - counter-based dropout on the A operand, the B operand, or the product, with the mask regenerated
   from (seed, element index) so a backward pass recomputes it instead of saving it (see
-  `cersa_kernels.reference.lora.dropout_keep`, whose integer hash `_hash32` mirrors exactly).
+  `cersa_kernels.reference.lora.dropout_keep`, whose integer hash `_hash32` mirrors exactly);
+- a quantized operand (`cersa_kernels.quant.QuantizedTensor`, int8 or NF4, on A and/or B): its tiles
+  are dequantized as they load (codes, group scales, the NF4 code table), so no dense copy of the
+  operand exists (docs/kernels.md, "The dequantizing GEMM").
 """
 from __future__ import annotations
 
 import functools
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..quant import QuantizedTensor, code_table
 from . import triton_interpreting
 
 # Where the dropout mask applies (DROP constexpr).
@@ -50,6 +54,51 @@ def _keep(rows, cols, n_cols, drop_key, drop_thresh):
     return (_hash32(idx ^ drop_key) >> 8) >= drop_thresh
 
 
+# Operand storage formats (A_FMT / B_FMT constexprs): dense tensor, int8 codes, packed NF4 codes.
+FMT_DENSE, FMT_INT8, FMT_NF4 = 0, 1, 2
+_FORMAT_CODE = {"int8": FMT_INT8, "nf4": FMT_NF4}
+# The formats every launcher built on `_gemm` reads in place (backends look for QUANTIZED_FORMATS).
+QUANTIZED_FORMATS = tuple(_FORMAT_CODE)
+_DOT_DTYPE_NAME = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+@triton.jit
+def _load_operand(
+    ptr, scale_ptr, code_ptr, rows, cols, stride_r, stride_c, mask,
+    groups_per_row, FMT: tl.constexpr, STORED_T: tl.constexpr, GROUP: tl.constexpr, DOT_DTYPE: tl.constexpr,
+):
+    """The (len(rows), len(cols)) tile of a logical operand at [rows, cols], 0 outside `mask`.
+
+    Dense: a plain load (the code of the dense GEMM, unchanged). Quantized: stride_r, stride_c map a
+    logical index to the flat index of the row-major stored matrix (the logical matrix is the stored
+    one, or its transpose when STORED_T), the codes are loaded and dequantized exactly as
+    `QuantizedTensor.dequantize` does (in fp32: int8 · (absmax / 127), NF4_CODE[nibble] · absmax,
+    absmax of group `stored_row · groups_per_row + stored_col // GROUP`), then cast to DOT_DTYPE."""
+    if FMT == 0:
+        tile = tl.load(ptr + rows[:, None] * stride_r + cols[None, :] * stride_c, mask=mask, other=0.0)
+    else:
+        flat = rows[:, None] * stride_r + cols[None, :] * stride_c
+        if STORED_T:
+            group = cols[None, :] * groups_per_row + rows[:, None] // GROUP
+        else:
+            group = rows[:, None] * groups_per_row + cols[None, :] // GROUP
+        absmax = tl.load(scale_ptr + group, mask=mask, other=0.0)
+        if FMT == 1:
+            codes = tl.load(ptr + flat, mask=mask, other=0)
+            tile = codes.to(tl.float32) * (absmax / 127.0)
+        else:
+            # two codes per byte, the element of even flat index in the high nibble
+            byte = tl.load(ptr + (flat >> 1), mask=mask, other=0)
+            nibble = tl.where((flat & 1) == 0, byte >> 4, byte & 15)
+            # int64 offsets, as everywhere (the table has 16 entries; an L1-resident gather)
+            tile = tl.load(code_ptr + nibble.to(tl.int64), mask=mask, other=0.0) * absmax
+        if DOT_DTYPE == "fp16":
+            tile = tile.to(tl.float16)
+        elif DOT_DTYPE == "bf16":
+            tile = tile.to(tl.bfloat16)
+    return tile
+
+
 # Arguments whose value changes from call to call and must not pick a new compiled kernel: the
 # dropout key (a hash of the seed: a new one every step) and threshold, and the autotune buckets
 # (read by the autotuner on the host only). Annotated i64 as well, so that their integer type does
@@ -59,15 +108,21 @@ _UNSPECIALISED = ["drop_key", "drop_thresh", "TUNE_M", "TUNE_N", "TUNE_K"]
 
 @triton.jit(do_not_specialize=_UNSPECIALISED)
 def _gemm_kernel(
-    a_ptr, b_ptr, c_ptr, bias_ptr, r_ptr,
+    a_ptr, b_ptr, c_ptr, bias_ptr, r_ptr, a_scale_ptr, b_scale_ptr, code_ptr,
     M, N, K, K_PER_SPLIT,
     stride_am, stride_ak, stride_bk, stride_bn, stride_cs, stride_cm, stride_cn, stride_rm, stride_rn, stride_bias,
+    a_groups_per_row, b_groups_per_row,
     drop_key: tl.int64, drop_thresh: tl.int64, drop_cols, drop_scale,
     TUNE_M: tl.int64, TUNE_N: tl.int64, TUNE_K: tl.int64,
     HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, DROP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    A_FMT: tl.constexpr, A_STORED_T: tl.constexpr, A_GROUP: tl.constexpr,
+    B_FMT: tl.constexpr, B_STORED_T: tl.constexpr, B_GROUP: tl.constexpr, DOT_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """C[s] = A[:, Ks] @ B[Ks, :] (+ bias) (+ R) for the s-th slice Ks of the reduction dimension."""
+    """C[s] = A[:, Ks] @ B[Ks, :] (+ bias) (+ R) for the s-th slice Ks of the reduction dimension.
+
+    A quantized operand (X_FMT != 0) passes its codes as x_ptr, its absmax as x_scale_ptr, the
+    logical→flat-stored strides as its strides; code_ptr is the NF4 code table (16 fp32)."""
     pid = tl.program_id(0)
     split = tl.program_id(1)
     num_m = tl.cdiv(M, BLOCK_M)
@@ -87,13 +142,13 @@ def _gemm_kernel(
     for k0 in range(k_begin, k_end, BLOCK_K):
         offs_k = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
         in_k = offs_k < k_end
-        a = tl.load(
-            a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak,
-            mask=(offs_m[:, None] < M) & in_k[None, :], other=0.0,
+        a = _load_operand(
+            a_ptr, a_scale_ptr, code_ptr, offs_m, offs_k, stride_am, stride_ak,
+            (offs_m[:, None] < M) & in_k[None, :], a_groups_per_row, A_FMT, A_STORED_T, A_GROUP, DOT_DTYPE,
         )
-        b = tl.load(
-            b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn,
-            mask=in_k[:, None] & (offs_n[None, :] < N), other=0.0,
+        b = _load_operand(
+            b_ptr, b_scale_ptr, code_ptr, offs_k, offs_n, stride_bk, stride_bn,
+            in_k[:, None] & (offs_n[None, :] < N), b_groups_per_row, B_FMT, B_STORED_T, B_GROUP, DOT_DTYPE,
         )
         if DROP == 1:  # A is the dropped matrix itself: rows offs_m, columns offs_k
             a = tl.where(_keep(offs_m, offs_k, drop_cols, drop_key, drop_thresh), a, 0.0)
@@ -136,7 +191,11 @@ _GPU_CONFIGS = [
 ]
 
 
-AUTOTUNE_KEY = ["TUNE_M", "TUNE_N", "TUNE_K", "HAS_RESIDUAL", "DROP", "DOT_PRECISION"]
+# Launches with a quantized operand (A_FMT or B_FMT != 0): their tiles are loaded element-wise and
+# dequantized in registers before tl.dot, which changes register pressure (see docs/kernels.md).
+_QUANT_GPU_CONFIGS = _GPU_CONFIGS
+
+AUTOTUNE_KEY = ["TUNE_M", "TUNE_N", "TUNE_K", "HAS_RESIDUAL", "DROP", "DOT_PRECISION", "A_FMT", "B_FMT"]
 
 
 def tune_bucket(size: int) -> int:
@@ -152,11 +211,12 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
-@functools.lru_cache(maxsize=1)
-def _tuned_kernel():
+@functools.lru_cache(maxsize=2)
+def _tuned_kernel(quantized: bool):
+    """The autotuned GEMM; launches with a quantized operand tune over their own configs."""
     # restore_value: when C is written in place over its residual, tuning trials must not compound
     return triton.autotune(
-        configs=_GPU_CONFIGS, key=AUTOTUNE_KEY, restore_value=["c_ptr"]
+        configs=_QUANT_GPU_CONFIGS if quantized else _GPU_CONFIGS, key=AUTOTUNE_KEY, restore_value=["c_ptr"]
     )(_gemm_kernel)
 
 
@@ -177,9 +237,38 @@ def reduction_split(T: int, rows: int, cols: int, device: torch.device) -> int:
     return max(1, min(by_occupancy, triton.cdiv(T, _MIN_ROWS_PER_SPLIT)))
 
 
+class _Operand(NamedTuple):
+    """How the kernel reads one logical 2-D operand (see `_load_operand`)."""
+
+    ptr: Tensor  # the tensor, or a QuantizedTensor's codes
+    scale: Tensor  # a QuantizedTensor's absmax (the tensor itself when dense: never read)
+    stride0: int
+    stride1: int
+    groups_per_row: int
+    fmt: int
+    stored_t: bool
+    group: int
+
+
+def _operand(t) -> _Operand:
+    """A tensor is read through its strides; a QuantizedTensor through its codes and absmax, with
+    logical→flat-stored strides (its logical (i, j) is stored (i, j), or (j, i) when transposed)."""
+    if not isinstance(t, QuantizedTensor):
+        return _Operand(t, t, t.stride(0), t.stride(1), 1, FMT_DENSE, False, 1)
+    cols = t.stored_shape[1]
+    strides = (1, cols) if t.transposed else (cols, 1)
+    return _Operand(t.data, t.absmax, *strides, t.groups_per_row, _FORMAT_CODE[t.format], t.transposed, t.group_size)
+
+
+@functools.lru_cache(maxsize=None)
+def _nf4_code_table(device: torch.device) -> Tensor:
+    """The 16 NF4 code values on `device`, made once per device (not per call)."""
+    return code_table(device)
+
+
 def _gemm(
-    a: Tensor,
-    b: Tensor,
+    a,
+    b,
     out_dtype: torch.dtype,
     bias: Optional[Tensor] = None,
     split: int = 1,
@@ -189,12 +278,16 @@ def _gemm(
 ) -> Tensor:
     """a (M, K) @ b (K, N) (+ bias (N,)) (+ residual (M, N)) -> (M, N) in out_dtype.
 
-    split > 1 cuts the reduction over K into `split` slices run by separate programs into fp32
-    partials, then summed. `out` (M, N) may be given to write in place (it may be `residual`).
-    dropout = (where ∈ DROP_A/B/C, key, threshold, columns of the dropped matrix, 1/(1-p)).
+    a and b are tensors or `QuantizedTensor`s (dequantized tile by tile inside the kernel; the
+    product is computed in the dtype of the dense operand, or a's dtype if both are quantized).
+    b may have more than K rows: only its first K are read (a leading block of a frozen operand,
+    with no copy). split > 1 cuts the reduction over K into `split` slices run by separate programs
+    into fp32 partials, then summed. `out` (M, N) may be given to write in place (it may be
+    `residual`). dropout = (where ∈ DROP_A/B/C, key, threshold, columns of the dropped matrix, 1/(1-p)).
     """
     M, K = a.shape
     N = b.shape[1]
+    assert b.shape[0] >= K, f"a is {tuple(a.shape)}, b is {tuple(b.shape)}"
     rows_per_split = triton.cdiv(triton.cdiv(max(K, 1), split), 64) * 64  # whole BLOCK_K steps
     split = triton.cdiv(max(K, 1), rows_per_split)
     assert (bias is None and residual is None and out is None) or split == 1, "epilogues run once per slice"
@@ -212,18 +305,27 @@ def _gemm(
         assert out.shape == (M, N) and out.dtype == out_dtype
         buf = out.unsqueeze(0)
     where, key, thresh, cols, scale = dropout if dropout is not None else (DROP_NONE, 0, 0, 1, 1.0)
-    r = residual if residual is not None else a
+    A, B = _operand(a), _operand(b)
+    dense = [t for t in (a, b) if not isinstance(t, QuantizedTensor)]
+    dot_dtype = (dense[0] if dense else a).dtype
+    # unused pointer arguments are given a tensor already passed, so a dense launch has the
+    # pointer types (and compiled code) it had before quantized operands existed
+    code = _nf4_code_table(a.device) if FMT_NF4 in (A.fmt, B.fmt) else A.ptr
+    r = residual if residual is not None else A.ptr
     args = (
-        a, b, buf, bias if bias is not None else a, r,
+        A.ptr, B.ptr, buf, bias if bias is not None else A.ptr, r, A.scale, B.scale, code,
         M, N, K, rows_per_split,
-        a.stride(0), a.stride(1), b.stride(0), b.stride(1), *buf.stride(),
+        A.stride0, A.stride1, B.stride0, B.stride1, *buf.stride(),
         r.stride(0), r.stride(-1), bias.stride(0) if bias is not None else 0,
+        A.groups_per_row, B.groups_per_row,
         key, thresh, cols, scale,
         tune_bucket(M), tune_bucket(N), tune_bucket(rows_per_split),
     )
     meta = dict(
         HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, DROP=where,
-        DOT_PRECISION=dot_precision(a.dtype),
+        DOT_PRECISION=dot_precision(dot_dtype),
+        A_FMT=A.fmt, A_STORED_T=A.stored_t, A_GROUP=A.group,
+        B_FMT=B.fmt, B_STORED_T=B.stored_t, B_GROUP=B.group, DOT_DTYPE=_DOT_DTYPE_NAME[dot_dtype],
     )
     if triton_interpreting():
         grid = (triton.cdiv(M, 64) * triton.cdiv(N, 64), split)
@@ -232,5 +334,5 @@ def _gemm(
         def grid(cfg):
             return (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]), split)
 
-        _tuned_kernel()[grid](*args, **meta)
+        _tuned_kernel(A.fmt != FMT_DENSE or B.fmt != FMT_DENSE)[grid](*args, **meta)
     return buf[0] if split == 1 else buf.sum(0).to(out_dtype)

@@ -18,7 +18,7 @@ from typing import Optional
 from torch import Tensor
 
 from ..reference.lora import dropout_params
-from .gemm import DROP_A, DROP_B, DROP_C, _gemm, reduction_split
+from .gemm import QUANTIZED_FORMATS, DROP_A, DROP_B, DROP_C, _gemm, reduction_split  # noqa: F401 (QUANTIZED_FORMATS: read by backends)
 
 
 def _drop(where: int, p: float, seed: Tensor, cols: int):

@@ -22,7 +22,7 @@ from typing import Optional
 
 from torch import Tensor
 
-from .gemm import _gemm, reduction_split
+from .gemm import QUANTIZED_FORMATS, _gemm, reduction_split  # noqa: F401 (QUANTIZED_FORMATS: read by backends)
 
 
 def lowrank_fwd_triton(x: Tensor, V: Tensor, S: Tensor, U: Tensor, bias: Optional[Tensor]) -> tuple[Tensor, Tensor]:

@@ -10,7 +10,7 @@ from typing import Optional
 
 from torch import Tensor
 
-from .gemm import _gemm, reduction_split
+from .gemm import QUANTIZED_FORMATS, _gemm, reduction_split  # noqa: F401 (QUANTIZED_FORMATS: read by backends)
 
 
 def pica_fwd_triton(x: Tensor, W: Tensor, bias: Optional[Tensor], P: Tensor, M: Tensor) -> tuple[Tensor, Tensor]:
