@@ -452,3 +452,29 @@ def test_a_backend_that_cannot_serve_a_quantized_layer_names_it():
     ck.apply(model, "cersa", rank=4, factor_format="nf4", factor_group_size=16)
     with use_backend("cuda"), pytest.raises(BackendUnavailableError, match=r"^0: CERSA_BACKEND=cuda cannot run"):
         model(torch.randn(2, 32))  # the layer's path in the model ("0") opens the message
+
+
+@pytest.mark.parametrize("kind", ["cersa-nf4", "lora-int8", "pica-nf4", "pica-on-cersa-int8"])
+def test_quantized_layers_on_the_triton_kernels_match_the_torch_reference(kind):
+    # CPU CI runs the Triton kernels under TRITON_INTERPRET=1 (tests/conftest.py)
+    from cersa_kernels.backends import use_backend
+
+    lin = linear(40, 24)
+    layer = {
+        "cersa-nf4": lambda: CersaLinear.from_linear(lin, rank=6, factor_format="nf4", factor_group_size=16),
+        "lora-int8": lambda: LoraLinear.from_linear(lin, 4, base_format="int8", base_group_size=16),
+        "pica-nf4": lambda: PicaLinear(lin, 4, base_format="nf4", base_group_size=16),
+        "pica-on-cersa-int8": lambda: PicaCersaLinear(
+            CersaLinear.from_linear(lin, rank=6, factor_format="int8", factor_group_size=16), 3
+        ),
+    }[kind]()
+    perturb(layer)
+    x = torch.randn(5, 40, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    trainable = [p for p in layer.parameters() if p.requires_grad]
+    results = []
+    for backend in ("torch", "triton"):
+        with use_backend(backend):
+            y = layer(x)
+            results.append([y.detach(), *torch.autograd.grad(y.square().sum(), [x, *trainable])])
+    for got, want in zip(*reversed(results)):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
