@@ -478,3 +478,21 @@ def test_quantized_layers_on_the_triton_kernels_match_the_torch_reference(kind):
             results.append([y.detach(), *torch.autograd.grad(y.square().sum(), [x, *trainable])])
     for got, want in zip(*reversed(results)):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+def test_para_over_a_quantized_lora_base_shares_it_and_keeps_a_pruned_layer_quantized():
+    model = net()
+    ck.apply(model, "lora", rank=4, base_format="nf4", base_group_size=16)
+    with torch.no_grad():
+        model[0].lora_B.normal_(generator=torch.Generator().manual_seed(4))  # model[2]'s B stays 0: rank 0
+    codes = {i: model[i].weight_data.data_ptr() for i in (0, 2)}
+    x = torch.randn(3, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = model(x)
+    result = ck.para.compress(model, energy=1.0)
+    assert result.ranks["2"] == 0
+    for i in (0, 2):
+        assert isinstance(model[i], LoraLinear) and model[i].weight_data.data_ptr() == codes[i]  # shared, not copied
+    assert model[2].rank == 1 and torch.count_nonzero(model[2].lora_B) == 0
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-4)
