@@ -31,7 +31,7 @@ from ._adapter_files import (
 )
 from .nn.base import AdapterLayer, adapter_classes, method_classes
 from .nn import tree
-from .nn._quantized import weight_bytes_of
+from .nn._quantized import weight_bytes_of, weight_dtype_of
 from .nn.tree import TargetSpec
 from .para import compress
 from .para_peft import write_lora_adapter
@@ -112,8 +112,10 @@ def apply(
     "lora" (rank, alpha, dropout, base_format=None|"int8"|"nf4", base_group_size=64); "pica" (rank,
     base_format, base_group_size; one M shared per role; targets may be CersaLinear layers of an
     earlier apply, whose h = x·V the branch reuses); "snell" (rank, heads, sparsity, coeffs,
-    train_bias). bitsandbytes Linear4bit targets are read in place (docs/quantization.md). With freeze_base, every parameter that is not an adapter
-    parameter stops requiring grad (as PEFT does). Returns an ApplyReport.
+    train_bias). bitsandbytes Linear4bit targets are read in place (docs/quantization.md). With
+    freeze_base, every parameter that is not an adapter parameter stops requiring grad (as PEFT
+    does); the layers of an earlier apply keep theirs, except those adapted now (PiCa over CERSA
+    freezes S unless freeze_base=False). Returns an ApplyReport.
     """
     methods = method_classes()
     if method not in methods:
@@ -133,8 +135,16 @@ def apply(
             )
     new_layers = cls.adapt(bases, **options)
     if freeze_base:  # before the new layers go in: they keep the requires_grad their method set
+        # Adapter layers of an earlier apply keep their trainable state: only the parameters that
+        # are no adapter's are frozen, and those of the layers adapted now (CERSA under PiCa),
+        # which become this method's base.
+        targets = {id(m) for m in originals.values()}
+        earlier = {
+            id(p) for layer in adapter_layers(model).values() if id(layer) not in targets for p in layer.parameters()
+        }
         for p in model.parameters():
-            p.requires_grad_(False)
+            if id(p) not in earlier:
+                p.requires_grad_(False)
     report = ApplyReport(method)
     counted: set[int] = set()  # a shared parameter (PiCa's M) counts once, in its first layer
     for name, layer in new_layers.items():
@@ -192,8 +202,9 @@ def save(model: nn.Module, directory: Union[str, Path]) -> None:
     """Write the adapter layers (and any other trainable parameter) of `model` to `directory`:
     `cersa_adapter.safetensors` and `cersa_config.json` (class, method, config and names of each
     layer). Frozen base weights that the original model already holds (a layer's BASE_KEYS) are not
-    written; CERSA's U, S, V are, since its W0 is gone. Both files are written to temporary names
-    and renamed into place, so a failure leaves an earlier adapter in `directory` intact."""
+    written; CERSA's U, S, V are, since its W0 is gone. Both files are committed in one atomic step
+    (`_adapter_files.write_files_atomically`): a failure or a kill at any point leaves an earlier
+    adapter in `directory` intact."""
     layers = adapter_layers(model)
     aliases = tree.module_aliases(model)
     tensors, config = {}, {"format": FORMAT, "version": FORMAT_VERSION, "layers": {}, "trainable": []}
@@ -207,6 +218,7 @@ def save(model: nn.Module, directory: Union[str, Path]) -> None:
             cls=type(layer).__name__, method=layer.method, config=layer.config(), base_type=layer.base_type,
             trainable=[k for k, p in layer.named_parameters() if p.requires_grad],
             aliases=aliases[id(layer)],
+            bias=layer.bias is not None,  # LoRA's, PiCa's and SNELL's configs do not say: load compares it
         )
     inside = {id(p) for layer in layers.values() for p in layer.parameters()}
     for pname, p in model.named_parameters():
@@ -238,6 +250,10 @@ def _dedupe_shared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
 def _read_adapter(directory: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     """The config and tensors `save` wrote to `directory`, checked to be one pair of a known format."""
     config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
@@ -251,7 +267,8 @@ def _read_adapter(directory: Path) -> tuple[dict, dict[str, torch.Tensor]]:
         )
     if not isinstance(config.get("layers"), dict):
         raise ValueError(f"load: {config_path} has no 'layers' object (the adapter layers saved by `save`)")
-    if not isinstance(config.get("trainable", []), list):
+    trainable = config.get("trainable", [])
+    if not isinstance(trainable, list) or not all(isinstance(name, str) for name in trainable):
         raise ValueError(f"load: {config_path}: 'trainable' must be a list of parameter names")
     tensors, metadata, weights_sha = read_safetensors(weights_path, "load")
     body = {k: v for k, v in config.items() if k not in _FINGERPRINT_KEYS}
@@ -288,46 +305,64 @@ def _build_layer(model, name, entry, tensors, config_path, weights_path, aliases
     saved_names, names = entry.get("aliases", [name]), aliases[id(target)]
     if saved_names != names:
         raise ValueError(f"{here} was saved reachable as {saved_names}; in the model that module is reachable as {names}")
+    trainable = entry["trainable"]
+    if not isinstance(trainable, list) or not all(isinstance(k, str) for k in trainable):
+        raise ValueError(f"{here}: 'trainable' must be a list of parameter names, got {trainable!r}")
+    saved_bias = entry.get("bias")  # absent in files written before it was recorded
+    if saved_bias is not None and not isinstance(saved_bias, bool):
+        raise ValueError(f"{here}: 'bias' must be true or false, got {saved_bias!r}")
     base = tree.as_linear(target)
     try:
         layer = cls.from_config(entry["config"], base=base, device=base.weight.device)
     except (ValueError, TypeError, KeyError) as e:
         raise ValueError(f"{here} ({entry['cls']}): cannot rebuild it from its saved config: {e!r}") from None
-    got = dict(in_features=layer.in_features, out_features=layer.out_features, bias=layer.bias is not None)
-    expected = dict(in_features=base.in_features, out_features=base.out_features, bias=base.bias is not None)
-    if got != expected:
-        raise ValueError(
-            f"{here} ({entry['cls']}) was saved for {', '.join(f'{k}={v}' for k, v in got.items())}; the model's "
-            f"{base_type} there has {', '.join(f'{k}={v}' for k, v in expected.items())}"
-        )
+    # What the layer was saved over, against the model's module: the rebuilt layer speaks for the
+    # shapes and the dtype (CERSA's come from its config, the others' from the model's Linear),
+    # the entry's `bias` for the bias (a LoRA, PiCa or SNELL layer takes the model's bias as it is)
+    rebuilt = dict(in_features=layer.in_features, out_features=layer.out_features, bias=layer.bias is not None,
+                   dtype=_dtype_name(layer.weight_dtype()))
+    expected = dict(in_features=base.in_features, out_features=base.out_features, bias=base.bias is not None,
+                    dtype=_dtype_name(weight_dtype_of(base)))  # a Linear4bit's stands for its original dtype
+    for got in (dict(rebuilt, bias=rebuilt["bias"] if saved_bias is None else saved_bias), rebuilt):
+        if got != expected:
+            raise ValueError(
+                f"{here} ({entry['cls']}) was saved for {', '.join(f'{k}={v}' for k, v in got.items())}; the model's "
+                f"{base_type} there has {', '.join(f'{k}={v}' for k, v in expected.items())}"
+            )
+    parameters = dict(layer.named_parameters())
+    if set(trainable) - set(parameters):
+        raise ValueError(f"{here}: trainable names {sorted(set(trainable) - set(parameters))} are not parameters of {entry['cls']}")
     prefix = name + "."
     state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
     wanted = layer.state_dict()
-    missing = set(wanted) - set(state) - set(cls.BASE_KEYS)
-    unexpected = set(state) - set(wanted)
+    # Exactly what `save` writes: every tensor but the frozen base ones the model already holds,
+    # and those only when trained. Anything else in the file (a hand-edited W0, say) is refused,
+    # never copied over the model's own weights.
+    declared = {k for k in wanted if k not in cls.BASE_KEYS or k in trainable}
+    missing, unexpected = sorted(declared - set(state)), sorted(set(state) - declared)
     if missing or unexpected:
-        raise ValueError(
-            f"{here} ({entry['cls']}): {weights_path} lacks tensors {sorted(missing)} and has unexpected tensors {sorted(unexpected)}"
-        )
+        frozen = [k for k in unexpected if k in wanted]
+        found = ([f"lacks tensors {missing} that its entry declares"] if missing else []) + (
+            [f"holds tensors {unexpected} that its entry does not declare"] if unexpected else [])
+        why = (f" ({frozen}: the model's own frozen base tensors, saved only when trained, i.e. listed in the "
+               "layer's 'trainable'; load never overwrites them otherwise)") if frozen else ""
+        raise ValueError(f"{here} ({entry['cls']}): {weights_path} {' and '.join(found)}{why}")
     for key, value in state.items():
         if tuple(value.shape) != tuple(wanted[key].shape):
             raise ValueError(
                 f"{here} ({entry['cls']}): tensor {key!r} has shape {tuple(value.shape)} in {weights_path}, "
                 f"the model needs {tuple(wanted[key].shape)}{layer.state_hint(key)}"
             )
-        # quantized codes (int8 / uint8) and their float32 scales load bit for bit or not at all
-        if (not value.is_floating_point() or key in layer.quantized_keys()) and value.dtype != wanted[key].dtype:
+        if value.dtype != wanted[key].dtype:  # load_state_dict would cast it silently (quantized codes too)
             raise ValueError(
-                f"{here} ({entry['cls']}): tensor {key!r} has dtype {value.dtype} in {weights_path}, "
-                f"the model needs {wanted[key].dtype}{layer.state_hint(key)}"
+                f"{here} ({entry['cls']}): tensor {key!r} is {_dtype_name(value.dtype)} in {weights_path}, the layer "
+                f"rebuilt over the model's {_dtype_name(weight_dtype_of(base))} {base_type} needs "
+                f"{_dtype_name(wanted[key].dtype)}{layer.state_hint(key)}"
             )
     layer.load_state_dict(state, strict=False)
-    parameters = dict(layer.named_parameters())
-    if set(entry["trainable"]) - set(parameters):
-        raise ValueError(f"{here}: trainable names {sorted(set(entry['trainable']) - set(parameters))} are not parameters of {entry['cls']}")
     layer.layer_name, layer.base_type = name, base_type
     for key, p in parameters.items():
-        p.requires_grad_(key in entry["trainable"])
+        p.requires_grad_(key in trainable)
     for attr, tie in entry["config"].get("tied", {}).items():
         shared = tied.setdefault(tie, getattr(layer, attr))
         if shared.shape != getattr(layer, attr).shape:
@@ -342,9 +377,10 @@ def load(model: nn.Module, directory: Union[str, Path]) -> nn.Module:
     a layer's config marks as tied (PiCa's per-role M) become one shared Parameter again, a tied
     module (`m.l2 = m.l1`) one adapter under all its names.
 
-    All or nothing: the pair of files, every layer's type, shapes and names are checked against
-    `model` before anything is replaced; on any error (one line, naming the file and the layer)
-    `model` is left exactly as it was."""
+    All or nothing: the pair of files, every layer's type, shapes, bias, dtype and names, the
+    tensors (exactly those the config declares, every value finite) are checked against `model`
+    before anything is replaced; on any error (one line, naming the file and the layer or tensor)
+    `model` is left exactly as it was. Nothing is cast: an adapter in another dtype is refused."""
     directory = Path(directory)
     config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
     config, tensors = _read_adapter(directory)
@@ -363,13 +399,23 @@ def load(model: nn.Module, directory: Union[str, Path]) -> nn.Module:
     }
     parameters = dict(model.named_parameters())
     claimed = {k for k in tensors for name in built if k.startswith(name + ".")}
-    for pname in config["trainable"]:
+    # the top-level list names parameters outside the adapter layers (a head): a layer's own tensors
+    # are what its entry declares, and a name inside one (its frozen W0) is never copied over
+    layer_names = {alias: name for name in built for alias in aliases[id(model.get_submodule(name))]}
+    for pname in config.get("trainable", []):
+        owner = next((layer_names[a] for a in layer_names if pname.startswith(a + ".")), None)
+        if owner is not None:
+            raise ValueError(
+                f"load: {config_path}: trainable parameter {pname!r} is inside the saved layer {owner!r}; only that "
+                "layer's entry declares its tensors"
+            )
         if pname not in parameters or pname not in tensors:
             raise ValueError(f"load: {config_path}: trainable parameter {pname!r} is not in the model or not in {weights_path}")
-        if tuple(tensors[pname].shape) != tuple(parameters[pname].shape):
+        if tuple(tensors[pname].shape) != tuple(parameters[pname].shape) or tensors[pname].dtype != parameters[pname].dtype:
             raise ValueError(
-                f"load: {config_path}: parameter {pname!r} has shape {tuple(tensors[pname].shape)} in {weights_path}, "
-                f"the model's is {tuple(parameters[pname].shape)}"
+                f"load: {config_path}: parameter {pname!r} is {_dtype_name(tensors[pname].dtype)} of shape "
+                f"{tuple(tensors[pname].shape)} in {weights_path}, the model's is {_dtype_name(parameters[pname].dtype)} "
+                f"of shape {tuple(parameters[pname].shape)}"
             )
         claimed.add(pname)
     if set(tensors) - claimed:
@@ -387,7 +433,7 @@ def load(model: nn.Module, directory: Union[str, Path]) -> nn.Module:
                 replaced.append((alias, model.get_submodule(alias)))
                 tree.replace_module(model, alias, layer)
         with torch.no_grad():
-            for pname in config["trainable"]:
+            for pname in config.get("trainable", []):
                 p = parameters[pname]
                 copied.append((p, p.detach().clone()))
                 p.copy_(tensors[pname])

@@ -126,8 +126,9 @@ def write_lora_adapter(
     """Write a PEFT LoRA adapter directory: `<prefix><module>.lora_{A,B}.weight` for every adapter
     that is not None, and `config` with per-module `rank_pattern` / `alpha_pattern` (alpha' = s·k,
     s·√k with rslora, so each module's scale s is exact) and `target_modules` = the kept modules.
-    Both files are serialised first, then written to temporary names and renamed into place; the
-    safetensors metadata carries the config's id (`_adapter_files.config_id`)."""
+    Both files are serialised first, then committed together in one atomic step
+    (`_adapter_files.write_files_atomically`); the safetensors metadata carries the config's id
+    (`_adapter_files.config_id`)."""
     out = dict(extra_tensors or {})
     new_ranks, new_alphas = {}, {}
     for name, f in adapters.items():

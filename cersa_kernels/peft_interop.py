@@ -15,6 +15,7 @@ import dataclasses
 import json
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Union
 
@@ -147,6 +148,43 @@ def from_peft(model: nn.Module, adapter_dir: Union[str, Path], dropout: float | 
 
 # --- patch_peft: PEFT's lora.Linear layers on our op, in place ------------------------------------
 
+class _NoDoubleBackward(torch.autograd.Function):
+    """Identity on the op's differentiable operands (x, A, B). Their gradients come from
+    `cersa::lora_bwd`, which has no autograd formula of its own; under create_graph=True (a gradient
+    penalty, a Hessian-vector product) each gradient is passed on through `_RefuseBackward`, so that
+    differentiating it again raises one error naming the op and the way out, instead of torch's
+    'no autograd formula was registered' from deep inside autograd. First-order training is
+    unchanged: nothing is saved and the gradients pass through as they are."""
+
+    @staticmethod
+    def forward(ctx, name: str, *tensors: Tensor):
+        ctx.name = name
+        return tuple(t.view_as(t) for t in tensors)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        if torch.is_grad_enabled():  # the engine runs a backward in grad mode only for create_graph=True
+            grads = tuple(None if g is None else _RefuseBackward.apply(ctx.name, g) for g in grads)
+        return (None, *grads)
+
+
+class _RefuseBackward(torch.autograd.Function):
+    """Identity whose backward raises: marks a gradient computed by `cersa::lora_bwd`."""
+
+    @staticmethod
+    def forward(ctx, name: str, grad: Tensor) -> Tensor:
+        ctx.name = name
+        return grad.view_as(grad)
+
+    @staticmethod
+    def backward(ctx, _):
+        raise RuntimeError(
+            f"patch_peft: layer {ctx.name!r}: the fused op cersa::lora has no double backward, and this loss "
+            "differentiates its gradient again (create_graph=True, e.g. a gradient penalty); call "
+            "cersa_kernels.peft_interop.unpatch_peft(model) to train such a loss with PEFT's own forward"
+        )
+
+
 class _OnCersaLora:
     """The forward of one patched PEFT `lora.Linear`: y = base(x) + s·B(A(drop(x))) through the fused
     `cersa::lora` op when one plain-LoRA adapter is active, PEFT's own forward otherwise (adapters
@@ -157,14 +195,23 @@ class _OnCersaLora:
 
     def __init__(self, layer: nn.Module, name: str) -> None:
         self.layer, self.name = layer, name
+        self.warned = False
 
     def __call__(self, x: Tensor, *args, **kwargs) -> Tensor:
         layer = self.layer
         active = [a for a in layer.active_adapters if a in layer.lora_A]
         if args or kwargs or layer.disable_adapters or layer.merged or len(active) != 1 or active[0] in layer.lora_variant:
             return type(layer).forward(layer, x, *args, **kwargs)
-        adapter = active[0]
         base = layer.get_base_layer()
+        if base.weight.requires_grad and torch.is_grad_enabled():
+            # made trainable after patch_peft (which refuses it): our op has no dW, PEFT's forward does
+            if not self.warned:  # once per layer, not at every step
+                self.warned = True
+                warnings.warn(f"patch_peft: the base weight of {self.name!r} requires grad; the fused op computes "
+                              "no gradient for it, so this layer runs PEFT's own forward (freeze it to use the op)",
+                              stacklevel=2)
+            return type(layer).forward(layer, x, *args, **kwargs)
+        adapter = active[0]
         weight = base.weight.t() if is_conv1d(base) else base.weight  # Conv1D stores (in, out)
         A, B = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
         drop = layer.lora_dropout[adapter]
@@ -179,11 +226,34 @@ class _OnCersaLora:
         if torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type):
             dtype = torch.get_autocast_dtype(x.device.type)
         x, weight, A, B, bias = (None if t is None else t.to(dtype) for t in (x, weight, A, B, base.bias))
+        if torch.is_grad_enabled():
+            x, A, B = _NoDoubleBackward.apply(self.name, x, A, B)
         return lora_linear(x, weight, A, B, bias, layer.scaling[adapter], p, seed, layer=self.name)
 
 
-def _lora_layers(peft_model: nn.Module) -> dict[str, nn.Module]:
-    """{name: module} of every PEFT tuner layer; ValueError naming each one `patch_peft` cannot serve."""
+class _PatchNewAdapters:
+    """`peft_model.add_adapter` after `patch_peft` (PEFT's `load_adapter` goes through it too): PEFT's
+    own add_adapter, then the LoRA layers it created are patched as well, so a new adapter never
+    silently runs PEFT's code. Layers the op cannot serve (a DoRA adapter, ...) keep PEFT's forward,
+    with a warning naming them. An object, like `_OnCersaLora`, so deepcopy and pickle work."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def __call__(self, *args, **kwargs):
+        result = type(self.model).add_adapter(self.model, *args, **kwargs)
+        layers, problems = _lora_layers(self.model)
+        for name, module in layers.items():
+            if not isinstance(module.__dict__.get("forward"), _OnCersaLora):
+                module.forward = _OnCersaLora(module, name)
+        if problems:
+            warnings.warn("patch_peft: after add_adapter these layers run PEFT's own forward: " + "; ".join(problems),
+                          stacklevel=2)
+        return result
+
+
+def _lora_layers(peft_model: nn.Module) -> tuple[dict[str, nn.Module], list[str]]:
+    """{name: module} of every PEFT tuner layer the op can serve, and why each other one cannot."""
     from peft.tuners.lora import Linear as PeftLoraLinear
     from peft.tuners.lora import LoraLayer
     from peft.tuners.tuners_utils import BaseTunerLayer
@@ -204,13 +274,12 @@ def _lora_layers(peft_model: nn.Module) -> dict[str, nn.Module]:
                             f"{sorted(module.lora_variant)} (DoRA / LoRA variants are not supported)")
         elif any(module.lora_bias.values()):
             problems.append(f"{name} has a bias on lora_B (lora_bias=True), which our op does not compute")
+        elif module.get_base_layer().weight.requires_grad:
+            problems.append(f"{name} has a base weight that requires grad, for which our op computes no gradient "
+                            "(freeze it with requires_grad_(False), or train it unpatched)")
         else:
             layers[name] = module
-    if problems:
-        raise ValueError("patch_peft: cannot run these layers on the cersa lora op: " + "; ".join(problems))
-    if not layers:
-        raise ValueError(f"patch_peft: {type(peft_model).__name__} has no PEFT LoRA layer (expected a PeftModel from get_peft_model)")
-    return layers
+    return layers, problems
 
 
 def patch_peft(peft_model: nn.Module) -> list[str]:
@@ -222,17 +291,29 @@ def patch_peft(peft_model: nn.Module) -> list[str]:
     Autograd saves x and x·Aᵀ per layer; with dropout, the mask is our counter-based one, regenerated
     from an 8-byte seed instead of saved. Raises ValueError naming every layer it cannot serve (no
     LoRA layer at all, LoRA over Conv2d / Embedding, DoRA, lora_bias, other adapter types).
+    A base weight that requires grad is refused too (the op computes no dW); made trainable after
+    patching, that layer runs PEFT's forward with a warning. A loss that differentiates a gradient
+    again (create_graph=True) raises a RuntimeError naming the op when it reaches it: use
+    `unpatch_peft` for it. Adapters added later with `add_adapter` / `load_adapter` are patched too.
     Returns the names of the patched layers.
     """
-    layers = _lora_layers(peft_model)
+    layers, problems = _lora_layers(peft_model)
+    if problems:
+        raise ValueError("patch_peft: cannot run these layers on the cersa lora op: " + "; ".join(problems))
+    if not layers:
+        raise ValueError(f"patch_peft: {type(peft_model).__name__} has no PEFT LoRA layer (expected a PeftModel from get_peft_model)")
     for name, module in layers.items():
         module.forward = _OnCersaLora(module, name)
+    if hasattr(type(peft_model), "add_adapter"):
+        peft_model.add_adapter = _PatchNewAdapters(peft_model)
     return sorted(layers)
 
 
 def unpatch_peft(peft_model: nn.Module) -> list[str]:
     """Give every layer `patch_peft` patched its PEFT forward back. Returns their names."""
     restored = []
+    if isinstance(peft_model.__dict__.get("add_adapter"), _PatchNewAdapters):
+        del peft_model.add_adapter
     for name, module in peft_model.named_modules():
         if isinstance(module.__dict__.get("forward"), _OnCersaLora):
             del module.forward

@@ -150,8 +150,21 @@ class QuantizedTensor:
         out = (codes.reshape(rows, cols) * scale).to(dtype or self.dtype)
         return out.T if self.transposed else out
 
-    def to(self, device=None) -> "QuantizedTensor":
-        return replace(self, data=self.data.to(device), absmax=self.absmax.to(device))
+    def to(self, *args, device=None, dtype: Optional[torch.dtype] = None) -> "QuantizedTensor":
+        """Like Tensor.to(device), .to(dtype), .to(device, dtype): a device moves the codes and the
+        absmax; a dtype changes only the dtype the operand stands for (the codes stay: this is how
+        autocast's `t.to(bfloat16)` casts a quantized frozen weight). Self when nothing changes."""
+        for a in args:
+            if isinstance(a, torch.dtype):
+                dtype = a
+            else:
+                device = a
+        out = self
+        if dtype is not None and dtype != self.dtype:
+            out = replace(out, dtype=dtype)
+        if device is not None and torch.device(device) != self.device:
+            out = replace(out, data=out.data.to(device), absmax=out.absmax.to(device))
+        return out
 
     def __repr__(self) -> str:
         r, c = self.shape

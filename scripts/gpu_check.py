@@ -50,6 +50,9 @@ REQUIRED = ("torch", "triton", "numpy", "pytest", "pytest_benchmark", "hypothesi
 COSTS = dict(gemm_compile=0.6, snell_compile=2.0, autotune_config=0.15, launch=30e-6,
              machine_start=120.0, cuda_build=150.0, pytest_start=15.0, bench_item=2.5)
 BUDGET_TOTAL_S, BUDGET_STAGE_S = 12 * 60, 6 * 60
+# CERSA_TRITON_AUTOTUNE per stage: verification pins one config per kernel family and shape class
+# (each variant compiles once); the benchmarks tune (`doctor --tune` verifies tuned choices).
+STAGE_AUTOTUNE = {"preflight": "0", "smoke": "0", "doctor": "0", "bench": "1", "sanitize": "0"}
 
 SMOKE_SHAPES = ((37, 130, 77, 45), (256, 256, 256, 64))  # (T, n, m, k): ragged, aligned
 SMOKE_DTYPES = ("bfloat16", "float16", "float32")
@@ -156,7 +159,6 @@ BENCH_SELECT = "gpu and fwd+bwd and (T8192-n4096-m4096-k1024 or T8192-n4096-m409
 
 
 def bench() -> int:
-    os.environ["CERSA_TRITON_AUTOTUNE"] = "1"  # tuning runs tune
     env = dict(os.environ, CERSA_BENCH_JSONL=str(out_dir() / "bench.jsonl"), TRITON_INTERPRET="0")
     cmd = [sys.executable, "-m", "pytest", "benchmarks", "--benchmark-only", "-q", "-m", "gpu", "-k",
            BENCH_SELECT.replace("gpu and ", ""), f"--benchmark-json={out_dir() / 'bench.json'}"]
@@ -254,11 +256,17 @@ def plan_stage(stage: str, arch: int = 90) -> dict:
     # (SNELL's radix select always makes its three passes), and interpreting GPU-sized tiles would
     # take minutes.
     executed, tc.NOT_EXECUTED = tc.NOT_EXECUTED, _AllKernels()
+    autotune = os.environ.get("CERSA_TRITON_AUTOTUNE")
+    os.environ["CERSA_TRITON_AUTOTUNE"] = STAGE_AUTOTUNE[stage]
     try:
         with recorder.installed(), _LaunchCounter(recorder) as counter:
             launches, extra = _STAGE_LAUNCHERS[stage](recorder, counter)
     finally:
         tc.NOT_EXECUTED = executed
+        if autotune is None:
+            os.environ.pop("CERSA_TRITON_AUTOTUNE", None)
+        else:
+            os.environ["CERSA_TRITON_AUTOTUNE"] = autotune
     priced = _priced(recorder, launches, stage)
     priced["seconds"] = round(priced["seconds"] + extra, 1)
     return priced
@@ -299,7 +307,6 @@ def _bench_launchers(recorder, counter) -> tuple[int, int]:
 
     from cersa_kernels.triton import lora, lowrank
 
-    os.environ["CERSA_TRITON_AUTOTUNE"] = "1"
     dt = torch.float16  # recorded as fp16: the bf16 interpreter caveat; the same variants count
     T, d, k, r = 8192, 4096, 1024, 16
     x, dy = torch.empty(T, d, dtype=dt), torch.empty(T, d, dtype=dt)
@@ -333,6 +340,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("stages", nargs="+", choices=STAGES + ("plan", "cuda-kernels-once"))
     parser.add_argument("--arch", type=int, default=90, choices=(80, 90), help="plan: the target arch")
+    parser.add_argument("--tune", action="store_true",
+                        help="doctor: autotune, so that the verification checks the configs the tuner picks")
     args = parser.parse_args(argv)
     if args.stages == ["plan"]:
         result = plan(args.arch)
@@ -342,11 +351,11 @@ def main(argv=None) -> int:
     if args.stages == ["cuda-kernels-once"]:
         cuda_kernels_once()
         return 0
-    os.environ.setdefault("CERSA_TRITON_AUTOTUNE", "0")  # verification: one pinned config per family
     os.environ["TRITON_INTERPRET"] = "0"
     run = {"preflight": preflight, "smoke": smoke, "doctor": doctor_stage, "bench": bench, "sanitize": sanitize}
     status = 0
     for stage in args.stages:
+        os.environ["CERSA_TRITON_AUTOTUNE"] = "1" if stage == "doctor" and args.tune else STAGE_AUTOTUNE[stage]
         start = time.time()
         code = run[stage]()
         append("stages", {"stage": stage, "exit": code, "seconds": round(time.time() - start, 1)})

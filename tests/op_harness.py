@@ -10,19 +10,30 @@ from cersa_kernels.backends import use_backend
 from tolerances import assert_matches_reference
 
 
-def run(backend, fn, inputs, grads, dy_seed=1, edit_dy=None):
+def run(backend, fn, inputs, grads, dy_seed=1, edit_dy=None, views=None):
     """fn(**inputs) forward + backward on `backend`; returns (y, {name: grad}) for names in `grads`.
-    `edit_dy(dy)`, if given, changes the upstream gradient in place (e.g. to inject a NaN)."""
+    `edit_dy(dy)`, if given, changes the upstream gradient in place (e.g. to inject a NaN).
+    `views` {name: f}, if given: fn gets f(input) instead of that input (and y.backward gets f(dy)
+    for the name "dy"), e.g. a non-contiguous view holding the same values; a gradient is then the
+    one of that view (clone() would make a strided or expanded input contiguous again)."""
+    views = views or {}
     ins = {
         k: (v.detach().clone().requires_grad_(k in grads) if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
         for k, v in inputs.items()
     }
+    for k, f in views.items():
+        if k in ins:
+            ins[k] = f(ins[k])
+            if ins[k].requires_grad:
+                ins[k].retain_grad()
     with use_backend(backend):
         y = fn(**ins)
         # drawn in float32 whatever y.dtype is, so every run (oracle included) gets the same dy
         dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(dy_seed)).to(y.device, y.dtype)
         if edit_dy is not None:
             edit_dy(dy)
+        if "dy" in views:
+            dy = views["dy"](dy)
         y.backward(dy)
     return y.detach(), {k: ins[k].grad for k in grads}
 
@@ -135,7 +146,8 @@ class OpCase:
     own weights); `variants` {id: keyword arguments}, each passed to `make` if it takes it, else
     set as an input; `gradcheck_grads` the inputs float64 gradcheck differentiates (default: grads);
     `quantizable` {frozen operand: stored transposed?}: the operands the op takes quantized, which
-    give the `quant_variants` (each in every format, and the first one alone)."""
+    give the `quant_variants` (each in every format, and the first one alone), run on
+    `quantized_backends`."""
 
     name: str
     make: Callable
@@ -146,6 +158,11 @@ class OpCase:
     variants: dict = field(default_factory=lambda: {"": {}})
     gradcheck_grads: Optional[tuple] = None
     quantizable: dict = field(default_factory=dict)
+    quantized_backends: tuple = ("torch", "triton")  # the backends meant to serve quant_variants
+
+    def serves(self, variant, backend) -> bool:
+        """Whether `backend` is meant to run `variant` (every dense one; a quantized one if listed)."""
+        return variant not in self.quant_variants() or backend in self.quantized_backends
 
     def quant_variants(self) -> dict:
         """{id: (base variant, {operand: format})}: every quantizable operand in int8, then in nf4
@@ -320,6 +337,7 @@ OPS = {
         # those two are gradchecked against a surrogate in test_snell.py
         gradcheck_grads=("x", "bias"),
         quantizable={"W0": False},
+        quantized_backends=("torch",),  # its Triton kernels read W0 tiles themselves: refused
     ),
 }
 

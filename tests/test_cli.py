@@ -227,6 +227,23 @@ def test_para_peft_corrupted_safetensors(capsys, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_para_peft_non_finite_weights(capsys, tmp_path, value):
+    """A lora_B holding NaN (a diverged run) is the user's file, not a bug: one line naming the
+    tensor and the file, status 2, and nothing written (issue 16, item 6)."""
+    from safetensors.torch import load_file
+
+    adapter = write_adapter(tmp_path / "in")
+    weights = adapter / "adapter_model.safetensors"
+    tensors = load_file(str(weights))
+    tensors["base_model.model.layers.0.v.lora_B.weight"][3, 1] = value
+    save_file(tensors, str(weights))
+    line = user_error(capsys, ["para-peft", str(adapter), str(tmp_path / "out")])
+    assert "'base_model.model.layers.0.v.lora_B.weight'" in line and str(weights) in line
+    assert ("1 NaN" if value != value else "1 infinite") in line
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("missing", ["r", "lora_alpha"])
 def test_para_peft_config_without_r_or_alpha(capsys, tmp_path, missing):
     config = dict(peft_type="LORA", r=2, lora_alpha=4)

@@ -1,11 +1,14 @@
 """`python -m cersa_kernels compare --quick`: the same code as the default run on a few dozen
 articles, two methods (one CERSA) and a handful of steps, each in its own spawned process."""
+import errno
 import json
+import os
 
 import pytest
 import torch
 
 from cersa_kernels.__main__ import main
+from cersa_kernels._checks import UsageError
 from cersa_kernels.compare.data import stratified_split
 from cersa_kernels.compare.report import FIELDS, PARA_FIELDS
 
@@ -60,3 +63,102 @@ def test_training_batches_are_full_and_every_method_gets_the_same_order():
     assert len(training_batches(200, 16, epochs=4, max_steps=30, seed=3)) == 30
     with pytest.raises(ValueError, match="cannot fill one batch"):
         training_batches(10, 16, epochs=1, max_steps=None, seed=0)
+
+
+# ---- issue 16 item 10: an interrupted or failed compare leaves no results file claiming completeness ----
+# Training is replaced by a stub (no MiniLM): what is tested is what the command writes, and when.
+
+def fake_run(config: dict) -> dict:
+    """What worker.run_one returns, with every field of the right type (values made up)."""
+    values = {int: 1, float: 1.0, str: "x", list: [1.0], dict: {}, bool: False}
+    run = {key: values[kind] for key, kind in FIELDS.items()}
+    return dict(run, method=config["method"], seed=config["seed"], lr=config["lr"],
+                val={"accuracy": 0.5}, test={"accuracy": 0.5, "macro_f1": 0.5})
+
+
+ARGS = ["--in-process", "--methods", "probe", "lora-r8"]
+
+
+def run_compare(monkeypatch, out, runner=fake_run):
+    from cersa_kernels.compare import cli, worker
+
+    monkeypatch.setattr(worker, "run_one", runner)
+    return cli.main([*ARGS, "--no-plot", "--out", str(out)])
+
+
+def test_compare_with_a_stub_training_writes_its_results(monkeypatch, tmp_path):
+    """The stub itself: with nothing failing, the three files are written (so the tests below can fail)."""
+    results = run_compare(monkeypatch, tmp_path)
+    assert json.loads((tmp_path / "results.json").read_text()) == json.loads(json.dumps(results))
+    assert "| lora-r8 |" in (tmp_path / "results.md").read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json", "results.md"]
+
+
+def test_ctrl_c_during_training_writes_nothing(monkeypatch, tmp_path):
+    calls = []
+
+    def interrupted(config):
+        calls.append(config["method"])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return fake_run(config)
+
+    with pytest.raises(KeyboardInterrupt):
+        run_compare(monkeypatch, tmp_path, interrupted)
+    assert calls == ["probe", "lora-r8"] and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("failing", [1, 2, 3], ids=["results.md", "png", "results.json"])
+@pytest.mark.parametrize("error", [OSError(errno.ENOSPC, "No space left on device"), KeyboardInterrupt()],
+                         ids=["disk-full", "ctrl-c"])
+def test_failure_while_writing_leaves_no_results(monkeypatch, tmp_path, capsys, failing, error):
+    """The disk fills up (or Ctrl-C comes) while the n-th file is written: none of the three is
+    left, no temporary either, and the table was printed before anything was written."""
+    real_fsync, count = os.fsync, []
+
+    def fsync(fd):
+        count.append(fd)
+        if len(count) == failing:
+            raise error
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    if isinstance(error, OSError):
+        expected = pytest.raises(UsageError, match=r"^compare: could not write the results to .*No space left on device.*"
+                                                   r"results\.json was not written")
+    else:
+        expected = pytest.raises(KeyboardInterrupt)
+    with expected:
+        run_with_plot(monkeypatch, tmp_path)
+    assert list(tmp_path.iterdir()) == []
+    assert "| lora-r8 |" in capsys.readouterr().out
+
+
+def run_with_plot(monkeypatch, out):
+    """run_compare with the plot on (three files), its PNG rendering stubbed: no matplotlib work."""
+    from cersa_kernels.compare import cli, report, worker
+
+    monkeypatch.setattr(worker, "run_one", fake_run)
+    monkeypatch.setattr(report, "plot_png", lambda rows: b"\x89PNG\r\n\x1a\n")
+    return cli.main([*ARGS, "--out", str(out)])
+
+
+def test_an_unwritable_output_directory_fails_before_training(monkeypatch, tmp_path, capsys):
+    """--out under a regular file (root ignores permissions, not that): one `error:` line and exit
+    status 2, before any method is trained."""
+    (tmp_path / "file").write_text("")
+    calls = []
+    monkeypatch.setattr("cersa_kernels.compare.worker.run_one", lambda config: calls.append(config) or fake_run(config))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["compare", *ARGS, "--out", str(tmp_path / "file" / "out")])
+    assert exit_info.value.code == 2 and calls == []
+    assert capsys.readouterr().err.startswith(f"error: compare: cannot write to the output directory {tmp_path / 'file' / 'out'}")
+
+
+def test_a_results_file_that_cannot_be_written_leaves_no_results_json(monkeypatch, tmp_path):
+    """results.md cannot be written (here: a directory is in its place). Before issue 16, results.json
+    was written first and stayed, claiming a complete run; now it is written last, or not at all."""
+    (tmp_path / "results.md").mkdir()
+    with pytest.raises(UsageError, match=r"^compare: could not write the results to .*results\.json was not written"):
+        run_compare(monkeypatch, tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["results.md"] and (tmp_path / "results.md").is_dir()

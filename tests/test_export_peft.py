@@ -13,6 +13,8 @@ import transformers
 import cersa_kernels as ck
 from cersa_kernels.nn import CersaLinear, PicaCersaLinear, PicaLinear
 
+from adapter_dirs import tree
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
@@ -154,7 +156,7 @@ def test_export_is_fingerprinted_standard_peft_and_atomic(tmp_path, monkeypatch)
         peft.PeftModel.from_pretrained(copy.deepcopy(original), tmp_path / "a")
     assert not [w for w in caught if "Unexpected keyword" in str(w.message)]  # no key PEFT does not know
 
-    before = {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir()}
+    before = tree(tmp_path / "a")
 
     def disk_full(*args, **kwargs):
         raise OSError("disk full")
@@ -164,7 +166,7 @@ def test_export_is_fingerprinted_standard_peft_and_atomic(tmp_path, monkeypatch)
         patch.setattr(safetensors.torch, "save_file", disk_full)
         with pytest.raises(OSError, match="disk full"):
             ck.export_peft_lora(model, tmp_path / "a", energy=0.8)
-    assert {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir()} == before
+    assert tree(tmp_path / "a") == before
 
     (tmp_path / "a" / "adapter_config.json").write_bytes((tmp_path / "b" / "adapter_config.json").read_bytes())
     with pytest.raises(ValueError, match="do not belong together"):

@@ -21,6 +21,18 @@ CASES = [
 ]
 
 
+def cases_on(settings):
+    """CASES × `settings` (tuples, the backend first), less the quantized variants a backend refuses
+    by design (OpCase.serves; that refusal is tested in tests/test_quant_ops.py)."""
+    return [
+        pytest.param(op, variant, *setting, id="-".join([case.id, *map(str, setting)]))
+        for case in CASES
+        for op, variant in [case.values]
+        for setting in settings
+        if OPS[op].serves(variant, setting[0])
+    ]
+
+
 class CersaCalls(TorchDispatchMode):
     """Keeps every cersa op overload a call runs, with its arguments, and runs it as usual.
     (Not _alloc.AllocationRecorder, which runs each op's kernel in place of the op to see the
@@ -51,8 +63,7 @@ def opcheck_arguments(func, args, grads):
     return [fresh[:at] + [need_dx] + fresh[at + 1:] for need_dx in (True, False)]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("op,variant", CASES)
+@pytest.mark.parametrize("op,variant,backend", cases_on([(b,) for b in BACKENDS]))
 def test_opcheck_every_custom_op_a_call_runs(op, variant, backend):
     case = OPS[op]
     inputs = case.draw(9, 40, 24, 8, variant=variant)  # small: opcheck runs each op many times
@@ -80,8 +91,7 @@ def test_reference_gradcheck_float64(op, variant):
         )
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("op,variant", CASES)
+@pytest.mark.parametrize("op,variant,backend", cases_on([(b,) for b in BACKENDS]))
 def test_torch_compile_fullgraph_forward_backward(op, variant, backend):
     case = OPS[op]
     inputs = case.draw(10, 24, 12, 4, variant=variant)
@@ -98,9 +108,9 @@ def test_torch_compile_fullgraph_forward_backward(op, variant, backend):
 
 
 @pytest.mark.parametrize(
-    "backend,dtype", [("torch", torch.float32), ("torch", torch.bfloat16), ("triton", torch.float32)], ids=str
+    "op,variant,backend,dtype",
+    cases_on([("torch", torch.float32), ("torch", torch.bfloat16), ("triton", torch.float32)]),
 )
-@pytest.mark.parametrize("op,variant", CASES)
 def test_saved_bytes_are_exactly_the_declared_activations(op, variant, backend, dtype):
     """autograd keeps the registry's byte count for one call (3-D x: over all T tokens), nothing else
     but the op's own weights, and the call stays differentiable with only that kept."""

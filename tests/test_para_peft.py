@@ -12,6 +12,8 @@ import transformers
 
 from cersa_kernels.__main__ import main
 
+from adapter_dirs import tree
+
 TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]
 
 
@@ -135,9 +137,6 @@ def test_para_peft_errors(tmp_path):
 
 # --- output fingerprinted and written atomically; unreadable input refused (issue 9, item 5) ------
 
-def files(directory):
-    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
-
 
 def test_para_peft_output_is_fingerprinted_and_a_mixed_pair_refused(tmp_path):
     from safetensors import safe_open
@@ -167,7 +166,7 @@ def test_para_peft_failed_write_leaves_earlier_output_intact(tmp_path, monkeypat
 
     make_adapter(tmp_path / "in")
     para_peft(tmp_path / "in", tmp_path / "out", energy=0.9)
-    before = files(tmp_path / "out")
+    before = tree(tmp_path / "out")
 
     def disk_full(*args, **kwargs):
         raise OSError("disk full")
@@ -176,7 +175,7 @@ def test_para_peft_failed_write_leaves_earlier_output_intact(tmp_path, monkeypat
     monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
     with pytest.raises(OSError, match="disk full"):
         para_peft(tmp_path / "in", tmp_path / "out", energy=0.5)
-    assert files(tmp_path / "out") == before  # both files as they were, no temporaries
+    assert tree(tmp_path / "out") == before  # everything as it was, no temporaries
 
 
 def test_para_peft_unreadable_input_names_the_file(tmp_path):

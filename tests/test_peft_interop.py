@@ -344,3 +344,85 @@ def test_patch_errors_name_the_module():
         patch_peft(mixed)
     # nothing was patched by a refused call
     assert all("forward" not in m.__dict__ for model in (conv, emb, dora, mixed) for m in model.modules())
+
+
+# --- issue 16 item 9: refuse or serve, never crash later ---------------------------------------------
+
+def two_layer_peft(**options):
+    """A PEFT LoRA model over fc (8 -> 6) -> fc2 (6 -> 4), adapter "default" on fc only."""
+    torch.manual_seed(0)
+    net = nn.Sequential()
+    net.add_module("fc", nn.Linear(8, 6))
+    net.add_module("fc2", nn.Linear(6, 4))
+    return peft.get_peft_model(net, peft.LoraConfig(r=2, target_modules=["fc"], init_lora_weights=False, **options))
+
+
+def test_patch_refuses_a_trainable_base_weight_naming_the_module():
+    model = two_layer_peft()
+    model.base_model.model.fc.base_layer.weight.requires_grad_(True)
+    with pytest.raises(ValueError, match=r"^patch_peft: .*base_model\.model\.fc has a base weight that requires grad"):
+        patch_peft(model)
+    assert all("forward" not in m.__dict__ for m in model.modules())
+
+
+def test_base_weight_made_trainable_after_patching_runs_peft_and_gets_its_gradient():
+    model = two_layer_peft()
+    x = torch.randn(3, 8, generator=torch.Generator().manual_seed(1))
+    weight = model.base_model.model.fc.base_layer.weight
+    weight.requires_grad_(True)
+    model(x).sum().backward()
+    want = weight.grad.clone()
+    weight.requires_grad_(False)
+    weight.grad = None
+    patch_peft(model)
+    weight.requires_grad_(True)
+    with pytest.warns(UserWarning, match=r"base weight of 'base_model\.model\.fc' requires grad.*PEFT's own forward"):
+        with CountCersaOps() as count:
+            model(x).sum().backward()
+    assert count.calls["fwd"] == 0
+    torch.testing.assert_close(weight.grad, want)
+
+
+def test_double_backward_raises_one_clear_error():
+    model = two_layer_peft()
+    patch_peft(model)
+    x = torch.randn(3, 8, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    (g,) = torch.autograd.grad(model(x).sum(), x, create_graph=True)  # first order is fine
+    with pytest.raises(RuntimeError, match=r"^patch_peft: layer 'base_model\.model\.fc': the fused op cersa::lora has "
+                                           r"no double backward.*create_graph=True.*unpatch_peft\(model\)"):
+        g.square().sum().backward()
+    # the way out works: PEFT's forward supports the gradient penalty
+    unpatch_peft(model)
+    (g,) = torch.autograd.grad(model(x).sum(), x, create_graph=True)
+    g.square().sum().backward()
+    assert model.base_model.model.fc.lora_A["default"].weight.grad is not None
+
+
+def test_adapter_added_after_patching_runs_on_our_op(tmp_path):
+    reference = two_layer_peft()
+    other = peft.LoraConfig(r=2, target_modules=["fc2"], init_lora_weights=False)
+    x = torch.randn(3, 8, generator=torch.Generator().manual_seed(1))
+    model = copy.deepcopy(reference)
+    patch_peft(model)
+    torch.manual_seed(5)
+    reference.add_adapter("other", other)
+    torch.manual_seed(5)  # the same draw of the new lora weights
+    model.add_adapter("other", copy.deepcopy(other))
+    for adapter in ("other", "default"):
+        reference.set_adapter(adapter)
+        model.set_adapter(adapter)
+        with torch.no_grad(), CountCersaOps() as count:
+            torch.testing.assert_close(model(x), reference(x))
+        assert count.calls["fwd"] == 1, adapter  # fc2 for "other", fc for "default"
+    # load_adapter goes through add_adapter: patched too
+    reference.save_pretrained(tmp_path, selected_adapters=["other"])
+    loaded = two_layer_peft()
+    patch_peft(loaded)
+    loaded.load_adapter(tmp_path / "other", adapter_name="other")
+    loaded.set_adapter("other")
+    reference.set_adapter("other")
+    with torch.no_grad(), CountCersaOps() as count:
+        torch.testing.assert_close(loaded(x), reference(x))
+    assert count.calls["fwd"] == 1
+    assert unpatch_peft(loaded) == ["base_model.model.fc", "base_model.model.fc2"]
+    assert "add_adapter" not in loaded.__dict__

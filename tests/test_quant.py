@@ -192,3 +192,42 @@ def test_inconsistent_parts_are_refused():
         QuantizedTensor(q.data, q.absmax, (4, 8), "nf4", 4, torch.int32)
     with pytest.raises(ValueError, match="from_parts: meta must be"):
         from_parts(q.data, q.absmax, [7, 4, 4, 8, 0, 2])
+
+
+def test_to_a_dtype_changes_what_the_operand_stands_for_not_its_codes():
+    """Autocast casts frozen weights with `t.to(dtype)`: a quantized one keeps its codes."""
+    q = quantize(randn(6, 10), "nf4", 4).T
+    b = q.to(torch.bfloat16)
+    assert b.dtype == torch.bfloat16 and b.data is q.data and b.absmax is q.absmax and b.transposed
+    assert torch.equal(b.dequantize(), q.dequantize().bfloat16())
+    assert q.to(torch.float32) is q and q.to("cpu") is q and q.to(device="cpu", dtype=torch.float32) is q
+    c = q.to("cpu", torch.float16)
+    assert c.dtype == torch.float16 and c.device == torch.device("cpu")
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        q.to(torch.int8)
+
+
+def unpack_nf4(data: torch.Tensor, numel: int) -> torch.Tensor:
+    """The 4-bit codes of packed NF4 bytes, high nibble first (bitsandbytes' order)."""
+    return torch.stack(((data >> 4), (data & 0x0F)), dim=1).reshape(-1)[:numel].long()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_nf4_on_a_gpu_agrees_with_bitsandbytes_cuda_kernel(dtype):
+    """bitsandbytes' CUDA kernel scales by a reciprocal and compares with rounded midpoints, so a
+    value within float32 rounding of a midpoint between two codes may round either way; every other
+    code, every absmax and the dequantization of bitsandbytes' own bytes must be identical."""
+    W = randn(96, 4096, seed=3, dtype=dtype).cuda()
+    packed, state = bnbf.quantize_4bit(W, blocksize=64, quant_type="nf4", compress_statistics=False)
+    q = quantize(W, "nf4", 64)
+    assert q.data.is_cuda and torch.equal(state.absmax, q.absmax)
+    theirs = QuantizedTensor(packed.reshape(-1), state.absmax, tuple(W.shape), "nf4", 64, dtype)
+    assert torch.equal(theirs.dequantize(), bnbf.dequantize_4bit(packed, state))
+    ours_codes, their_codes = unpack_nf4(q.data, W.numel()), unpack_nf4(theirs.data, W.numel())
+    scaled = (W.float().reshape(-1, 64) / q.absmax[:, None]).reshape(-1)
+    codes = quant.code_table(W.device)
+    midpoints = (codes[1:] + codes[:-1]) / 2
+    near_a_midpoint = (scaled[:, None] - midpoints).abs().min(1).values < 1e-6
+    differ = ours_codes != their_codes
+    assert not (differ & ~near_a_midpoint).any(), int((differ & ~near_a_midpoint).sum())

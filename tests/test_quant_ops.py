@@ -18,13 +18,13 @@ from cersa_kernels import backends, ops, quant
 from cersa_kernels.backends import BackendUnavailableError, use_backend
 from cersa_kernels.quant import QuantizedTensor, quantize
 
-from op_harness import OPS, check_against_reference, dequantized, grads_present, quantized, run, saved_bytes
+from op_harness import OPS, check_against_reference, dequantized, grads_present, on_gpu, quantized, run, saved_bytes
 
 T, N, M, R = 37, 130, 77, 45  # odd everywhere; R is CERSA's k (45), LoRA's and PiCa's rank
 QUANT_OPS = [op for op in OPS if OPS[op].quantizable]
-# SNELL's Triton kernels read W0 tiles themselves, not through the shared GEMM: torch only (below,
-# the triton backend's refusal is tested instead).
-TRITON_QUANT_OPS = [op for op in QUANT_OPS if op != "snell_linear"]
+# SNELL's Triton kernels read W0 tiles themselves, not through the shared GEMM: its quantized
+# variants run on torch only (OpCase.quantized_backends); the triton backend's refusal is tested below.
+TRITON_QUANT_OPS = [op for op in QUANT_OPS if "triton" in OPS[op].quantized_backends]
 
 
 def variants(op_names):
@@ -69,12 +69,8 @@ def test_group_sizes_that_divide_nothing_or_exceed_the_row(op, group_size, backe
 def test_without_an_input_gradient_the_backward_skips_dx(op, variant, backend):
     case = OPS[op]
     inputs = draw(op, variant, T=9)
-    grads = [g for g in grads_present(case, inputs) if g != "x"]
-    y, g = run(backend, case.call, inputs, grads)
-    y_ref, g_ref = run("torch", case.call, dequantized(inputs), grads)
-    torch.testing.assert_close(y, y_ref)
-    for name in grads:
-        torch.testing.assert_close(g[name], g_ref[name])
+    grads = [g for g in grads_present(case, inputs) if g != "x"]  # x without grad: need_dx is false
+    check_against_reference(backend, case.call, inputs, grads, f"{op} {variant} without dx")
 
 
 # ---- what runs, what is saved, what torch.compile sees ---------------------------------------------
@@ -238,7 +234,7 @@ def test_triton_serves_exactly_the_formats_its_module_lists(monkeypatch):
 
 def test_snell_on_triton_refuses_a_quantized_w0_naming_the_layer():
     inputs = draw("snell_linear", "s0-q-nf4", T=4, n=8, m=6, r=4)
-    with use_backend("triton"), pytest.raises(BackendUnavailableError, match=r"^enc\.ffn: .*quantized nf4 operands"):
+    with use_backend("triton"), pytest.raises(BackendUnavailableError, match=r"(?s)^enc\.ffn: .*quantized nf4 operands"):
         ops.snell_linear(inputs["x"], inputs["W0"], inputs["bias"], inputs["A"], inputs["B"], inputs["coeffs"],
                          inputs["sparsity"], layer="enc.ffn")
 
@@ -291,3 +287,41 @@ def test_an_operand_that_cannot_be_quantized_is_refused_naming_the_layer(op, nam
     allowed = ", ".join(case.quantizable)
     with pytest.raises(TypeError, match=rf"{op}: {name} must be a torch.Tensor, got a QuantizedTensor \(only {allowed} can"):
         case.call(**inputs)
+
+
+def test_autocast_casts_a_quantized_weight_like_a_dense_one():
+    """nn/_autocast.autocast_cast calls `t.to(dtype)` on every input: a quantized W takes the dtype
+    (its codes unchanged) and the op runs in it."""
+    from cersa_kernels.nn._autocast import autocast_cast
+
+    j = draw("lora_linear", "", T=4, n=8, m=6, r=2)
+    Wq = quantize(j["W"], "nf4")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        x, W, A, B = autocast_cast(j["x"], Wq, j["A"], j["B"])
+    assert W.dtype == torch.bfloat16 and W.data is Wq.data
+    with use_backend("torch"):
+        y = ops.lora_linear(x, W, A, B)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), ops.lora_linear(x, W.dequantize(), A, B).float())
+
+
+# ---- on a GPU (`pytest -m gpu`): the compiled quantized Triton GEMM in every dtype ----------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("op,variant", variants(TRITON_QUANT_OPS))
+def test_triton_on_gpu_matches_the_oracle_on_the_dequantized_operands(op, variant, dtype):
+    """Quantized on the GPU (the interpreter's bf16 is wrong, so 16-bit is checked here only)."""
+    case = OPS[op]
+    base, formats = case.quant_variants()[variant]
+    dense_inputs = on_gpu(case.draw(T, N, M, R, gen=torch.Generator().manual_seed(7), variant=base), dtype)
+    inputs = quantized(dense_inputs, formats, case.quantizable)
+    check_against_reference("triton", case.call, inputs, grads_present(case, inputs), f"{op} {variant} {dtype}")
+
+
+@pytest.mark.gpu
+def test_auto_runs_quantized_ops_on_torch_on_a_gpu():
+    x = torch.randn(4, 8, device="cuda", dtype=torch.bfloat16)
+    Vq = quantize(torch.randn(3, 8, device="cuda", dtype=torch.bfloat16), "nf4").T
+    assert backends.select_backend("lowrank_q_fwd", [x, Vq]) == "torch"

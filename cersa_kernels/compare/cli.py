@@ -9,6 +9,7 @@ import json
 import multiprocessing
 import platform
 import sys
+import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -68,14 +69,16 @@ def _runner(in_process: bool):
 
 def run(args) -> dict:
     """Everything the command does; returns what results.json holds."""
+    from .._adapter_files import write_files_renamed
+    from .._checks import UsageError
     from .methods import METHODS, SWEEP_FACTORS
-    from .report import markdown_table, summarise, verdict, write_plot
+    from .report import markdown_table, plot_png, summarise, verdict
 
     started = time.perf_counter()
     base = _configs(args)
     methods = QUICK["methods"] if args.quick and args.methods == list(METHODS) else args.methods
     out = Path(args.out or f"runs/compare-{datetime.datetime.now():%Y%m%d-%H%M%S}")
-    out.mkdir(parents=True, exist_ok=True)
+    _check_writable(out)
     run_config = _runner(args.in_process)
     lrs, sweep = {}, {}
     for name in methods:
@@ -97,16 +100,37 @@ def run(args) -> dict:
     results = dict(command=" ".join(["python -m cersa_kernels compare"] + sys.argv[2:]) if sys.argv[1:2] == ["compare"] else None,
                    config=dict(base, methods=methods, seeds=args.seeds, lr_sweep=sweep), machine=machine,
                    wall_seconds=wall, rows=rows, runs=runs, verdict=words)
-    (out / "results.json").write_text(json.dumps(results, indent=1))
     header = (f"MiniLM-L6 fine-tuned on BBC news ({base['train_per_class']} train articles/class, {base['seq_len']} tokens, "
               f"{args.seeds} seed(s), {base['device']} {base['dtype']}); wall time {wall:.0f} s on {machine['processor']} "
               f"({machine['cpus']} CPUs), torch {machine['torch']}.")
-    (out / "results.md").write_text(f"{header}\n\n{table}\n\n{words}\n")
+    # printed before anything is written: if the disk is full, the table on screen is not lost
+    print(f"\n{header}\n\n{table}\n\n{words}\n")
+    files = {"results.md": f"{header}\n\n{table}\n\n{words}\n".encode()}
     if not args.no_plot:
-        write_plot(rows, out / "accuracy_vs_memory.png")
-    print(f"\n{header}\n\n{table}\n\n{words}\n\nwrote {out}/results.json, results.md"
-          + ("" if args.no_plot else ", accuracy_vs_memory.png") + f"\noutput directory: {out}")
+        files["accuracy_vs_memory.png"] = plot_png(rows)
+    files["results.json"] = json.dumps(results, indent=1).encode()  # last: its presence marks a complete run
+    try:
+        write_files_renamed(out, files)
+    except OSError as exc:
+        raise UsageError(
+            f"compare: could not write the results to {out} ({exc}); results.json was not written (it is written "
+            "last, and marks a complete run): the table above is the only copy of this run"
+        ) from exc
+    print(f"wrote {out}/results.json, results.md" + ("" if args.no_plot else ", accuracy_vs_memory.png")
+          + f"\noutput directory: {out}")
     return results
+
+
+def _check_writable(out: Path) -> None:
+    """Fail before the training, not after it: `out` exists (or is created) and takes a new file."""
+    from .._checks import UsageError
+
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as exc:
+        raise UsageError(f"compare: cannot write to the output directory {out} ({exc}); pass --out a writable directory") from None
 
 
 def main(argv=None) -> dict:

@@ -1,8 +1,8 @@
 """Aggregate the per-(method, seed) results, render the Markdown table and the verdict, draw the plot."""
 from __future__ import annotations
 
+import io
 import statistics
-from pathlib import Path
 
 # Every field a run reports, with its type (checked by the tests; documented in docs/compare.md).
 FIELDS = {
@@ -119,8 +119,9 @@ def verdict(rows: list[dict]) -> str:
     return " ".join(parts)
 
 
-def write_plot(rows: list[dict], path: Path) -> None:
-    """Test accuracy against peak training memory, one labelled point per trained method."""
+def plot_png(rows: list[dict]) -> bytes:
+    """Test accuracy against peak training memory, one labelled point per trained method, as PNG
+    bytes (so that the command writes it with its other results, all or nothing)."""
     try:
         import matplotlib
     except ImportError as exc:
@@ -141,5 +142,7 @@ def write_plot(rows: list[dict], path: Path) -> None:
     ax.set_title("MiniLM-L6 on BBC news: accuracy vs peak training memory")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
     plt.close(fig)
+    return buffer.getvalue()

@@ -177,10 +177,6 @@ class AdapterLayer(nn.Module):
         """Bytes of every quantized operand of this layer (codes + absmax)."""
         return sum(spec.nbytes() for spec in getattr(self, "_quant_specs", {}).values())
 
-    def quantized_keys(self) -> set[str]:
-        """State-dict keys of the quantized operands' buffers (`<name>_data`, `<name>_absmax`)."""
-        return {f"{n}_{part}" for n in getattr(self, "_quant_specs", {}) for part in ("data", "absmax")}
-
     def state_hint(self, key: str) -> str:
         """A note `load` appends to a shape or dtype mismatch of state-dict entry `key`."""
         name = key.rsplit("_", 1)[0]
@@ -289,6 +285,12 @@ class AdapterLayer(nn.Module):
         codes and absmax when quantized), CERSA's factors where they replace it."""
         w = self.frozen_weight()
         return w.nbytes if isinstance(w, QuantizedTensor) else w.numel() * w.element_size()
+
+    def weight_dtype(self) -> torch.dtype:
+        """The dtype of the Linear this layer stands for, which its inputs come in: the frozen W0's
+        here, CERSA's factors' where they replace it. `load` refuses an adapter whose layer has
+        another dtype than the model's Linear at that place. A quantized W0 stands for its base dtype."""
+        return self.frozen_weight().dtype
 
     # --- PARA (data-free rank pruning) -------------------------------------------------------------
 

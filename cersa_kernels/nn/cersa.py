@@ -369,6 +369,9 @@ class CersaLinear(AdapterLayer, method="cersa"):
     def base_weight_bytes(self) -> int:
         return self.weight_bytes()
 
+    def weight_dtype(self) -> torch.dtype:
+        return self.base_dtype  # U and V (dense or quantized) stand for W0; S may be kept wider (core_dtype)
+
     def dense_weight_bytes(self) -> int:
         return self.in_features * self.out_features * torch.empty((), dtype=self.base_dtype).element_size()
 

@@ -228,6 +228,9 @@ class PicaCersaLinear(PicaLinear):
     def base_weight_bytes(self) -> int:
         return self.base.weight_bytes()
 
+    def weight_dtype(self) -> torch.dtype:
+        return self.base.weight_dtype()
+
     def config(self) -> dict:
         return dict(super().config(), cersa=self.base.config())
 

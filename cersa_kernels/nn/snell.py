@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from .._checks import check_features_args
+from .._checks import check_features_args, check_int, check_real
 from ..backends import use_backend
 from ..ops.snell import check_snell_config, merge_backend, snell_delta, snell_linear, snell_threshold
 from ._autocast import autocast_cast
@@ -45,11 +45,19 @@ class SnellLinear(AdapterLayer, method="snell"):
     ) -> None:
         super().__init__()
         self.in_features, self.out_features = check_features_args(in_features, out_features, dtype, "SnellLinear")
-        check_snell_config(rank, heads, sparsity, tuple(coeffs), self._name())
+        name = self._name()
+        # types first (rank=4.0 would fail inside torch.empty, coeffs=[nan] would give a nan ΔW and
+        # an undefined threshold); the ranges are the op's own checks
+        rank, heads = check_int("rank", rank, name), check_int("heads", heads, name)
+        if isinstance(coeffs, (str, bytes)) or not hasattr(coeffs, "__iter__"):
+            raise TypeError(f"{name}: coeffs must be a sequence of one real number per head, got {coeffs!r}")
+        coeffs = tuple(check_real(f"coeffs[{i}]", c, name) for i, c in enumerate(coeffs))
+        check_real("sparsity", sparsity, name, finite=False)  # nan fails the range check below
+        check_snell_config(rank, heads, sparsity, coeffs, name)
         self.rank = int(rank)
         self.heads = int(heads)
         self.sparsity = float(sparsity)
-        self.coeffs = tuple(float(c) for c in coeffs)
+        self.coeffs = coeffs
         factory = dict(device=device, dtype=dtype)
         d_h = rank // heads
         self._init_frozen_base(bias, **factory)

@@ -14,6 +14,7 @@ all its names.
 from __future__ import annotations
 
 import re
+from collections.abc import Collection
 from typing import Iterator, Optional, Sequence, Union
 
 import torch
@@ -99,6 +100,27 @@ def _unsupported_reason(module: nn.Module, inside_mha: set[int], inside_adapter:
     return f"a {type(module).__name__}, not a Linear or Conv1D layer"
 
 
+def _check_spec(option: str, spec: TargetSpec) -> None:
+    """A target spec is None, a regular expression (str) or a sequence of module-name suffixes: a
+    bad regex or a non-str entry fails here naming the option, not as re.error / TypeError later."""
+    if spec is None:
+        return
+    if isinstance(spec, str):
+        try:
+            re.compile(spec)
+        except re.error as exc:
+            raise ValueError(
+                f"apply: {option}={spec!r} is not a valid regular expression ({exc}); a string is matched as a "
+                "regex against the full module name, a list of names matches name suffixes"
+            ) from None
+        return
+    # a collection (list, tuple, set, dict keys), not a one-shot iterator: every module reads it again
+    if not isinstance(spec, Collection) or not all(isinstance(s, str) for s in spec):
+        raise TypeError(
+            f"apply: {option} must be a regex string, a list of module names or None, got {spec!r}"
+        )
+
+
 def find_targets(model: nn.Module, target_modules: TargetSpec = "all-linear", exclude_modules: TargetSpec = None) -> list[str]:
     """Names of the layers selected by the PEFT-style specs (see module docstring), one per module:
     a module tied under several names (`m.l2 = m.l1`) is selected by any of them, excluded by any
@@ -106,6 +128,8 @@ def find_targets(model: nn.Module, target_modules: TargetSpec = "all-linear", ex
     not MultiheadAttention's out_proj) and every adapter layer, and skips everything else. A list or
     a regex that names any other module (Embedding, LayerNorm, a container, a part of an adapter
     layer) raises ValueError naming it, as PEFT does."""
+    _check_spec("target_modules", target_modules)
+    _check_spec("exclude_modules", exclude_modules)
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     aliases = module_aliases(model)
     inside_mha = _inside_mha(model)

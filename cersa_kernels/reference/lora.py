@@ -4,9 +4,11 @@ Shapes: x (T, n), W (m, n) frozen, bias (m,) or None, A (r, n), B (m, r); dy (T,
 W may be a `quant.QuantizedTensor`, dequantized (`quant.dense`) inside the product that reads it.
 `y = x Wᵀ + b + s·(drop(x) Aᵀ) Bᵀ`, with drop(x) = x ⊙ keep / (1 − p).
 
-Dropout is counter-based: keep[t, j] = hash32(lo32(t·n + j) ^ hash32(seed)) >> 8 ≥ round(p·2²⁴).
-The mask is a pure function of (seed, element index), so the backward regenerates it instead of
-saving a T×n mask, and the Triton kernels (`triton/gemm.py::_hash32`) compute the same bits. The
+Dropout is counter-based: keep[t, j] = hash32(lo32(t·n + j) ^ key) >> 8 ≥ round(p·2²⁴), with
+key = hash32(lo32(seed) ^ hash32(hi32(seed))): all 64 bits of the seed reach the key (seeds 5 and
+5 + 2³² differ), and a seed in [0, 2³²) keeps key = hash32(seed) (hash32(0) = 0). The mask is a
+pure function of (seed, element index), so the backward regenerates it instead of saving a T×n
+mask, and the Triton kernels (`triton/gemm.py::_hash32`, given this key) compute the same bits. The
 index is taken mod 2³², so the pattern repeats after 2³² elements of one call (T·n ≥ 4.3e9).
 """
 from __future__ import annotations
@@ -34,7 +36,8 @@ def hash32(x):
 
 def dropout_params(p: float, seed: Tensor) -> tuple[int, int, float]:
     """(key, threshold, 1/(1−p)) of the mask for dropout probability p and the int64 seed tensor."""
-    key = hash32(int(seed) & _MASK32)
+    seed = int(seed)  # a Python int: the high word of a negative seed is its two's complement
+    key = hash32((seed & _MASK32) ^ hash32((seed >> 32) & _MASK32))
     return key, int(round(p * (1 << 24))), 1.0 / (1.0 - p)
 
 

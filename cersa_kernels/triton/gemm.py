@@ -16,6 +16,7 @@ constexpr so an unused one costs nothing:
 from __future__ import annotations
 
 import functools
+import os
 from typing import NamedTuple, Optional
 
 import torch
@@ -211,6 +212,23 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
+def autotune_enabled() -> bool:
+    """False when CERSA_TRITON_AUTOTUNE=0: every launch then uses `pinned_config`, so a
+    verification run (the GPU check's smoke and doctor stages) compiles each variant once instead
+    of once per autotune config. Tuning runs (benchmarks) leave it on, the default."""
+    return os.environ.get("CERSA_TRITON_AUTOTUNE", "1").strip() not in ("0", "")
+
+
+def pinned_config(M: int, quantized: bool) -> triton.Config:
+    """The one config of a shape class when autotuning is off: the first 128-row tile for M ≥ 128,
+    else the smallest tile. Both are among the autotuned configs, so the compile test covers them."""
+    configs = _QUANT_GPU_CONFIGS if quantized else _GPU_CONFIGS
+    tall = [c for c in configs if c.kwargs["BLOCK_M"] >= 128]
+    if M >= 128 and tall:
+        return tall[0]
+    return min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])
+
+
 @functools.lru_cache(maxsize=2)
 def _tuned_kernel(quantized: bool):
     """The autotuned GEMM; launches with a quantized operand tune over their own configs."""
@@ -330,6 +348,10 @@ def _gemm(
     if triton_interpreting():
         grid = (triton.cdiv(M, 64) * triton.cdiv(N, 64), split)
         _gemm_kernel[grid](*args, **meta, **_INTERPRETER_CONFIG)
+    elif not autotune_enabled():
+        cfg = pinned_config(M, quantized=A.fmt != FMT_DENSE or B.fmt != FMT_DENSE)
+        grid = (triton.cdiv(M, cfg.kwargs["BLOCK_M"]) * triton.cdiv(N, cfg.kwargs["BLOCK_N"]), split)
+        _gemm_kernel[grid](*args, **meta, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     else:
         def grid(cfg):
             return (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]), split)

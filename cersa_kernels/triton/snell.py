@@ -159,7 +159,7 @@ def _snell_select_kernel(
 @triton.jit
 def _snell_fwd_kernel(
     x_ptr, w0_ptr, bias_ptr, a_ptr, b_ptr, c_ptr, tau_ptr, y_ptr, T, m, n, d,
-    stride_xt, stride_xn, stride_wm, stride_wn, stride_yt, stride_ym,
+    stride_xt, stride_xn, stride_wm, stride_wn, stride_yt, stride_ym, stride_bias,
     stride_ah, stride_an, stride_ad, stride_bh, stride_bm, stride_bd,
     HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, H: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -179,7 +179,7 @@ def _snell_fwd_kernel(
                          stride_ah, stride_an, stride_ad, stride_bh, stride_bm, stride_bd, H, BLOCK_M, BLOCK_N)
         acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision=DOT_PRECISION)
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_m, mask=offs_m < m, other=0.0).to(tl.float32)[None, :]
+        acc += tl.load(bias_ptr + offs_m * stride_bias, mask=offs_m < m, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + offs_t[:, None] * stride_yt + offs_m[None, :] * stride_ym, acc.to(y_ptr.dtype.element_ty),
              mask=(offs_t[:, None] < T) & (offs_m[None, :] < m))
 
@@ -337,6 +337,9 @@ def _config(kernel: str, t: Tensor, d_h: int) -> dict:
 
 
 def _coeffs(coeffs: Sequence[float], device) -> Tensor:
+    # a new contiguous vector: the kernels read c_h at c_ptr + h. Every caller tensor (x, W0, bias,
+    # A, B, dy, values) goes in with its own strides; τ is 0-d (one element at its data_ptr); the
+    # other buffers (dA, dB, the histogram, the prefix, the outputs) are allocated here, contiguous.
     return torch.tensor([float(c) for c in coeffs], dtype=torch.float32, device=device)
 
 
@@ -420,7 +423,8 @@ def snell_fwd_triton(
     grid = (triton.cdiv(T, cfg["BLOCK_T"]), triton.cdiv(m, cfg["BLOCK_M"]))
     _snell_fwd_kernel[grid](
         x, W0, bias if bias is not None else x, A, B, _coeffs(coeffs, x.device), tau.to(torch.float32), y,
-        T, m, n, d, *x.stride(), *W0.stride(), *y.stride(), *_factor_args(A, B),
+        T, m, n, d, *x.stride(), *W0.stride(), *y.stride(), bias.stride(0) if bias is not None else 0,
+        *_factor_args(A, B),
         HAS_BIAS=bias is not None, DOT_PRECISION=_dot_precision(x), H=H, **cfg,
     )
     return y
@@ -440,6 +444,7 @@ def snell_bwd_triton(
     grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]))
     deterministic = torch.are_deterministic_algorithms_enabled()
     f32 = dict(dtype=torch.float32, device=x.device)
+    # new contiguous buffers, indexed as such by the kernel ((h·n + j)·d + dd), hence no strides
     if deterministic:  # every slot is written by its tile
         dA = torch.empty((grid[0], H, n, d), **f32)
         dB = torch.empty((grid[1], H, m, d), **f32)
