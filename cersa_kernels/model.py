@@ -31,6 +31,7 @@ from ._adapter_files import (
 )
 from .nn.base import AdapterLayer, adapter_classes, method_classes
 from .nn import tree
+from .nn._quantized import weight_bytes_of, weight_dtype_of
 from .nn.tree import TargetSpec
 from .para import compress
 from .para_peft import write_lora_adapter
@@ -106,12 +107,15 @@ def apply(
     """Replace the selected Linear/Conv1D layers of `model` in place by `method`'s adapter layers.
 
     method: "cersa" (options: energy, energy_power, rank, max_rank, trainable_rank, train_bias,
-    energy_scope="layer"|"global", budget (parameters), budget_bytes, core_dtype=torch.float32);
-    "lora" (rank, alpha, dropout); "pica" (rank; one M shared per role; targets may be CersaLinear
-    layers of an earlier apply, whose h = x·V the branch reuses); "snell" (rank, heads, sparsity,
-    coeffs, train_bias). With freeze_base, every parameter that is not an adapter
-    parameter stops requiring grad (as PEFT does); the layers of an earlier apply keep theirs, except
-    those adapted now (PiCa over CERSA freezes S unless freeze_base=False). Returns an ApplyReport.
+    energy_scope="layer"|"global", budget (parameters), budget_bytes, core_dtype=torch.float32,
+    factor_format=None|"int8"|"nf4", factor_group_size=64, refit=True);
+    "lora" (rank, alpha, dropout, base_format=None|"int8"|"nf4", base_group_size=64); "pica" (rank,
+    base_format, base_group_size; one M shared per role; targets may be CersaLinear layers of an
+    earlier apply, whose h = x·V the branch reuses); "snell" (rank, heads, sparsity, coeffs,
+    train_bias). bitsandbytes Linear4bit targets are read in place (docs/quantization.md). With
+    freeze_base, every parameter that is not an adapter parameter stops requiring grad (as PEFT
+    does); the layers of an earlier apply keep theirs, except those adapted now (PiCa over CERSA
+    freezes S unless freeze_base=False). Returns an ApplyReport.
     """
     methods = method_classes()
     if method not in methods:
@@ -153,7 +157,7 @@ def apply(
         base = bases[name]
         new_trainable = [p for p in layer.parameters() if p.requires_grad and id(p) not in counted]
         counted.update(id(p) for p in new_trainable)
-        before = base.base_weight_bytes() if isinstance(base, AdapterLayer) else base.weight.numel() * base.weight.element_size()
+        before = base.base_weight_bytes() if isinstance(base, AdapterLayer) else weight_bytes_of(base)
         report.rows.append(
             dict(
                 name=name, shape=(base.out_features, base.in_features), rank=layer.rank,
@@ -318,7 +322,7 @@ def _build_layer(model, name, entry, tensors, config_path, weights_path, aliases
     rebuilt = dict(in_features=layer.in_features, out_features=layer.out_features, bias=layer.bias is not None,
                    dtype=_dtype_name(layer.weight_dtype()))
     expected = dict(in_features=base.in_features, out_features=base.out_features, bias=base.bias is not None,
-                    dtype=_dtype_name(base.weight.dtype))
+                    dtype=_dtype_name(weight_dtype_of(base)))  # a Linear4bit's stands for its original dtype
     for got in (dict(rebuilt, bias=rebuilt["bias"] if saved_bias is None else saved_bias), rebuilt):
         if got != expected:
             raise ValueError(
@@ -347,12 +351,13 @@ def _build_layer(model, name, entry, tensors, config_path, weights_path, aliases
         if tuple(value.shape) != tuple(wanted[key].shape):
             raise ValueError(
                 f"{here} ({entry['cls']}): tensor {key!r} has shape {tuple(value.shape)} in {weights_path}, "
-                f"the model needs {tuple(wanted[key].shape)}"
+                f"the model needs {tuple(wanted[key].shape)}{layer.state_hint(key)}"
             )
-        if value.dtype != wanted[key].dtype:  # load_state_dict would cast it silently
+        if value.dtype != wanted[key].dtype:  # load_state_dict would cast it silently (quantized codes too)
             raise ValueError(
                 f"{here} ({entry['cls']}): tensor {key!r} is {_dtype_name(value.dtype)} in {weights_path}, the layer "
-                f"rebuilt over the model's {_dtype_name(base.weight.dtype)} {base_type} needs {_dtype_name(wanted[key].dtype)}"
+                f"rebuilt over the model's {_dtype_name(weight_dtype_of(base))} {base_type} needs "
+                f"{_dtype_name(wanted[key].dtype)}{layer.state_hint(key)}"
             )
     layer.load_state_dict(state, strict=False)
     layer.layer_name, layer.base_type = name, base_type
@@ -472,7 +477,7 @@ def export_peft_lora(
                 "(SNELL's is sparse); merge() it instead"
             )
     base_types = {layer.base_type for layer in layers.values()}
-    if len(base_types) > 1:
+    if len({t == "Conv1D" for t in base_types}) > 1:  # Linear and bitsandbytes Linear4bit share a layout
         raise ValueError(f"export_peft_lora: PEFT needs one fan_in_fan_out for all modules; the targets mix {sorted(base_types)}")
     result = compress(factors, energy=energy, budget=budget)
     if not any(f is not None for f in result.adapters.values()):
