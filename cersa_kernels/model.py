@@ -168,6 +168,14 @@ def apply(
     return report
 
 
+def _unwrapped(model: nn.Module) -> nn.Module:
+    """The module `torch.compile` wrapped (an OptimizedModule keeps it as `_orig_mod`, and every
+    name under it gains that prefix), else `model`: save, load and export name layers as the
+    original model does, so a checkpoint of a compiled model loads into an uncompiled one."""
+    inner = getattr(model, "_orig_mod", None)
+    return inner if isinstance(inner, nn.Module) else model
+
+
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The parameters that require grad, each once (shared ones included once)."""
     seen, out = set(), []
@@ -204,8 +212,14 @@ def save(model: nn.Module, directory: Union[str, Path]) -> None:
     layer). Frozen base weights that the original model already holds (a layer's BASE_KEYS) are not
     written; CERSA's U, S, V are, since its W0 is gone. Both files are committed in one atomic step
     (`_adapter_files.write_files_atomically`): a failure or a kill at any point leaves an earlier
-    adapter in `directory` intact."""
+    adapter in `directory` intact. A `torch.compile`d model is saved under its original names."""
+    model = _unwrapped(model)
     layers = adapter_layers(model)
+    if not layers:
+        raise ValueError(
+            "save: the model has no adapter layer (call apply first); a model whose own parameters "
+            "train is saved with torch.save or save_pretrained, not as an adapter"
+        )
     aliases = tree.module_aliases(model)
     tensors, config = {}, {"format": FORMAT, "version": FORMAT_VERSION, "layers": {}, "trainable": []}
     for name, layer in layers.items():
@@ -381,6 +395,7 @@ def load(model: nn.Module, directory: Union[str, Path]) -> nn.Module:
     tensors (exactly those the config declares, every value finite) are checked against `model`
     before anything is replaced; on any error (one line, naming the file and the layer or tensor)
     `model` is left exactly as it was. Nothing is cast: an adapter in another dtype is refused."""
+    given, model = model, _unwrapped(model)
     directory = Path(directory)
     config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
     config, tensors = _read_adapter(directory)
@@ -447,7 +462,7 @@ def load(model: nn.Module, directory: Union[str, Path]) -> nn.Module:
         for p, flag in requires_grad:
             p.requires_grad_(flag)
         raise
-    return model
+    return given
 
 
 # --- export --------------------------------------------------------------------------------------
@@ -466,6 +481,7 @@ def export_peft_lora(
     Ranks come from PARA over all the updates: `energy=1.0` (default) keeps every non-zero singular
     value (exact, at each update's true rank); a lower `energy` or a `budget` (adapter parameters)
     prunes with one global threshold. Returns the PARA result (per-layer ranks)."""
+    model = _unwrapped(model)
     layers = adapter_layers(model)
     if not layers:
         raise ValueError("export_peft_lora: the model has no adapter layer (call apply first)")
