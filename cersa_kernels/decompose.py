@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
 
+from . import quant
 from ._checks import check_int, check_real
 
 __all__ = [
     "decompose", "truncated_svd", "select_rank", "energy_curve", "TruncatedSVD", "global_ranks", "cersa_parameter_count",
+    "cersa_weight_bytes",
 ]
 
 
@@ -165,19 +168,37 @@ def cersa_parameter_count(m: int, n: int, k: int) -> int:
     return k * (m + n + k + 1)
 
 
+def cersa_weight_bytes(
+    m: int, n: int, k: int, *, factor_format: Optional[str] = None, factor_group_size: int = quant.DEFAULT_GROUP_SIZE,
+    factor_element_size: int = 4, core_element_size: int = 4, refit: bool = True,
+) -> int:
+    """Exact bytes CersaLinear keeps for an m×n weight at rank k (bias excluded): U and V (dense, or
+    quantized as Uᵀ (k, m) and Vᵀ (k, n) grouped along m and n: quant.quantized_bytes), the core S
+    (k×k) and sigma (k), plus the refitted initial core (k×k) when the factors are quantized and
+    `refit` (docs/quantization.md)."""
+    if factor_format is None:
+        return k * (m + n) * factor_element_size + (k * k + k) * core_element_size
+    factors = quant.quantized_bytes(k, m, factor_format, factor_group_size) + quant.quantized_bytes(
+        k, n, factor_format, factor_group_size
+    )
+    return factors + (k * k * (2 if refit else 1) + k) * core_element_size
+
+
 def global_ranks(
     spectra: dict[str, Tensor],
     shapes: dict[str, tuple[int, int]],
     energy: float | None = 0.95,
     energy_power: float = 2,
     budget: int | None = None,
+    cost: Optional[Callable[[int, int, int], int]] = None,
 ) -> dict[str, int]:
     """One σᵖ threshold across all layers (docs/methods.md §1 pooled over a model), so the rank goes where
     the spectrum needs it. Every layer keeps at least rank 1.
 
     spectra: {name: (r,) descending singular values}; shapes: {name: (m, n)}.
     energy: keep the largest pooled σᵖ until their sum reaches `energy` of the pooled total.
-    budget: instead, keep the largest pooled σᵖ while Σ_l cersa_parameter_count(m_l, n_l, k_l) ≤ budget.
+    budget: instead, keep the largest pooled σᵖ while Σ_l cost(m_l, n_l, k_l) ≤ budget; `cost` defaults
+    to cersa_parameter_count (a budget in parameters); CERSA's budget_bytes passes cersa_weight_bytes.
     Returns {name: k}.
     """
     names = list(spectra)
@@ -200,9 +221,11 @@ def global_ranks(
             counts = torch.bincount(owner[order[: min(kept, len(order))]], minlength=len(names))
             ranks = {n: max(1, int(c)) for n, c in zip(names, counts)}
         return ranks
-    used = sum(cersa_parameter_count(*shapes[n], 1) for n in names)
+    cost = cost or cersa_parameter_count
+    used = sum(cost(*shapes[n], 1) for n in names)
     if used > budget:
-        raise ValueError(f"global_ranks: budget {budget} is below the {used} parameters that rank 1 on every layer needs")
+        unit = "parameters" if cost is cersa_parameter_count else "bytes"
+        raise ValueError(f"global_ranks: budget {budget} is below the {used} {unit} that rank 1 on every layer needs")
     seen = {n: 0 for n in names}
     for index in order.tolist():
         name = names[int(owner[index])]
@@ -210,7 +233,7 @@ def global_ranks(
         if seen[name] == 1:  # each layer's largest value is already in (rank 1)
             continue
         m, n = shapes[name]
-        step = m + n + 2 * seen[name]  # cost of rank k over rank k-1
+        step = cost(m, n, seen[name]) - cost(m, n, seen[name] - 1)  # cost of rank k over rank k-1
         if used + step > budget:
             break  # one threshold: everything below this value is dropped, everywhere
         used += step

@@ -31,6 +31,7 @@ from ._adapter_files import (
 )
 from .nn.base import AdapterLayer, adapter_classes, method_classes
 from .nn import tree
+from .nn._quantized import weight_bytes_of, weight_dtype_of
 from .nn.tree import TargetSpec
 from .para import compress
 from .para_peft import write_lora_adapter
@@ -106,12 +107,15 @@ def apply(
     """Replace the selected Linear/Conv1D layers of `model` in place by `method`'s adapter layers.
 
     method: "cersa" (options: energy, energy_power, rank, max_rank, trainable_rank, train_bias,
-    energy_scope="layer"|"global", budget (parameters), budget_bytes, core_dtype=torch.float32);
-    "lora" (rank, alpha, dropout); "pica" (rank; one M shared per role; targets may be CersaLinear
-    layers of an earlier apply, whose h = x·V the branch reuses); "snell" (rank, heads, sparsity,
-    coeffs, train_bias). With freeze_base, every parameter that is not an adapter
-    parameter stops requiring grad (as PEFT does); the layers of an earlier apply keep theirs, except
-    those adapted now (PiCa over CERSA freezes S unless freeze_base=False). Returns an ApplyReport.
+    energy_scope="layer"|"global", budget (parameters), budget_bytes, core_dtype=torch.float32,
+    factor_format=None|"int8"|"nf4", factor_group_size=64, refit=True);
+    "lora" (rank, alpha, dropout, base_format=None|"int8"|"nf4", base_group_size=64); "pica" (rank,
+    base_format, base_group_size; one M shared per role; targets may be CersaLinear layers of an
+    earlier apply, whose h = x·V the branch reuses); "snell" (rank, heads, sparsity, coeffs,
+    train_bias). bitsandbytes Linear4bit targets are read in place (docs/quantization.md). With
+    freeze_base, every parameter that is not an adapter parameter stops requiring grad (as PEFT
+    does); the layers of an earlier apply keep theirs, except those adapted now (PiCa over CERSA
+    freezes S unless freeze_base=False). Returns an ApplyReport.
     """
     methods = method_classes()
     if method not in methods:
@@ -153,7 +157,7 @@ def apply(
         base = bases[name]
         new_trainable = [p for p in layer.parameters() if p.requires_grad and id(p) not in counted]
         counted.update(id(p) for p in new_trainable)
-        before = base.base_weight_bytes() if isinstance(base, AdapterLayer) else base.weight.numel() * base.weight.element_size()
+        before = base.base_weight_bytes() if isinstance(base, AdapterLayer) else weight_bytes_of(base)
         report.rows.append(
             dict(
                 name=name, shape=(base.out_features, base.in_features), rank=layer.rank,
@@ -162,6 +166,14 @@ def apply(
             )
         )
     return report
+
+
+def _unwrapped(model: nn.Module) -> nn.Module:
+    """The module `torch.compile` wrapped (an OptimizedModule keeps it as `_orig_mod`, and every
+    name under it gains that prefix), else `model`: save, load and export name layers as the
+    original model does, so a checkpoint of a compiled model loads into an uncompiled one."""
+    inner = getattr(model, "_orig_mod", None)
+    return inner if isinstance(inner, nn.Module) else model
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -200,8 +212,14 @@ def save(model: nn.Module, directory: Union[str, Path]) -> None:
     layer). Frozen base weights that the original model already holds (a layer's BASE_KEYS) are not
     written; CERSA's U, S, V are, since its W0 is gone. Both files are committed in one atomic step
     (`_adapter_files.write_files_atomically`): a failure or a kill at any point leaves an earlier
-    adapter in `directory` intact."""
+    adapter in `directory` intact. A `torch.compile`d model is saved under its original names."""
+    model = _unwrapped(model)
     layers = adapter_layers(model)
+    if not layers:
+        raise ValueError(
+            "save: the model has no adapter layer (call apply first); a model whose own parameters "
+            "train is saved with torch.save or save_pretrained, not as an adapter"
+        )
     aliases = tree.module_aliases(model)
     tensors, config = {}, {"format": FORMAT, "version": FORMAT_VERSION, "layers": {}, "trainable": []}
     for name, layer in layers.items():
@@ -318,7 +336,7 @@ def _build_layer(model, name, entry, tensors, config_path, weights_path, aliases
     rebuilt = dict(in_features=layer.in_features, out_features=layer.out_features, bias=layer.bias is not None,
                    dtype=_dtype_name(layer.weight_dtype()))
     expected = dict(in_features=base.in_features, out_features=base.out_features, bias=base.bias is not None,
-                    dtype=_dtype_name(base.weight.dtype))
+                    dtype=_dtype_name(weight_dtype_of(base)))  # a Linear4bit's stands for its original dtype
     for got in (dict(rebuilt, bias=rebuilt["bias"] if saved_bias is None else saved_bias), rebuilt):
         if got != expected:
             raise ValueError(
@@ -347,12 +365,13 @@ def _build_layer(model, name, entry, tensors, config_path, weights_path, aliases
         if tuple(value.shape) != tuple(wanted[key].shape):
             raise ValueError(
                 f"{here} ({entry['cls']}): tensor {key!r} has shape {tuple(value.shape)} in {weights_path}, "
-                f"the model needs {tuple(wanted[key].shape)}"
+                f"the model needs {tuple(wanted[key].shape)}{layer.state_hint(key)}"
             )
-        if value.dtype != wanted[key].dtype:  # load_state_dict would cast it silently
+        if value.dtype != wanted[key].dtype:  # load_state_dict would cast it silently (quantized codes too)
             raise ValueError(
                 f"{here} ({entry['cls']}): tensor {key!r} is {_dtype_name(value.dtype)} in {weights_path}, the layer "
-                f"rebuilt over the model's {_dtype_name(base.weight.dtype)} {base_type} needs {_dtype_name(wanted[key].dtype)}"
+                f"rebuilt over the model's {_dtype_name(weight_dtype_of(base))} {base_type} needs "
+                f"{_dtype_name(wanted[key].dtype)}{layer.state_hint(key)}"
             )
     layer.load_state_dict(state, strict=False)
     layer.layer_name, layer.base_type = name, base_type
@@ -376,6 +395,7 @@ def load(model: nn.Module, directory: Union[str, Path]) -> nn.Module:
     tensors (exactly those the config declares, every value finite) are checked against `model`
     before anything is replaced; on any error (one line, naming the file and the layer or tensor)
     `model` is left exactly as it was. Nothing is cast: an adapter in another dtype is refused."""
+    given, model = model, _unwrapped(model)
     directory = Path(directory)
     config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
     config, tensors = _read_adapter(directory)
@@ -442,7 +462,7 @@ def load(model: nn.Module, directory: Union[str, Path]) -> nn.Module:
         for p, flag in requires_grad:
             p.requires_grad_(flag)
         raise
-    return model
+    return given
 
 
 # --- export --------------------------------------------------------------------------------------
@@ -461,6 +481,7 @@ def export_peft_lora(
     Ranks come from PARA over all the updates: `energy=1.0` (default) keeps every non-zero singular
     value (exact, at each update's true rank); a lower `energy` or a `budget` (adapter parameters)
     prunes with one global threshold. Returns the PARA result (per-layer ranks)."""
+    model = _unwrapped(model)
     layers = adapter_layers(model)
     if not layers:
         raise ValueError("export_peft_lora: the model has no adapter layer (call apply first)")
@@ -472,7 +493,7 @@ def export_peft_lora(
                 "(SNELL's is sparse); merge() it instead"
             )
     base_types = {layer.base_type for layer in layers.values()}
-    if len(base_types) > 1:
+    if len({t == "Conv1D" for t in base_types}) > 1:  # Linear and bitsandbytes Linear4bit share a layout
         raise ValueError(f"export_peft_lora: PEFT needs one fan_in_fan_out for all modules; the targets mix {sorted(base_types)}")
     result = compress(factors, energy=energy, budget=budget)
     if not any(f is not None for f in result.adapters.values()):

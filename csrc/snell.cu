@@ -41,17 +41,19 @@ __global__ void __launch_bounds__(TILE* TILE) snell_delta_kernel(Tensor3 A, Tens
       const int len = static_cast<int>(min(static_cast<int64_t>(DCHUNK), d - d0));
       for (int c = 0; c < len; ++c) {
         const float diff = b_s[threadIdx.y][c] - a_s[threadIdx.x][c];
-        dist2 = fmaf(diff, diff, dist2);
+        dist2 = __fadd_rn(dist2, __fmul_rn(diff, diff));  // _rn intrinsics: never fused into an fma
       }
       __syncthreads();
     }
-    k_ij = fmaf(coeffs.c[h], __fsqrt_rn(dist2), k_ij);  // correctly rounded, as in the Triton kernels
+    // each product and sum rounded on its own, sqrt correctly rounded: the reference's and the
+    // Triton kernels' bits, so a threshold from any backend selects the same entries here
+    k_ij = __fadd_rn(k_ij, __fmul_rn(coeffs.c[h], __fsqrt_rn(dist2)));
   }
   const int64_t i = i0 + threadIdx.y, j = j0 + threadIdx.x;
   if (i < m && j < n) {
     const float abs_k = fabsf(k_ij);
     const float mag = isinf(tau) && tau < 0.0f ? 1.0f : (abs_k > tau ? abs_k : 0.0f);
-    static_cast<T*>(out.data)[i * out.stride_row + j * out.stride_col] = from_f32<T>(k_ij * mag);
+    static_cast<T*>(out.data)[i * out.stride_row + j * out.stride_col] = from_f32<T>(__fmul_rn(k_ij, mag));
   }
 }
 

@@ -49,11 +49,24 @@ METHODS = {
                         train_bias=True),
 }
 
-# Stacks: a method applied over another one's layers (PiCa over CERSA: PicaCersaLinear).
+# Stacks: a method applied over another one's layers (PiCa over CERSA: PicaCersaLinear), and the
+# quantized variants of a method (its frozen operands stored int8 / NF4, docs/quantization.md):
+# every method-level suite that iterates over STACKS runs them too. Group size 16 divides the test
+# model's 32 and 48.
 STACKS = {
     "pica-on-cersa": MethodCase(
         dict(rank=4), _one_per_role,  # one M per role; CERSA's S is frozen under PiCa
         under="cersa", method="pica", layer="PicaCersaLinear",
+    ),
+    "cersa-nf4": MethodCase(
+        dict(energy=0.9, factor_format="nf4", factor_group_size=16), _one_per_layer, train_bias=True,
+        method="cersa", layer="CersaLinear",
+    ),
+    "lora-nf4": MethodCase(
+        dict(rank=4, alpha=8, base_format="nf4", base_group_size=16), _two_per_layer, method="lora", layer="LoraLinear",
+    ),
+    "pica-int8": MethodCase(
+        dict(rank=4, base_format="int8", base_group_size=16), _one_per_role, method="pica", layer="PicaLinear",
     ),
 }
 

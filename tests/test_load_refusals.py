@@ -13,10 +13,10 @@ from torch import nn
 import cersa_kernels as ck
 from cersa_kernels.model import CONFIG_NAME, WEIGHTS_NAME, write_adapter
 
-from registry import METHODS, STACKS, apply, case_of
+from registry import METHODS, STACKS, apply, case_of, method_of
 
 EVERY = sorted(METHODS) + sorted(STACKS)
-WITH_BASE_KEYS = [m for m in EVERY if case_of(m).under is None and m != "cersa"]  # LoRA, PiCa, SNELL keep W0
+WITH_BASE_KEYS = [m for m in EVERY if case_of(m).under is None and method_of(m) != "cersa"]  # LoRA, PiCa, SNELL keep W0
 
 
 class Small(nn.Module):

@@ -351,7 +351,13 @@ def test_gpu_triton_matches_reference_and_allocates_no_m_by_n(dtype):
         y.sum().backward()
         torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() - base
-    assert peak < m * n * 4 // 2, f"peak {peak} bytes vs one fp32 m×n buffer {m * n * 4}"
+    # The claim is about m×n buffers, not the call's own T-sized tensors, which are alive together
+    # at the peak: y and dy (T×m), dx (T×n), dA, dB. What is left beyond them must stay far below
+    # one m×n buffer (without subtracting them a correct kernel measured 7.34 MB against a 6.29 MB
+    # bound in fp32).
+    es = torch.empty((), dtype=dtype).element_size()
+    own = (2 * T * m + T * n) * es + 2 * (layer.A.numel() + layer.B.numel()) * 4
+    assert peak - own < m * n * 4 // 4, f"peak {peak} bytes, {peak - own} beyond y, dy, dx, dA, dB; one fp32 m×n buffer is {m * n * 4}"
     args = (x.detach().double(), layer.weight.double(), layer.bias.double(), layer.A.double(), layer.B.double())
     r = run("torch", *[a.cpu() for a in args], sparsity=0.9)
     tol = 2e-2 if dtype == torch.bfloat16 else 1e-3

@@ -12,7 +12,10 @@ Bounds asserted (per variant, per arch):
 - 16-bit variants (fp16/bf16 operands) spill at most SPILL_BOUND_16BIT bytes (ptxas -v);
   fp32 spills are printed, not bounded (fp32 GEMMs without TF32 run on CUDA cores);
 - 16-bit GEMM tiles with BLOCK_M >= 64 use wgmma on sm_90 and mma.sync on sm_80;
-- no pointer offset is a 32-bit integer (an i32 index product wraps past 2^31 elements).
+- no pointer offset is a 32-bit integer (an i32 index product wraps past 2^31 elements);
+- GEMMs with a quantized operand (int8, NF4: `QUANTIZED_POSITIONS`): each one the launchers
+  produce is compiled, 16-bit ones spill nothing, and those with BLOCK_M >= 64 run tl.dot on the
+  dequantized tiles with wgmma (sm_90) / mma.sync (sm_80).
 """
 import json
 import os
@@ -134,6 +137,51 @@ def test_pointer_offsets_are_int64(reports, arch):
     assert not _failures(reports, arch, lambda r: r.get("i32_addptr"))
 
 
+# Quantized operands: `_quant_gemm_cases` runs every launcher with int8 and NF4 frozen weights.
+# (A_FMT, A_STORED_T, B_FMT, B_STORED_T) of each quantized GEMM the launchers make, per format:
+# U·S (A = U, stored Uᵀ), x·V, x·W0ᵀ and dy·U (B stored transposed), S·Vᵀ and dy·W0 (B as stored).
+QUANTIZED_POSITIONS = {(f, True, 0, False) for f in (1, 2)} | {(0, False, f, t) for f in (1, 2) for t in (False, True)}
+
+
+def _quantized(report) -> bool:
+    return report["kernel"] == "_gemm_kernel" and (report["constexprs"]["A_FMT"] or report["constexprs"]["B_FMT"])
+
+
+def _position(report):
+    c = report["constexprs"]
+    return (c["A_FMT"], c["A_STORED_T"], c["B_FMT"], c["B_STORED_T"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_quantized_operand_position_is_compiled(reports, arch):
+    """Every position in bf16; the default subset compiles fp16 and fp32 once per format (the same
+    dequantizing code; the full sweep every position)."""
+    for dtype in ("*bf16", "*fp16", "*fp32"):
+        quantized = [r for r in reports[arch] if _quantized(r) and dtype in r["pointer_types"]]
+        if dtype == "*bf16" or FULL:
+            assert QUANTIZED_POSITIONS <= {_position(r) for r in quantized}, dtype
+        assert {f for r in quantized for f in _position(r)[::2]} - {0} == {1, 2}, dtype
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ARCHS)
+def test_16bit_quantized_gemms_do_not_spill(reports, arch):
+    assert not _failures(reports, arch, lambda r: _quantized(r) and _is_16bit(r) and r.get("spill_stores", 0)
+                         and f"{r['spill_stores']} B spill stores")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ARCHS)
+def test_quantized_gemm_tiles_use_tensor_cores(reports, arch):
+    """tl.dot on the dequantized tiles of every 16-bit quantized position is a tensor-core MMA."""
+    instr = "wgmma" if arch == 90 else "mma_sync"
+    tiles = [r for r in reports[arch] if _quantized(r) and _is_16bit(r) and r["constexprs"]["BLOCK_M"] >= 64
+             and "error" not in r]
+    assert QUANTIZED_POSITIONS <= {_position(r) for r in tiles}
+    assert not [r["id"] for r in tiles if not r[instr]]
+
+
 # Specialisation, without compiling: what the JIT would key its cache on.
 
 def _seeds_covering_key_types():
@@ -184,3 +232,17 @@ def test_dot_precision_follows_allow_tf32():
         assert dot_precision(torch.bfloat16) == "tf32"  # ignored for 16-bit operands
     finally:
         torch.backends.cuda.matmul.allow_tf32 = allowed
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ARCHS)
+def test_snell_kernels_compute_abs_k_without_contraction(reports, arch):
+    """SNELL's kernels are compiled with enable_fp_fusion=False: the |K| they compare with τ is then
+    rounded after every operation, the bits of the torch reference (which computes τ for the
+    doctor and the merge) and of the interpreter. Checked in the PTX: no fp32 fma in the selection
+    kernel (no tl.dot there) nor in any 16-bit SNELL kernel (its dots are mma, not fma)."""
+    snell = [r for r in reports[arch] if r["kernel"] != "_gemm_kernel"]
+    assert snell, "no SNELL kernel captured"
+    bad = [r["id"] for r in snell if not r.get("error") and r.get("fma_f32", 0) > 0
+           and (r["kernel"] == "_snell_select_kernel" or _is_16bit(r))]
+    assert not bad, f"SNELL kernels with fused fp32 multiply-adds: {bad}"

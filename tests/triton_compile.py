@@ -84,6 +84,43 @@ def _gemm_cases(dtype_name: str) -> None:
         pica_lowrank.pica_lowrank_bwd_triton(dy, hl, V, S, U, M, True)
 
 
+# (format, group size): NF4 at bitsandbytes' default 64, which every tile's extent along the
+# stored row divides for x·V, x·W0ᵀ (one scale per stored row and tile); int8 at 48, which none
+# divides (one scale load per element): both ways of loading the scales are compiled.
+QUANT_FORMATS = (("int8", 48), ("nf4", 64))
+
+
+def _quant_gemm_cases(dtype_name: str) -> None:
+    """Every launcher with quantized frozen weights, as the ops hold them (V, U as `.T`-views of
+    stored Vᵀ, Uᵀ; W (m, n) as stored): each quantized operand position (A stored transposed, B
+    stored transposed, B as stored), in both specialisations (odd and aligned shapes)."""
+    import torch
+
+    from cersa_kernels.quant import quantize
+    from cersa_kernels.triton import lora, lowrank, pica, pica_lowrank
+
+    dt = getattr(torch, dtype_name)
+    g = torch.Generator().manual_seed(0)
+
+    def rand(*shape, dtype=dt):
+        return torch.randn(*shape, generator=g).to(dtype)
+
+    for fmt, group in QUANT_FORMATS:
+        for s in _shapes():
+            T, n, m, k, r = s["T"], s["n"], s["m"], s["k"], s["r"]
+            x, dy, bias = rand(T, n), rand(T, m), rand(m)
+            V, U = quantize(rand(k, n), fmt, group).T, quantize(rand(k, m), fmt, group).T
+            W, S, A, Bm, M = quantize(rand(m, n), fmt, group), rand(k, k, dtype=torch.float32), rand(r, n), rand(m, r), rand(m, r)
+            _, h = lowrank.lowrank_fwd_triton(x, V, S, U, bias)
+            lowrank.lowrank_bwd_triton(dy, h, V, S, U, True)
+            _, xa = lora.lora_fwd_triton(x, W, bias, A, Bm, 2.0, 0.0, torch.tensor(0))
+            lora.lora_bwd_triton(dy, x, xa, W, A, Bm, 2.0, 0.0, torch.tensor(0), True)
+            _, hp = pica.pica_fwd_triton(x, W, bias, A, M)
+            pica.pica_bwd_triton(dy, hp, W, A, M, True)
+            _, hl = pica_lowrank.pica_lowrank_fwd_triton(x, V, S, U, M, bias)
+            pica_lowrank.pica_lowrank_bwd_triton(dy, hl, V, S, U, M, True)
+
+
 def _snell_cases(dtype_name: str, head_dims) -> None:
     import torch
 
@@ -155,6 +192,7 @@ def cases(full: bool) -> tuple[dict, dict]:
         "gemm": (_gemm_cases, DTYPES),
         "snell": (lambda dt: _snell_cases(dt, dims), DTYPES if full else ("bfloat16",)),
         "gemm_tf32": (_tf32_case, ("float32",)),
+        "gemm_quant": (_quant_gemm_cases, DTYPES),
     }
     if not full:
         sweep["snell_other_dtypes"] = (lambda dt: _snell_cases(dt, SNELL_HEAD_DIMS_OTHER_DTYPES), ("float16", "float32"))
@@ -195,7 +233,8 @@ class Recorder:
                       instrumentation_mode=knobs.compilation.instrumentation_mode)
         bound_args, specialization, options = binder(*args, **kwargs)
         options, signature, constexprs, attrs = jit._pack_args(self.backend, kwargs, bound_args, specialization, options)
-        option_kwargs = {k: kwargs[k] for k in ("num_warps", "num_stages", "num_ctas", "maxnreg") if k in kwargs}
+        option_kwargs = {k: kwargs[k] for k in ("num_warps", "num_stages", "num_ctas", "maxnreg", "enable_fp_fusion")
+                         if k in kwargs}
         variant = dict(
             module=jit.fn.__module__, kernel=jit.fn.__name__, signature=signature,
             constexprs=[[list(k), v] for k, v in sorted(constexprs.items())],
@@ -293,10 +332,21 @@ def constexpr_values(v: dict) -> dict:
 _TILE_PREFIXES = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_T", "GROUP_", "SHIFT", "NBITS")
 
 
+def operand_formats(v: dict) -> tuple:
+    """(A_FMT, A_STORED_T, B_FMT, B_STORED_T) of a GEMM variant: (0, False, 0, False) when dense."""
+    c = constexpr_values(v)
+    return (c["A_FMT"], c["A_STORED_T"], c["B_FMT"], c["B_STORED_T"])
+
+
+def is_quantized_gemm(v: dict) -> bool:
+    return v["kernel"] == "_gemm_kernel" and operand_formats(v)[::2] != (0, 0)
+
+
 def _coverage_key(v: dict):
-    """What the default subset compiles once. GEMM: pointer types and flags in bf16 (the layout
-    specialisations, stride == 1, compile to the same tile code), pointer types and dot precision
-    (fp32: TF32 or not) in fp16/fp32.
+    """What the default subset compiles once. GEMM: pointer types, flags and quantized operand
+    positions in bf16 (the layout specialisations, stride == 1, compile to the same tile code),
+    pointer types and dot precision (fp32: TF32 or not) in fp16/fp32 (the pointer types tell int8
+    from NF4, so each format is compiled once per dtype).
     SNELL: kernel and pointer types."""
     ptrs = tuple(sorted({t for t in v["signature"].values() if t.startswith("*")}))
     if v["kernel"] != "_gemm_kernel":
@@ -304,7 +354,7 @@ def _coverage_key(v: dict):
     c = constexpr_values(v)
     if "*bf16" not in ptrs:
         return (v["kernel"], ptrs, c["DOT_PRECISION"])
-    return (v["kernel"], ptrs, c["HAS_BIAS"], c["HAS_RESIDUAL"], c["DROP"])
+    return (v["kernel"], ptrs, c["HAS_BIAS"], c["HAS_RESIDUAL"], c["DROP"], operand_formats(v))
 
 
 def is_plain_gemm(v: dict) -> bool:
@@ -327,7 +377,9 @@ def select(variants: list, full: bool) -> list:
     smallest tile: the quickest to compile), plus every autotune config of two plain bf16 GEMM
     layouts, the least and the most 16-divisible (odd strides: element-wise loads, the tile in
     registers; aligned: the cp.async/TMA pipeline in shared memory), so that each config's shared
-    memory, spills and wgmma use are checked in both specialisations on each arch."""
+    memory, spills and wgmma use are checked in both specialisations on each arch; the same for
+    the plain bf16 GEMM with an NF4 B stored transposed (x·V, x·W0ᵀ: the T-sized dequantizing
+    products, and the format with the most work per element), over the quantized configs."""
     if full:
         return variants
 
@@ -337,7 +389,11 @@ def select(variants: list, full: bool) -> list:
 
     plain = {layout(v): _n_divisible(v) for v in variants if is_plain_gemm(v)
              and set(v["signature"][p] for p in ("a_ptr", "b_ptr", "c_ptr")) == {"*bf16"}}
-    every_config = {min(plain, key=plain.get), max(plain, key=plain.get)} if plain else set()
+    nf4_b = {layout(v): _n_divisible(v) for v in variants if is_plain_gemm(v) and operand_formats(v) == (0, False, 2, True)
+             and v["signature"]["a_ptr"] == "*bf16"}
+    every_config = set()
+    for layouts in (plain, nf4_b):
+        every_config |= {min(layouts, key=layouts.get), max(layouts, key=layouts.get)} if layouts else set()
     chosen, seen = [], set()
     for v in sorted(variants, key=_tile_volume):  # stable: capture order within a tile size
         key = _coverage_key(v)
@@ -398,6 +454,8 @@ def compile_variant(v: dict, arch: int, workdir: Path) -> dict:
         shared=compiled.metadata.shared,
         wgmma="wgmma.mma_async" in ptx,
         mma_sync="mma.sync" in ptx,
+        # fused multiply-adds in fp32: a contracted a*b + c rounds once, not twice (SNELL's |K|)
+        fma_f32=len(re.findall(r"\bfma\.rn\.f32\b", ptx)),
         # pointer offsets of 32 bits: an i32 index product can wrap past 2^31 elements
         i32_addptr=[line.strip()[:240] for line in ttir.splitlines()
                     if "tt.addptr" in line and re.search(r"(, |x)i32>? loc", line)],

@@ -11,12 +11,17 @@ errors, PARA's defaults and the weight-byte count. docs/architecture.md walks th
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Optional
+from typing import ClassVar, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
+from .. import quant
+from ..quant import QuantizedTensor
 from ._merge import merged_linear
+from ._quantized import (
+    DEFAULT_GROUP_SIZE, QuantSpec, check_quant_options, frozen_weight_of, is_linear4bit, linear4bit_problem,
+)
 
 __all__ = ["AdapterLayer", "LowRankUpdate", "adapter_classes", "method_classes"]
 
@@ -87,20 +92,117 @@ class AdapterLayer(nn.Module):
         """How errors name this layer: its path in the model, else its class and shape."""
         return self.layer_name or f"{type(self).__name__}(in_features={self.in_features}, out_features={self.out_features})"
 
-    def _init_frozen_base(self, bias: bool, device=None, dtype=None) -> None:
+    def _init_frozen_base(
+        self, bias: bool, device=None, dtype=None, base_format: Optional[str] = None,
+        base_group_size: int = DEFAULT_GROUP_SIZE,
+    ) -> None:
         """The frozen base: `weight` (out, in) and `bias` (out,) as Parameters with
-        requires_grad=False, so the state dict has nn.Linear's keys (what BASE_KEYS names)."""
+        requires_grad=False, so the state dict has nn.Linear's keys (what BASE_KEYS names). With
+        `base_format` ("int8" | "nf4") the weight is stored quantized instead, as the buffers
+        `weight_data` and `weight_absmax` (grouped along in_features), and there is no `weight`."""
         factory = dict(device=device, dtype=dtype)
-        self.weight = nn.Parameter(torch.empty(self.out_features, self.in_features, **factory), requires_grad=False)
+        self.base_format = check_quant_options("base_format", base_format, base_group_size, self._name())
+        self.base_group_size = int(base_group_size)
+        self.base_dtype = dtype or torch.get_default_dtype()
+        if self.base_format is None:
+            self.weight = nn.Parameter(torch.empty(self.out_features, self.in_features, **factory), requires_grad=False)
+        else:
+            spec = QuantSpec((self.out_features, self.in_features), self.base_format, self.base_group_size)
+            self._register_quantized("weight", spec, device)
         self.bias = nn.Parameter(torch.empty(self.out_features, **factory), requires_grad=False) if bias else None
 
     @torch.no_grad()
     def _copy_frozen_base(self, linear: nn.Linear, train_bias: bool = False) -> None:
-        """Copy `linear`'s weight and bias into the frozen base; the bias trains only if asked."""
-        self.weight.copy_(linear.weight)
+        """Copy `linear`'s weight and bias into the frozen base; the bias trains only if asked. A
+        quantized base quantizes a detached copy of the weight (a frozen operand has no gradient),
+        or, for a bitsandbytes Linear4bit, views its packed data in place."""
+        source = frozen_weight_of(linear)
+        if self.base_format is None:
+            self.weight.copy_(quant.dense(source))
+        else:
+            self._store_quantized("weight", source)
         if linear.bias is not None:
             self.bias.copy_(linear.bias)
             self.bias.requires_grad_(train_bias)
+
+    def frozen_weight(self) -> Union[Tensor, QuantizedTensor]:
+        """The frozen base W0 (out, in): the `weight` Parameter, or the QuantizedTensor over the
+        buffers (dtype: the layer's base dtype)."""
+        if getattr(self, "base_format", None) is None:
+            return self.weight
+        return self.quantized("weight")
+
+    # --- quantized storage (docs/quantization.md) ------------------------------------------------
+    # A quantized operand `<name>` is two plain buffers, `<name>_data` (the codes) and
+    # `<name>_absmax` (float32, one per group), so state_dict, .to(), save/load and FSDP see only
+    # tensors; the QuantizedTensor is rebuilt around them at each use (no copy).
+
+    def _register_quantized(self, name: str, spec: QuantSpec, device=None) -> None:
+        if not hasattr(self, "_quant_specs"):
+            self._quant_specs: dict[str, QuantSpec] = {}
+        self._quant_specs[name] = spec
+        code = torch.int8 if spec.format == "int8" else torch.uint8
+        self.register_buffer(f"{name}_data", torch.zeros(spec.data_numel(), dtype=code, device=device))
+        self.register_buffer(f"{name}_absmax", torch.zeros(spec.absmax_numel(), dtype=torch.float32, device=device))
+
+    def _store_quantized(self, name: str, source: Union[Tensor, QuantizedTensor]) -> None:
+        """Fill `<name>` from a dense stored matrix (quantized here) or from a QuantizedTensor of the
+        same stored layout, whose data and absmax become the buffers themselves (a view: the packed
+        weight of a Linear4bit is not copied)."""
+        spec = self._quant_specs[name]
+        if isinstance(source, QuantizedTensor):
+            got = (source.format, source.group_size, tuple(source.stored_shape))
+            want = (spec.format, spec.group_size, spec.stored_shape)
+            if got != want:
+                raise ValueError(
+                    f"{self._name()}: {name} is stored as (format, group_size, stored shape) {want}, the source is {got}"
+                )
+            self._buffers[f"{name}_data"] = source.data.reshape(-1)
+            self._buffers[f"{name}_absmax"] = source.absmax.reshape(-1)
+            return
+        q = quant.quantize(source.detach(), spec.format, spec.group_size, where=f"{self._name()} ({name})")
+        self._buffers[f"{name}_data"].copy_(q.data)
+        self._buffers[f"{name}_absmax"].copy_(q.absmax)
+
+    def quantized(self, name: str, dtype: Optional[torch.dtype] = None) -> QuantizedTensor:
+        """The QuantizedTensor of operand `<name>` over its buffers (logical shape: the stored one,
+        transposed if its spec says so), standing for `dtype` (default: the layer's base dtype)."""
+        spec = self._quant_specs[name]
+        return QuantizedTensor(
+            self._buffers[f"{name}_data"], self._buffers[f"{name}_absmax"], spec.stored_shape, spec.format,
+            spec.group_size, dtype or self.base_dtype, spec.transposed,
+        )
+
+    def quantized_bytes(self) -> int:
+        """Bytes of every quantized operand of this layer (codes + absmax)."""
+        return sum(spec.nbytes() for spec in getattr(self, "_quant_specs", {}).values())
+
+    def state_hint(self, key: str) -> str:
+        """A note `load` appends to a shape or dtype mismatch of state-dict entry `key`."""
+        name = key.rsplit("_", 1)[0]
+        spec = getattr(self, "_quant_specs", {}).get(name)
+        if spec is None or not key.endswith(("_data", "_absmax")):
+            return ""
+        rows, cols = spec.stored_shape
+        return (
+            f" ({name} is stored {spec.format} in groups of {spec.group_size} along a {rows}×{cols} matrix: "
+            f"{spec.data_numel()} codes, {spec.absmax_numel()} float32 absmax; check the saved format and group size)"
+        )
+
+    def _apply(self, fn, recurse=True):
+        # .to(dtype) / .half() cast floating buffers: a quantized operand's absmax must stay float32
+        # (its codes are integers and are never cast), so it goes through fn as raw int32 bits:
+        # moved like any buffer, never cast. The dtype the operands stand for follows the cast.
+        scales = {f"{n}_absmax" for n in getattr(self, "_quant_specs", {})}
+        kept = {k: self._buffers.pop(k) for k in scales if k in self._buffers}
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            for key, t in kept.items():
+                self._buffers[key] = fn(t.view(torch.int32)).view(torch.float32)
+        if hasattr(self, "base_dtype"):
+            self.base_dtype = fn(torch.empty(0, dtype=self.base_dtype)).dtype
+        return self
 
     # --- construction --------------------------------------------------------------------------
 
@@ -115,7 +217,19 @@ class AdapterLayer(nn.Module):
         (nn.Linear, or an adapter layer `unsupported_reason` accepted). Per layer by default;
         a method whose layers depend on each other (CERSA's global allocation, PiCa's shared M)
         overrides it."""
-        return {name: cls.from_linear(base, **options) for name, base in bases.items()}
+        return cls._build_each(bases, lambda name, base: cls.from_linear(base, **options))
+
+    @classmethod
+    def _build_each(cls, bases: dict[str, nn.Module], build) -> dict[str, "AdapterLayer"]:
+        """{name: build(name, base)}, each ValueError prefixed by the layer it came from (from_linear does
+        not know its layer's name)."""
+        out = {}
+        for name, base in bases.items():
+            try:
+                out[name] = build(name, base)
+            except ValueError as error:
+                raise ValueError(f"apply(method={cls.method!r}): layer {name!r}: {error}") from None
+        return out
 
     @classmethod
     def unsupported_reason(cls, module: nn.Module) -> Optional[str]:
@@ -128,6 +242,11 @@ class AdapterLayer(nn.Module):
             )
         if not isinstance(module, nn.Linear):
             return f"a {type(module).__name__}, not an nn.Linear"
+        if is_linear4bit(module):
+            return linear4bit_problem(module)
+        if not module.weight.is_floating_point():  # another quantized Linear subclass (Linear8bitLt, ...)
+            return (f"a {type(module).__name__} with a {module.weight.dtype} weight; of the quantized Linear layers "
+                    "only bitsandbytes' Linear4bit (nf4) is read")
         return None
 
     def config(self) -> dict:
@@ -157,18 +276,21 @@ class AdapterLayer(nn.Module):
         layers that keep the dense W0 as `weight`; CERSA-based layers override it."""
         update = self.lowrank_update()
         delta = self.delta_weight() if update is None else update.delta_weight()
-        return merged_linear(self.weight.float() + delta.float(), self.bias, self.weight.dtype)
+        w0 = self.frozen_weight()
+        dtype = w0.dtype  # a quantized base stands for its base dtype, and is dequantized once, here
+        return merged_linear(quant.dense(w0, torch.float32) + delta.float(), self.bias, dtype)
 
     def base_weight_bytes(self) -> int:
-        """Bytes of what stands for the frozen base weight (bias excluded): the dense W0 here,
-        CERSA's factors where they replace it."""
-        return self.weight.numel() * self.weight.element_size()
+        """Bytes of what stands for the frozen base weight (bias excluded): the dense W0 here (or its
+        codes and absmax when quantized), CERSA's factors where they replace it."""
+        w = self.frozen_weight()
+        return w.nbytes if isinstance(w, QuantizedTensor) else w.numel() * w.element_size()
 
     def weight_dtype(self) -> torch.dtype:
         """The dtype of the Linear this layer stands for, which its inputs come in: the frozen W0's
         here, CERSA's factors' where they replace it. `load` refuses an adapter whose layer has
-        another dtype than the model's Linear at that place."""
-        return self.weight.dtype
+        another dtype than the model's Linear at that place. A quantized W0 stands for its base dtype."""
+        return self.frozen_weight().dtype
 
     # --- PARA (data-free rank pruning) -------------------------------------------------------------
 

@@ -15,11 +15,13 @@ from typing import Iterable, Optional, Union
 import torch
 from torch import Tensor, nn
 
+from .. import quant
 from .._checks import check_int
 from ..decompose import decompose
 from ..ops import pica_linear, pica_lowrank_linear
 from ._autocast import autocast_cast
 from ._merge import merged_linear
+from ._quantized import resolve_base_format, weight_dtype_of
 from .base import AdapterLayer, LowRankUpdate
 from .cersa import CersaLinear
 from .tree import find_targets, replace_module
@@ -34,13 +36,14 @@ def _role(name: str) -> str:
 class PicaLinear(AdapterLayer, method="pica"):
     """x (..., in_features) -> y (..., out_features): y = x W0ᵀ + b + (x Pᵀ) Mᵀ over a dense base.
 
-    Frozen: `weight` (m, n), `bias` (m,), buffer `P` (r, n). `M` (m, r) is a Parameter that may be
+    Frozen: `weight` (m, n) (with `base_format` "int8" | "nf4": the buffers `weight_data`,
+    `weight_absmax`, docs/quantization.md), `bias` (m,), buffer `P` (r, n). `M` (m, r) is a Parameter that may be
     shared with other PiCa layers (pass the same one). Given a CersaLinear base, the constructor
     builds a PicaCersaLinear (deprecated spelling: call PicaCersaLinear directly).
     PicaCersaLinear subclasses it: the rank, the shared M, the role and the PARA hooks are here.
     """
 
-    BASE_KEYS = ("weight", "bias")
+    BASE_KEYS = ("weight", "weight_data", "weight_absmax", "bias")  # a quantized W0 is rebuilt from the model
 
     def __new__(cls, base: nn.Module = None, *args, **kwargs):
         if cls is PicaLinear and type(base) is CersaLinear:
@@ -52,24 +55,33 @@ class PicaLinear(AdapterLayer, method="pica"):
         return super().__new__(cls)
 
     def __init__(self, base: nn.Linear, rank: int, M: Optional[nn.Parameter] = None,
-                 layer_name: Optional[str] = None) -> None:
+                 layer_name: Optional[str] = None, base_format: Optional[str] = None,
+                 base_group_size: Optional[int] = None) -> None:
         super().__init__()
         name = layer_name or type(base).__name__
         if not isinstance(base, nn.Linear):  # before reading base.in_features
             raise TypeError(f"PicaLinear ({name}): base must be an nn.Linear or a CersaLinear, got {type(base).__name__}")
         label = self._init_branch(base, rank, M, layer_name)
-        w = base.weight.detach()
-        svd = decompose(w, rank=self.rank, layer=label)
-        self._init_frozen_base(base.bias is not None, device=w.device, dtype=w.dtype)
+        base_format, base_group_size = resolve_base_format(base, base_format, base_group_size, label)
+        self._init_frozen_base(
+            base.bias is not None, device=base.weight.device, dtype=weight_dtype_of(base), base_format=base_format,
+            base_group_size=base_group_size,
+        )
         self._copy_frozen_base(base)
+        # P from the W0 the layer applies: the dequantized Ŵ0 of a quantized base (one transient copy)
+        w = quant.dense(self.frozen_weight()).detach()
+        svd = decompose(w, rank=self.rank, layer=label)
         self.register_buffer("P", svd.V.T.contiguous())
         self._init_M(M, w, label)
 
     def projection(self) -> Tensor:
         return self.P
 
+    def _orthonormal_projection(self) -> bool:
+        return True  # P = V_rᵀ of an SVD
+
     def forward(self, x: Tensor) -> Tensor:
-        x, weight, P, M, bias = autocast_cast(x, self.weight, self.P, self.M, self.bias)
+        x, weight, P, M, bias = autocast_cast(x, self.frozen_weight(), self.P, self.M, self.bias)
         return pica_linear(x, weight, P, M, bias, layer=self._name())
 
     def lowrank_update(self) -> LowRankUpdate:
@@ -83,7 +95,7 @@ class PicaLinear(AdapterLayer, method="pica"):
         CERSA, as saved by older versions under this class name) builds a PicaCersaLinear."""
         if "cersa" in config:
             return PicaCersaLinear.from_config(config, base, device)
-        return cls(base, config["rank"])
+        return cls(base, config["rank"], base_format=config.get("base_format"), base_group_size=config.get("base_group_size"))
 
     def extra_repr(self) -> str:
         base = "cersa" if isinstance(self, PicaCersaLinear) else "dense"
@@ -96,7 +108,8 @@ class PicaLinear(AdapterLayer, method="pica"):
         self.in_features, self.out_features = base.in_features, base.out_features
         return label
 
-    def _init_M(self, M: Optional[nn.Parameter], like: Tensor, label: str) -> None:
+    def _init_M(self, M: Optional[nn.Parameter], like, label: str) -> None:
+        """M (m, r), zero, on like's device and in its dtype (a tensor or a QuantizedTensor)."""
         if M is None:
             M = nn.Parameter(torch.zeros(self.out_features, self.rank, device=like.device, dtype=like.dtype))
         if tuple(M.shape) != (self.out_features, self.rank):
@@ -111,10 +124,13 @@ class PicaLinear(AdapterLayer, method="pica"):
         return self.M.to(self.projection().dtype) @ self.projection()
 
     @classmethod
-    def adapt(cls, bases: dict[str, nn.Module], rank: int = 64) -> dict[str, "PicaLinear"]:
+    def adapt(cls, bases: dict[str, nn.Module], rank: int = 64, base_format: Optional[str] = None,
+              base_group_size: Optional[int] = None) -> dict[str, "PicaLinear"]:
         """`apply(model, "pica", rank=r)`: PiCa on every target, one zero M per role shared by its
-        layers; a CersaLinear target becomes a PicaCersaLinear (the branch reuses h = x·V)."""
-        return pica_layers(bases, rank)
+        layers; a CersaLinear target becomes a PicaCersaLinear (the branch reuses h = x·V).
+        `base_format` stores each dense W0 quantized (not for CERSA targets: quantize their factors
+        with apply(model, "cersa", factor_format=...))."""
+        return pica_layers(bases, rank, base_format, base_group_size)
 
     @classmethod
     def unsupported_reason(cls, module: nn.Module) -> Optional[str]:
@@ -127,7 +143,10 @@ class PicaLinear(AdapterLayer, method="pica"):
     def config(self) -> dict:
         """What `from_config` needs; `tied` makes `load` share one M across the layers of a role."""
         role = _role(self.layer_name or "")
-        return dict(rank=self.rank, role=role, tied={"M": f"pica:{role}"})
+        config = dict(rank=self.rank, role=role, tied={"M": f"pica:{role}"})
+        if getattr(self, "base_format", None) is not None:
+            config.update(base_format=self.base_format, base_group_size=self.base_group_size)
+        return config
 
     # PARA compresses M once per role: M·P_l has M's spectrum for every layer l (P_l orthonormal rows)
     def para_update(self) -> LowRankUpdate:
@@ -144,12 +163,16 @@ class PicaLinear(AdapterLayer, method="pica"):
 
     @torch.no_grad()
     def apply_para_update(self, update: Optional[LowRankUpdate]) -> None:
-        """M = ΔW' Pᵀ for PARA's truncated ΔW' (it lies in P's row space); one write serves the role."""
+        """M = ΔW' Pᵀ for PARA's truncated ΔW' (it lies in P's row space; P has orthonormal rows, or,
+        over quantized CERSA factors, M = ΔW' Pᵀ (P Pᵀ)⁻¹); one write serves the role."""
         if update is None:
             self.M.zero_()
         else:
             P = self.projection().to(update.A.dtype)
-            self.M.copy_(update.scale * update.B @ (update.A @ P.T))
+            right = update.A @ P.T  # (k', r)
+            if not self._orthonormal_projection():
+                right = torch.linalg.solve((P @ P.T).double(), right.double().T).T.to(right.dtype)
+            self.M.copy_(update.scale * update.B @ right)
         return None
 
 
@@ -171,18 +194,23 @@ class PicaCersaLinear(PicaLinear):
         if not 1 <= self.rank <= base.rank:
             raise ValueError(f"{label}: rank must be in [1, CERSA rank k = {base.rank}] to reuse h = x·V, got {self.rank}")
         self.base = base
-        self._init_M(M, base.U, label)
+        self._init_M(M, base.factors()[0], label)
 
     @property
     def bias(self) -> Optional[Tensor]:
         return self.base.bias
 
     def projection(self) -> Tensor:
-        return self.base.V[:, : self.rank].T
+        """V[:, :r]ᵀ (r, n): a view of CERSA's V, or of the dequantized V̂ (a transient copy)."""
+        return self.base.dense_factors()[1][:, : self.rank].T
+
+    def _orthonormal_projection(self) -> bool:
+        return self.base.factor_format is None
 
     def forward(self, x: Tensor) -> Tensor:
         b = self.base
-        x, V, U, M, bias = autocast_cast(x, b.V, b.U, self.M, b.bias)  # S keeps its dtype, as in CersaLinear
+        U, V = b.factors()
+        x, V, U, M, bias = autocast_cast(x, V, U, self.M, b.bias)  # S keeps its dtype, as in CersaLinear
         return pica_lowrank_linear(x, V, b.core(), U, M, bias, layer=self._name())
 
     def lowrank_update(self) -> LowRankUpdate:
@@ -195,7 +223,7 @@ class PicaCersaLinear(PicaLinear):
     @torch.no_grad()
     def to_linear(self) -> nn.Linear:
         """Merge into a plain nn.Linear: weight U S Vᵀ + M P (float32)."""
-        return merged_linear(self.base.dense_weight() + self.delta_weight().float(), self.base.bias, self.base.U.dtype)
+        return merged_linear(self.base.dense_weight() + self.delta_weight().float(), self.base.bias, self.base.base_dtype)
 
     def base_weight_bytes(self) -> int:
         return self.base.weight_bytes()
@@ -212,10 +240,12 @@ class PicaCersaLinear(PicaLinear):
         return cls(CersaLinear.from_config(config["cersa"], device=device), config["rank"])
 
 
-def pica_layers(bases: dict[str, nn.Module], rank: int) -> dict[str, PicaLinear]:
-    """{name: PiCa layer} around each base layer (nn.Linear or CersaLinear), with one zero M per
-    role shared by all the layers of that role. Raises ValueError when a role's layers differ in
-    out_features (the message names the role and every layer's shape)."""
+def pica_layers(bases: dict[str, nn.Module], rank: int, base_format: Optional[str] = None,
+                base_group_size: Optional[int] = None) -> dict[str, PicaLinear]:
+    """{name: PiCa layer} around each base layer (nn.Linear, bitsandbytes Linear4bit or CersaLinear),
+    with one zero M per role shared by all the layers of that role; `base_format` quantizes each
+    dense W0. Raises ValueError when a role's layers differ in out_features (the message names the
+    role and every layer's shape), or for base_format over a CersaLinear."""
     groups: dict[str, list[tuple[str, nn.Module]]] = {}
     for name, module in bases.items():
         groups.setdefault(_role(name), []).append((name, module))
@@ -229,11 +259,23 @@ def pica_layers(bases: dict[str, nn.Module], rank: int) -> dict[str, PicaLinear]
                 f"out_features: {shapes}"
             )
         first = layers[0][1]
-        ref = first.U if isinstance(first, CersaLinear) else first.weight
-        M = nn.Parameter(torch.zeros(outs.pop(), rank, device=ref.device, dtype=ref.dtype))
+        if isinstance(first, CersaLinear):
+            device, dtype = first.sigma.device, first.base_dtype
+        else:
+            device, dtype = first.weight.device, weight_dtype_of(first)
+        M = nn.Parameter(torch.zeros(outs.pop(), rank, device=device, dtype=dtype))
         for name, module in layers:
-            layer_cls = PicaCersaLinear if type(module) is CersaLinear else PicaLinear
-            out[name] = layer_cls(module, rank, M, layer_name=name)
+            if type(module) is CersaLinear:
+                if base_format is not None:
+                    raise ValueError(
+                        f"apply(method='pica'): layer {name!r} is a CersaLinear: base_format={base_format!r} does not "
+                        "apply to it (its W0 is CERSA's factors: quantize them with apply(model, 'cersa', "
+                        "factor_format=...))"
+                    )
+                out[name] = PicaCersaLinear(module, rank, M, layer_name=name)
+            else:
+                out[name] = PicaLinear(module, rank, M, layer_name=name, base_format=base_format,
+                                       base_group_size=base_group_size)
     return out
 
 

@@ -17,6 +17,7 @@ from .._checks import check_features_args, check_int, check_real
 from ..backends import use_backend
 from ..ops.snell import check_snell_config, merge_backend, snell_delta, snell_linear, snell_threshold
 from ._autocast import autocast_cast
+from ._quantized import is_linear4bit
 from .base import AdapterLayer
 
 __all__ = ["SnellLinear"]
@@ -102,6 +103,25 @@ class SnellLinear(AdapterLayer, method="snell"):
         return layer
 
     BASE_KEYS = ("weight", "bias")
+
+    @classmethod
+    def adapt(cls, bases: dict[str, nn.Module], base_format: Optional[str] = None, base_group_size=None, **options):
+        """Per layer, as every method; a quantized W0 (`base_format`) is refused: SNELL forms W0 + ΔW_s
+        as one dense m×n sum in every forward (docs/quantization.md)."""
+        if base_format is not None or base_group_size is not None:
+            name = next(iter(bases), "?")
+            raise ValueError(
+                f"apply(method='snell'): layer {name!r}: base_format={base_format!r} is not supported: SNELL forms "
+                "W0 + ΔW_s densely in every forward, so a quantized W0 saves nothing (use 'lora' or 'pica')"
+            )
+        return super().adapt(bases, **options)
+
+    @classmethod
+    def unsupported_reason(cls, module: nn.Module) -> Optional[str]:
+        if is_linear4bit(module):
+            return ("a bitsandbytes Linear4bit (a quantized W0), which SNELL does not support: it forms W0 + ΔW_s "
+                    "densely in every forward (use 'lora' or 'pica' over it)")
+        return super().unsupported_reason(module)
 
     def config(self) -> dict:
         """What `from_config` needs to rebuild this layer around the original Linear."""

@@ -4,7 +4,10 @@ selects, replace a module at a dotted path, see a GPT-2 Conv1D as the nn.Linear 
 Target selection follows PEFT: a list of names matches module-name suffixes (`"query"` matches
 `encoder.layer.0.attention.self.query`), a string is a regular expression matched against the
 full name, and `"all-linear"` takes every Linear (and Hugging Face Conv1D) except the model's
-output embedding (`lm_head`). A list or regex that names a module no method adapts (Embedding,
+output embedding (`lm_head`). A bitsandbytes `Linear4bit` (an nn.Linear subclass whose weight is
+packed NF4) is a Linear target like any other: the layers read its packed weight in place
+(`_quantized.frozen_weight_of`), and the method's `unsupported_reason` refuses one it cannot read.
+A list or regex that names a module no method adapts (Embedding,
 LayerNorm, a container) raises, as in PEFT; a tied module (`m.l2 = m.l1`) is one target under
 all its names.
 """
@@ -17,9 +20,10 @@ from typing import Iterator, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from ._quantized import is_linear4bit
 from .base import AdapterLayer
 
-__all__ = ["TargetSpec", "is_conv1d", "named_linears", "replace_module", "as_linear", "module_aliases", "find_targets"]
+__all__ = ["TargetSpec", "is_conv1d", "is_linear4bit", "named_linears", "replace_module", "as_linear", "module_aliases", "find_targets"]
 
 TargetSpec = Union[str, Sequence[str], None]
 
@@ -52,8 +56,9 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def as_linear(module: nn.Module) -> nn.Linear:
-    """`module` itself if it is an nn.Linear; an equivalent nn.Linear (weight transposed, shared
-    bias values) for an HF Conv1D."""
+    """`module` itself if it is an nn.Linear (a bitsandbytes Linear4bit too: its packed weight is
+    read in place by the layers, never dequantized here); an equivalent nn.Linear (weight
+    transposed, shared bias values) for an HF Conv1D."""
     if isinstance(module, nn.Linear):
         return module
     if is_conv1d(module):

@@ -20,6 +20,7 @@ quantizable `Tensor V` as its parts `Tensor V_data, Tensor? V_absmax, int[] V_me
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Callable, Mapping, Optional, Sequence
 
@@ -44,6 +45,17 @@ def _dispatch_tensors(args: Sequence[object]) -> list:
         a for a in args
         if quant.is_quantized(a) or (isinstance(a, Tensor) and a.is_floating_point() and a.dim() > 0)
     ]
+
+
+def device_guard(tensors: Sequence[object]):
+    """A `torch.cuda.device` guard for the first CUDA operand's device (a no-op context otherwise).
+    Triton launches on the *current* device: operands on cuda:1 while cuda:0 is current would run
+    on GPU 0 with GPU 1's pointers, and the autotuner would time the wrong GPU. Built lazily: no
+    CUDA call until a CUDA operand is seen."""
+    for t in tensors:
+        if t.device.type == "cuda":
+            return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
 
 
 _DISPATCH: dict[str, Callable] = {}  # op name -> the function its custom op runs
@@ -72,10 +84,11 @@ def define_op(
         if unpack is not None:
             args = unpack(args)
         tensors = _dispatch_tensors(args)
-        if backend is None:
-            return kernel_for(qualname, tensors)(*args)
-        with use_backend(backend(*args)):
-            return kernel_for(qualname, tensors)(*args)
+        with device_guard(tensors):
+            if backend is None:
+                return kernel_for(qualname, tensors)(*args)
+            with use_backend(backend(*args)):
+                return kernel_for(qualname, tensors)(*args)
 
     _DISPATCH[qualname] = dispatch
 

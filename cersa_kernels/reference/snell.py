@@ -65,7 +65,18 @@ def head_distances(A: Tensor, B: Tensor) -> Tensor:
     sq = torch.zeros((A.shape[0], B.shape[1], A.shape[1]), dtype=cd, device=A.device)
     for dd in range(A.shape[2]):
         sq += _pair_differences(Af, Bf, dd).square()
-    return sq.sqrt()
+    return sqrt_rn(sq)
+
+
+def sqrt_rn(t: Tensor) -> Tensor:
+    """Correctly rounded square root (the kernels' sqrt_rn / __fsqrt_rn). torch's CPU sqrt on
+    float32 is not (it differs from the IEEE result in about 15% of values, by 1 ulp), which would
+    put this reference's |K| an ulp away from the kernels' at entries the threshold compares: so a
+    float32 root is taken in float64 and rounded once (exact for sqrt: 53 ≥ 2·24 + 2 bits), head by
+    head to bound the transient."""
+    if t.dtype != torch.float32:
+        return t.sqrt()
+    return torch.stack([h.double().sqrt_().float() for h in t.unbind(0)]) if t.dim() == 3 else t.double().sqrt().float()
 
 
 def kernelized_update(A: Tensor, B: Tensor, coeffs: Sequence[float], D: Optional[Tensor] = None) -> Tensor:

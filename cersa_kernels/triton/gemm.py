@@ -65,10 +65,12 @@ _DOT_DTYPE_NAME = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16:
 
 @triton.jit
 def _load_operand(
-    ptr, scale_ptr, code_ptr, rows, cols, stride_r, stride_c, mask,
+    ptr, scale_ptr, code_ptr, rows, cols, row0, col0, rows_ok, cols_ok, mask, stride_r, stride_c,
     groups_per_row, FMT: tl.constexpr, STORED_T: tl.constexpr, GROUP: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
 ):
-    """The (len(rows), len(cols)) tile of a logical operand at [rows, cols], 0 outside `mask`.
+    """The (BLOCK_ROWS, BLOCK_COLS) tile of a logical operand at [rows, cols], 0 outside `mask`
+    (= rows_ok[:, None] & cols_ok[None, :]); the tile starts at (row0, col0), a multiple of its size.
 
     Dense: a plain load (the code of the dense GEMM, unchanged). Quantized: stride_r, stride_c map a
     logical index to the flat index of the row-major stored matrix (the logical matrix is the stored
@@ -79,11 +81,22 @@ def _load_operand(
         tile = tl.load(ptr + rows[:, None] * stride_r + cols[None, :] * stride_c, mask=mask, other=0.0)
     else:
         flat = rows[:, None] * stride_r + cols[None, :] * stride_c
-        if STORED_T:
-            group = cols[None, :] * groups_per_row + rows[:, None] // GROUP
+        # When the tile's extent along the stored row divides GROUP (and it starts at a multiple of
+        # that extent), each stored row of the tile lies in one group: one scale per stored row, a
+        # vector load broadcast over the tile, instead of one (cached, but issued and, when
+        # pipelined, staged in shared memory) 4-byte load per element. Otherwise the division by
+        # GROUP is done on the 1-D index (a 2-D int64 division cost 80-112 B of spills in int8).
+        # Offsets are summed before they meet the pointer, so every pointer offset is int64.
+        if STORED_T:  # stored row = logical column, stored column = logical row
+            if GROUP % BLOCK_ROWS == 0:
+                absmax = tl.load(scale_ptr + (cols * groups_per_row + row0 // GROUP), mask=cols_ok, other=0.0)[None, :]
+            else:
+                absmax = tl.load(scale_ptr + (cols[None, :] * groups_per_row + (rows // GROUP)[:, None]), mask=mask, other=0.0)
         else:
-            group = rows[:, None] * groups_per_row + cols[None, :] // GROUP
-        absmax = tl.load(scale_ptr + group, mask=mask, other=0.0)
+            if GROUP % BLOCK_COLS == 0:
+                absmax = tl.load(scale_ptr + (rows * groups_per_row + col0 // GROUP), mask=rows_ok, other=0.0)[:, None]
+            else:
+                absmax = tl.load(scale_ptr + (rows[:, None] * groups_per_row + (cols // GROUP)[None, :]), mask=mask, other=0.0)
         if FMT == 1:
             codes = tl.load(ptr + flat, mask=mask, other=0)
             tile = codes.to(tl.float32) * (absmax / 127.0)
@@ -144,12 +157,14 @@ def _gemm_kernel(
         offs_k = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
         in_k = offs_k < k_end
         a = _load_operand(
-            a_ptr, a_scale_ptr, code_ptr, offs_m, offs_k, stride_am, stride_ak,
-            (offs_m[:, None] < M) & in_k[None, :], a_groups_per_row, A_FMT, A_STORED_T, A_GROUP, DOT_DTYPE,
+            a_ptr, a_scale_ptr, code_ptr, offs_m, offs_k, pid_m * BLOCK_M, k0, offs_m < M, in_k,
+            (offs_m[:, None] < M) & in_k[None, :], stride_am, stride_ak,
+            a_groups_per_row, A_FMT, A_STORED_T, A_GROUP, DOT_DTYPE, BLOCK_M, BLOCK_K,
         )
         b = _load_operand(
-            b_ptr, b_scale_ptr, code_ptr, offs_k, offs_n, stride_bk, stride_bn,
-            in_k[:, None] & (offs_n[None, :] < N), b_groups_per_row, B_FMT, B_STORED_T, B_GROUP, DOT_DTYPE,
+            b_ptr, b_scale_ptr, code_ptr, offs_k, offs_n, k0, pid_n * BLOCK_N, in_k, offs_n < N,
+            in_k[:, None] & (offs_n[None, :] < N), stride_bk, stride_bn,
+            b_groups_per_row, B_FMT, B_STORED_T, B_GROUP, DOT_DTYPE, BLOCK_K, BLOCK_N,
         )
         if DROP == 1:  # A is the dropped matrix itself: rows offs_m, columns offs_k
             a = tl.where(_keep(offs_m, offs_k, drop_cols, drop_key, drop_thresh), a, 0.0)
@@ -192,9 +207,19 @@ _GPU_CONFIGS = [
 ]
 
 
-# Launches with a quantized operand (A_FMT or B_FMT != 0): their tiles are loaded element-wise and
-# dequantized in registers before tl.dot, which changes register pressure (see docs/kernels.md).
-_QUANT_GPU_CONFIGS = _GPU_CONFIGS
+# Launches with a quantized operand (A_FMT or B_FMT != 0) dequantize their tiles in registers before
+# tl.dot (codes, the group scale and, for NF4, the code value per element), which costs registers.
+# Measured with ptxas as above, loading one scale per element (a group size the tile does not
+# divide): with an NF4 B stored transposed, 64×128×64 (8 warps, 4 stages) spills 84 B on sm_80 with
+# odd strides and needs 200 KB of shared memory there (an A100 has 163 KB) and 240 KB on sm_90 with
+# aligned ones (an H100 has 227 KB); 32×64×64 spills 36 B on sm_80; 64×64×32 with 4 warps spills
+# with an int8 B as stored and a scale per element: 80 B (sm_90) and 112 B (sm_80) at 5 stages,
+# 4 B on sm_80 at 4 (255 registers). The four 8-warp configs left spill nothing.
+_QUANT_GPU_CONFIGS = [
+    cfg for cfg in _GPU_CONFIGS
+    if (cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"]) not in {(64, 128, 64), (32, 64, 64)}
+    and cfg.num_warps == 8
+]
 
 AUTOTUNE_KEY = ["TUNE_M", "TUNE_N", "TUNE_K", "HAS_RESIDUAL", "DROP", "DOT_PRECISION", "A_FMT", "B_FMT"]
 

@@ -3,8 +3,9 @@
 Every m×n quantity (K, D_h, the mask, G = dyᵀx, E_h) exists only as a register tile. One jit
 helper, `_kernel_tile`, builds a tile of K from A and B and every kernel calls it (the selection,
 the forward, dx, dA/dB, and the test helper `kernelized_update_triton`):
-D_h = sqrt_rn(Σ_d (b_d − a_d)²), the squares summed in order d = 0, 1, … with one fma each, and
-K = Σ_h c_h D_h, again by fma in head order. Each entry is computed alone, with no reduction across
+D_h = sqrt_rn(Σ_d (b_d − a_d)²), the squares summed in order d = 0, 1, …, and K = Σ_h c_h D_h in
+head order, every product and sum rounded on its own (the kernels are compiled without contraction,
+`_NO_CONTRACTION`, so the bits are the torch reference's and the interpreter's). Each entry is computed alone, with no reduction across
 the tile, so its bits depend neither on the tile shape nor on the register layout the compiler
 picks: τ, the forward's mask, dx's and dA/dB's masks are the same by construction. sqrt and the
 division in E are correctly rounded (`tl.sqrt_rn`, `tl.div_rn`, never sqrt.approx / div.full).
@@ -39,6 +40,7 @@ fits the arch's shared memory and the 16-bit paths do not spill.
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional, Sequence
 
 import torch
@@ -73,7 +75,7 @@ def _head_distance(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """D_h tile (BM, BN) fp32 = sqrt_rn(Σ_dd (B[h, i, dd] − A[h, j, dd])²), dd in increasing order,
-    one fma per term; rows/columns outside the matrix read zeros."""
+    each product and sum rounded separately (no contraction); rows/columns outside the matrix read zeros."""
     b_rows = b_ptr + (_i64(h) * stride_bh + offs_m * stride_bm)
     a_rows = a_ptr + (_i64(h) * stride_ah + offs_n * stride_an)
     sq = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -81,7 +83,7 @@ def _head_distance(
         b = tl.load(b_rows + _i64(dd) * stride_bd, mask=offs_m < m, other=0.0).to(tl.float32)
         a = tl.load(a_rows + _i64(dd) * stride_ad, mask=offs_n < n, other=0.0).to(tl.float32)
         diff = b[:, None] - a[None, :]
-        sq = tl.fma(diff, diff, sq)
+        sq = sq + diff * diff  # rounded twice, never contracted: see _NO_CONTRACTION
     return tl.sqrt_rn(sq)
 
 
@@ -91,12 +93,12 @@ def _kernel_tile(
     stride_ah, stride_an, stride_ad, stride_bh, stride_bm, stride_bd,
     H: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """K tile (BM, BN) fp32: Σ_h c_h D_h by fma in head order. The one |K| of every SNELL kernel."""
+    """K tile (BM, BN) fp32: Σ_h c_h D_h in head order, no contraction. The one |K| of every SNELL kernel."""
     k = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for h in tl.static_range(H):
         dist = _head_distance(a_ptr, b_ptr, h, offs_m, offs_n, m, n, d,
                               stride_ah, stride_an, stride_ad, stride_bh, stride_bm, stride_bd, BLOCK_M, BLOCK_N)
-        k = tl.fma(tl.load(c_ptr + _i64(h)), dist, k)
+        k = k + tl.load(c_ptr + _i64(h)) * dist
     return k
 
 
@@ -336,11 +338,26 @@ def _config(kernel: str, t: Tensor, d_h: int) -> dict:
     return snell_configs(t.dtype, d_h, _arch(t))[kernel]
 
 
+# Every SNELL kernel is compiled without floating-point contraction (no a*b + c fused into one
+# fma): |K| is then rounded after every operation, exactly as the torch reference and the
+# interpreter compute it, so a threshold τ taken from any backend selects the same entries in
+# every kernel (with fma, 15-23% of |K| entries move by 1 ulp and an entry equal to τ can flip).
+_NO_CONTRACTION = dict(enable_fp_fusion=False)
+
+
 def _coeffs(coeffs: Sequence[float], device) -> Tensor:
     # a new contiguous vector: the kernels read c_h at c_ptr + h. Every caller tensor (x, W0, bias,
     # A, B, dy, values) goes in with its own strides; τ is 0-d (one element at its data_ptr); the
     # other buffers (dA, dB, the histogram, the prefix, the outputs) are allocated here, contiguous.
-    return torch.tensor([float(c) for c in coeffs], dtype=torch.float32, device=device)
+    # Made once per (coefficients, device): torch.tensor(list, device=cuda) at every call is a
+    # host-to-device copy that synchronises the host, three times per SNELL layer per step. The
+    # cached vector is never written to.
+    return _coeffs_on(tuple(float(c) for c in coeffs), torch.device(device))
+
+
+@functools.lru_cache(maxsize=64)
+def _coeffs_on(coeffs: tuple, device: torch.device) -> Tensor:
+    return torch.tensor(coeffs, dtype=torch.float32, device=device)
 
 
 def _factor_args(A: Tensor, B: Tensor):
@@ -388,8 +405,7 @@ def kth_smallest_abs_triton(
         hist = torch.zeros(1 << nbits, dtype=torch.int32, device=device)
         _snell_select_kernel[grid](
             A, B, c, v, prefix.to(torch.int32), hist, m, n, d, *_factor_args(A, B), *v_strides,
-            FROM_VALUES=values is not None, SHIFT=shift, NBITS=nbits, H=H, **cfg,
-        )
+            FROM_VALUES=values is not None, SHIFT=shift, NBITS=nbits, H=H, **cfg, **_NO_CONTRACTION)
         cum = hist.cumsum(0)  # int64
         bucket = torch.searchsorted(cum, rank)  # first bucket whose cumulative count reaches rank
         rank = rank - (cum[bucket] - hist[bucket])  # rank among the entries of that bucket
@@ -425,8 +441,7 @@ def snell_fwd_triton(
         x, W0, bias if bias is not None else x, A, B, _coeffs(coeffs, x.device), tau.to(torch.float32), y,
         T, m, n, d, *x.stride(), *W0.stride(), *y.stride(), bias.stride(0) if bias is not None else 0,
         *_factor_args(A, B),
-        HAS_BIAS=bias is not None, DOT_PRECISION=_dot_precision(x), H=H, **cfg,
-    )
+        HAS_BIAS=bias is not None, DOT_PRECISION=_dot_precision(x), H=H, **cfg, **_NO_CONTRACTION)
     return y
 
 
@@ -454,8 +469,7 @@ def snell_bwd_triton(
     if T > 0:
         _snell_dab_kernel[grid](
             dy, x, A, B, c, tau32, dA, dB, T, m, n, d, *dy.stride(), *x.stride(), *_factor_args(A, B),
-            DOT_PRECISION=_dot_precision(x), DETERMINISTIC=deterministic, H=H, **cfg,
-        )
+            DOT_PRECISION=_dot_precision(x), DETERMINISTIC=deterministic, H=H, **cfg, **_NO_CONTRACTION)
     elif deterministic:
         dA.zero_()
         dB.zero_()
@@ -469,8 +483,7 @@ def snell_bwd_triton(
             grid = (triton.cdiv(T, cfg["BLOCK_T"]), triton.cdiv(n, cfg["BLOCK_N"]))
             _snell_dx_kernel[grid](
                 dy, W0, A, B, c, tau32, dx, T, m, n, d, *dy.stride(), *W0.stride(), *dx.stride(),
-                *_factor_args(A, B), DOT_PRECISION=_dot_precision(dy), H=H, **cfg,
-            )
+                *_factor_args(A, B), DOT_PRECISION=_dot_precision(dy), H=H, **cfg, **_NO_CONTRACTION)
     else:
         dx = dy.new_empty((0, n))
     return dx, dA.to(A.dtype), dB.to(B.dtype)
@@ -485,5 +498,5 @@ def kernelized_update_triton(A: Tensor, B: Tensor, coeffs: Sequence[float]) -> T
     cfg = _config("matrix", A, d)
     grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]))
     _kernelized_update_tiles[grid](A, B, _coeffs(coeffs, A.device), out, m, n, d, *_factor_args(A, B),
-                                *out.stride(), H=H, **cfg)
+                                *out.stride(), H=H, **cfg, **_NO_CONTRACTION)
     return out
