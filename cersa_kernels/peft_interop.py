@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from .model import ApplyReport, apply, save
 from .nn.tree import as_linear, is_conv1d
 from .ops import lora_linear
+from .nn._quantized import frozen_weight_of, is_linear4bit, linear4bit_problem
 from .quant import QuantizedTensor
 
 __all__ = ["from_peft", "patch_peft", "unpatch_peft", "trainer_callback", "bnb_nf4_view"]
@@ -149,55 +150,26 @@ def from_peft(model: nn.Module, adapter_dir: Union[str, Path], dropout: float | 
 
 # --- patch_peft: PEFT's lora.Linear layers on our op, in place ------------------------------------
 
-def _is_bnb_4bit(module: nn.Module) -> bool:
-    """A bitsandbytes `Linear4bit` (checked by class name and module, so bitsandbytes is imported
-    only where such a layer exists)."""
-    return any(c.__name__ == "Linear4bit" and c.__module__.startswith("bitsandbytes") for c in type(module).__mro__)
-
-
-def _bnb_layout_problem(base: nn.Module) -> str | None:
-    """Why the storage of a bitsandbytes Linear4bit cannot be read as a `QuantizedTensor`, or None."""
-    weight = base.weight
-    state = getattr(weight, "quant_state", None)
-    if state is None:
-        return ("its bitsandbytes weight is not quantized yet (bitsandbytes quantizes a Linear4bit when it is moved "
-                "to a device: call .to('cpu') or .to('cuda') first)")
-    if state.quant_type != "nf4":
-        return f"bitsandbytes quant_type={state.quant_type!r}; only 'nf4' runs on our op"
-    if getattr(state, "packing_format_for_cpu", False):
-        return "its bitsandbytes weight was repacked for bitsandbytes' AVX512-bf16 CPU kernel (not the NF4 block layout)"
-    out_features, in_features = tuple(state.shape)
-    if in_features % state.blocksize:
-        return (f"in_features={in_features} is not a multiple of the bitsandbytes blocksize {state.blocksize}: its "
-                "blocks would straddle rows, which the row-grouped QuantizedTensor layout cannot express")
-    return None
-
-
 def bnb_nf4_view(base: nn.Module, name: str, dtype: torch.dtype | None = None) -> QuantizedTensor:
     """The frozen weight of a bitsandbytes NF4 `Linear4bit` as a `QuantizedTensor` over bitsandbytes'
     own storage: the packed codes are a view (same data_ptr, no copy) and so is the absmax unless it
     is itself quantized. `dtype`: what the operand computes in (default: the layer's compute_dtype,
     else bitsandbytes' stored dtype).
 
-    bitsandbytes quantizes the row-major (out, in) weight in flat blocks of `blocksize`; when the
-    blocksize divides in_features each block lies inside one row and the layout is exactly
-    `cersa_kernels.quant`'s (groups of `blocksize` along the row). With `compress_statistics=True`
-    (bitsandbytes' default, `quant_state.nested`) the absmax is itself 8-bit blockwise quantized:
-    it is dequantized here with bitsandbytes' own `dequantize_blockwise` (+ the offset), as
-    bitsandbytes' forward does, into a float32 vector of out·in/blocksize values (1/blocksize of
-    the weight's elements) on every call. Raises ValueError naming `name` for any other layout."""
-    problem = _bnb_layout_problem(base)
+    The view is the quantized layers' own (`nn._quantized.frozen_weight_of`, one reading of
+    bitsandbytes' layout for the package): bitsandbytes quantizes the row-major (out, in) weight in
+    flat blocks of `blocksize`; when the blocksize divides in_features each block lies inside one
+    row and the layout is exactly `cersa_kernels.quant`'s (groups of `blocksize` along the row).
+    With `compress_statistics=True` (bitsandbytes' default, `quant_state.nested`) the absmax is
+    itself 8-bit blockwise quantized: it is dequantized with bitsandbytes' own
+    `dequantize_blockwise` (+ the offset), as bitsandbytes' forward does, into a float32 vector of
+    out·in/blocksize values (1/blocksize of the weight's elements) on every call. Raises
+    ValueError naming `name` for any other layout."""
+    problem = linear4bit_problem(base)
     if problem:
         raise ValueError(f"{name}: {problem}")
-    state = base.weight.quant_state
-    absmax = state.absmax
-    if state.nested:
-        import bitsandbytes.functional as bnbF
-
-        absmax = bnbF.dequantize_blockwise(state.absmax, state.state2) + state.offset
-    codes = base.weight.data.view(torch.uint8).view(-1)  # (numel/2, 1) packed pairs, high nibble first
-    dtype = dtype or getattr(base, "compute_dtype", None) or state.dtype
-    return QuantizedTensor(codes, absmax.float().view(-1), tuple(state.shape), "nf4", state.blocksize, dtype)
+    view = frozen_weight_of(base)
+    return dataclasses.replace(view, dtype=dtype or getattr(base, "compute_dtype", None) or view.dtype)
 
 
 class _NoDoubleBackward(torch.autograd.Function):
@@ -264,7 +236,7 @@ class _OnCersaLora:
                               stacklevel=2)
             return type(layer).forward(layer, x, *args, **kwargs)
         adapter = active[0]
-        qlora = _is_bnb_4bit(base)
+        qlora = is_linear4bit(base)
         in_dtype = x.dtype
         A, B = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
         drop = layer.lora_dropout[adapter]
@@ -325,11 +297,11 @@ def _lora_layers(peft_model: nn.Module) -> tuple[dict[str, nn.Module], list[str]
     for name, module in peft_model.named_modules():
         if not isinstance(module, BaseTunerLayer):
             continue
-        qlora = isinstance(module, LoraLayer) and _is_bnb_4bit(module.get_base_layer())
+        qlora = isinstance(module, LoraLayer) and is_linear4bit(module.get_base_layer())
         if not isinstance(module, LoraLayer):
             problems.append(f"{name} is a {type(module).__module__}.{type(module).__name__} (not a LoRA layer: mixed adapter types)")
-        elif qlora and _bnb_layout_problem(module.get_base_layer()):
-            problems.append(f"{name}: {_bnb_layout_problem(module.get_base_layer())}")
+        elif qlora and linear4bit_problem(module.get_base_layer()):
+            problems.append(f"{name}: {linear4bit_problem(module.get_base_layer())}")
         elif not qlora and not isinstance(module, PeftLoraLinear):  # QLoRA: PEFT's lora.bnb.Linear4bit
             problems.append(f"{name} is a LoRA {type(module).__name__} over a {type(module.get_base_layer()).__name__} "
                             "(only LoRA on nn.Linear / Conv1D runs on our op)")

@@ -158,8 +158,8 @@ def test_patched_qlora_bert_from_bitsandbytes_config_matches_peft(tmp_path, nest
 @pytest.mark.parametrize(
     "quant, message",
     [
-        (dict(quant_type="fp4"), "quant_type='fp4'; only 'nf4'"),
-        (dict(blocksize=128), "in_features=192 is not a multiple of the bitsandbytes blocksize 128"),
+        (dict(quant_type="fp4"), "quant_type='fp4'; only 'nf4' is read"),
+        (dict(blocksize=128), "in_features=192, not a multiple of its block size 128"),
     ],
     ids=["fp4", "blocks-straddle-rows"],
 )
@@ -175,7 +175,7 @@ def test_patch_peft_refuses_a_linear4bit_that_is_not_quantized_yet():
     model = nn.Sequential()
     model.add_module("proj", bnb.nn.Linear4bit(IN, OUT, quant_type="nf4"))  # never moved to a device
     model = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["proj"]))
-    with pytest.raises(ValueError, match=r"base_model.model.proj: its bitsandbytes weight is not quantized yet"):
+    with pytest.raises(ValueError, match=r"base_model.model.proj: a bitsandbytes Linear4bit whose weight is not quantized yet"):
         patch_peft(model)
 
 
