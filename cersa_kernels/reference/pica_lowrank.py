@@ -20,7 +20,7 @@ def pica_lowrank_fwd(
     """Returns y (T, m) and h = x V (T, k)."""
     y, h = lowrank_fwd(x, V, S, U, bias)
     r = M.shape[1]
-    return y + h[:, :r] @ M.to(x.dtype).T, h
+    return y.addmm_(h[:, :r], M.to(x.dtype).T), h  # in place: no second T×m buffer
 
 
 def pica_lowrank_bwd(
@@ -31,5 +31,5 @@ def pica_lowrank_bwd(
     dx, dS = lowrank_bwd(dy, h, V, S, U, need_dx)
     dM = (dy.T @ h[:, :r]).to(M.dtype)
     if need_dx:
-        dx = dx + (dy @ M.to(dy.dtype)) @ V[:, :r].T
+        dx.addmm_(dy @ M.to(dy.dtype), V[:, :r].T)  # in place: no second T×n buffer
     return dx, dS, dM
