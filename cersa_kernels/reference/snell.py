@@ -56,15 +56,18 @@ def kth_rank(numel: int, sparsity: float) -> int:
 
 
 # Rows of ΔW (= rows of B) per tile: every m×n quantity (D, K, mag, G) exists one row tile at a
-# time. CPU: about 2¹⁶ elements per tile, so a tile's temporaries stay in cache; elsewhere 2²²,
-# enough work per launch. The m×n ΔW itself is built only where it is the result (the merge) or a
+# time. CPU: about 2¹⁸ elements per tile (1 MiB in fp32: a tile's temporaries stay in L2/L3, and
+# fewer, larger tiles measured faster than 2¹⁶ on the benchmark shapes); elsewhere 2²², enough
+# work per launch. The m×n ΔW itself is built only where it is the result (the merge) or a
 # GEMM operand of the forward.
-_TILE_ELEMENTS = {"cpu": 1 << 16}
+_TILE_ELEMENTS = {"cpu": 1 << 18}
 _TILE_ELEMENTS_OTHER = 1 << 22
 
 
 def _row_tiles(m: int, n: int, device: torch.device) -> Iterator[slice]:
-    step = max(1, _TILE_ELEMENTS.get(device.type, _TILE_ELEMENTS_OTHER) // max(n, 1))
+    # at most a quarter of the rows per tile, so a small layer's tile temporaries (D for every
+    # head, K, mag, G') stay a fraction of one m×n matrix
+    step = max(1, min(_TILE_ELEMENTS.get(device.type, _TILE_ELEMENTS_OTHER) // max(n, 1), -(-m // 4)))
     return (slice(i, min(m, i + step)) for i in range(0, m, step))
 
 
@@ -116,12 +119,12 @@ def _magnitude(K: Tensor, tau: Tensor) -> Tensor:
     """The stop-gradient factor: 1 for τ = −inf (s = 0), else |K| ⊙ 1[|K| > τ]."""
     absK = K.abs()
     tau = tau.to(absK.dtype)
-    sparse_mag = torch.where(absK > tau, absK, torch.zeros((), dtype=absK.dtype, device=absK.device))
-    return torch.where(torch.isneginf(tau), torch.ones_like(absK), sparse_mag)
+    sparse_mag = torch.where(absK > tau, absK, 0.0)
+    return torch.where(torch.isneginf(tau), 1.0, sparse_mag)  # a 0-d condition: no ones tensor
 
 
 def _sparse_delta(A: Tensor, B: Tensor, coeffs: Sequence[float], tau: Tensor):
-    """(ΔW_s, D, mag) of the rows of B given (all of them: the whole m×n): ΔW_s = K ⊙ mag (see `_magnitude`)."""
+    """(ΔW_s, D, mag) for the rows of ΔW that B holds (a row tile, or all m): ΔW_s = K ⊙ mag (see `_magnitude`)."""
     D = head_distances(A, B)
     K = kernelized_update(A, B, coeffs, D)
     mag = _magnitude(K, tau)
@@ -144,14 +147,15 @@ def snell_fwd(
     Af, Bf = A.to(compute_dtype(A)), B.to(compute_dtype(A))
     W = torch.empty((m, n), dtype=x.dtype, device=x.device)
     for rows in _row_tiles(m, n, x.device):
-        W[rows] = _sparse_delta(Af, Bf[:, rows], coeffs, tau)[0].add_(W0[rows])
+        torch.add(_sparse_delta(Af, Bf[:, rows], coeffs, tau)[0], W0[rows], out=W[rows])  # cast on the way out
     return x @ W.T if bias is None else torch.addmm(bias, x, W.T)
 
 
 def snell_bwd(
     dy: Tensor, x: Tensor, W0: Tensor, A: Tensor, B: Tensor, coeffs: Sequence[float], tau: Tensor, need_dx: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Recomputes ΔW_s (nothing but x was saved), one row tile of every m×n quantity at a time.
+    """Recomputes ΔW_s (nothing but x was saved), one row tile of every m×n quantity at a time
+    (the dx GEMM operand W0 + ΔW_s is the one whole m×n tensor).
     Returns dx (T, n) (empty (0, n) unless need_dx), dA (H, n, d_h), dB (H, m, d_h) in A's dtype,
     with G = dyᵀx, G' = G ⊙ mag, E_h = G' ⊘ D_h (0 where D_h = 0):
     dB_h[i] = c_h Σ_j E_ij (B_h[i] − A_h[j]), dA_h[j] = −c_h Σ_i E_ij (B_h[i] − A_h[j])."""
@@ -159,15 +163,18 @@ def snell_bwd(
     cd = compute_dtype(A)
     Af, Bf, xf = A.to(cd), B.to(cd), x.to(cd)
     c = torch.tensor(list(coeffs), dtype=cd, device=A.device)[:, None, None]
-    dx = torch.zeros((x.shape[0], n), dtype=dy.dtype, device=dy.device) if need_dx else dy.new_empty((0, n))
+    # W0 + ΔW_s for dx is assembled tile by tile and used in one GEMM after the loop: summing dx
+    # over the tiles instead would round a 16-bit dx once per tile
+    W = torch.empty((m, n), dtype=dy.dtype, device=dy.device) if need_dx else None
     dA = torch.zeros_like(Af)
     dB = torch.empty_like(Bf)
     for rows in _row_tiles(m, n, x.device):
         delta, D, mag = _sparse_delta(Af, Bf[:, rows], coeffs, tau)
         if need_dx:
-            dx.addmm_(dy[:, rows], delta.add_(W0[rows]).to(dy.dtype))
+            torch.add(delta, W0[rows], out=W[rows])
         Gp = (dy[:, rows].to(cd).T @ xf).mul_(mag).expand(D.shape)  # G' (rows, n), the same for every head
         # c_h multiplies the sums, as in the formula: a non-finite c_h gives ±inf, not inf − inf
         dB[:, rows] = c * _distance_grad(Gp, Bf[:, rows], Af, D)
         dA += c * _distance_grad(Gp.transpose(1, 2), Af, Bf[:, rows], D.transpose(1, 2))  # a and b swap roles
+    dx = dy @ W if need_dx else dy.new_empty((0, n))
     return dx, dA.to(A.dtype), dB.to(B.dtype)
