@@ -175,6 +175,7 @@ def snell_bwd(
         Gp = (dy[:, rows].to(cd).T @ xf).mul_(mag).expand(D.shape)  # G' (rows, n), the same for every head
         # c_h multiplies the sums, as in the formula: a non-finite c_h gives ±inf, not inf − inf
         dB[:, rows] = c * _distance_grad(Gp, Bf[:, rows], Af, D)
-        dA += c * _distance_grad(Gp.transpose(1, 2), Af, Bf[:, rows], D.transpose(1, 2))  # a and b swap roles
+        dA += _distance_grad(Gp.transpose(1, 2), Af, Bf[:, rows], D.transpose(1, 2))  # a and b swap roles
+    dA *= c  # after the sum over the tiles too: c_h = inf gives ±inf, not inf − inf between tiles
     dx = dy @ W if need_dx else dy.new_empty((0, n))
     return dx, dA.to(A.dtype), dB.to(B.dtype)
