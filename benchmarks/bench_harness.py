@@ -11,7 +11,8 @@ skipped where that backend cannot run these tensors) and one per baseline, and f
     for one forward, beside the weights), and
     GPU: peak_memory_bytes (torch.cuda.max_memory_allocated), bf16_matmul_peak_tflops (measured once
          per session) and fraction_of_bf16_peak;
-    CPU: allocated_bytes / largest_allocation_bytes of one timed step (AllocationRecorder) and
+    CPU: allocated_bytes / largest_allocation_bytes / peak_bytes (the most of them alive at once)
+         of one timed step (compare.measure.LiveTensorTracker, an AllocationRecorder) and
          mn_bytes (one m×n matrix in this dtype, the size a dense ΔW would take).
 
 Shapes: `cpu_shapes` run on whatever device is present (CPU float32; on a GPU in its dtypes);
@@ -31,7 +32,7 @@ import pytest
 import torch
 from torch import nn
 
-from cersa_kernels._alloc import AllocationRecorder
+from cersa_kernels.compare.measure import LiveTensorTracker
 from cersa_kernels.backends import unavailable_reasons, use_backend
 from cersa_kernels.quant import QuantizedTensor
 
@@ -287,9 +288,10 @@ def run_case(entry: BenchOp, benchmark, case: Case) -> None:
         info["bf16_matmul_peak_tflops"] = bf16_matmul_peak_tflops()
     else:  # no allocator statistics on CPU: count what one step allocates instead
         arg = setup()
-        with AllocationRecorder() as rec:
+        with LiveTensorTracker(0) as rec:
             timed(arg)
         info["allocated_bytes"] = rec.total_bytes()
+        info["peak_bytes"] = rec.peak_bytes
         info["largest_allocation_bytes"] = rec.largest().nbytes if rec.allocations else 0
         info["mn_bytes"] = dims["m"] * dims["n"] * inputs["x"].element_size()
 

@@ -43,7 +43,7 @@ def peft_style(i, dims):
 
 LORA = BenchOp(
     op="lora", dims=("T", "n", "m", "r"),
-    cpu_shapes=[(512, 768, 768, 16)],
+    cpu_shapes=[(512, 768, 768, 16), (1024, 1024, 1024, 16)],
     gpu_shapes=[(8192, 4096, 4096, r) for r in (16, 64)],
     make=make,
     call=lambda i: lora_linear(i["x"], i["W"], i["A"], i["B"], i["bias"], ALPHA / i["A"].shape[0], i["p"], i["seed"]),

@@ -195,6 +195,9 @@ def _register_pair(
         values.update(zip(outputs, outs))
         if len(outputs) > 1:
             ctx.mark_non_differentiable(*outs[1:])
+        # no zero tensors for the activations' (never used) gradients: one T×k (CERSA's h) or
+        # T×r more alive through the backward than plain autograd keeps at its peak
+        ctx.set_materialize_grads(False)
         constants = {n: v for n, v in values.items() if not isinstance(v, Tensor) and v is not None}
         ctx.constants = {n: values[n] for n in backward_uses if n not in tensor_uses}
         ctx.dropped = {n for n, keep in save_when.items() if not keep(constants)}
@@ -202,6 +205,8 @@ def _register_pair(
         ctx.bias_dtype = values[bias].dtype if bias is not None and values.get(bias) is not None else None
 
     def backward(ctx, dy, *_activation_grads):
+        if dy is None:  # no gradient reached y (grads are not materialised): every gradient is zero
+            return (None,) * len(input_names)
         saved = iter(ctx.saved_tensors)
         tensors = {
             n: (torch.zeros((), dtype=torch.int64) if n in ctx.dropped else next(saved)) for n in tensor_uses

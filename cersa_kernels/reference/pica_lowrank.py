@@ -22,7 +22,7 @@ def pica_lowrank_fwd(
     """Returns y (T, m) and h = x V (T, k)."""
     y, h = lowrank_fwd(x, V, S, U, bias)
     r = M.shape[1]
-    return y + h[:, :r] @ M.to(x.dtype).T, h
+    return y.addmm_(h[:, :r], M.to(x.dtype).T), h  # in place: no second T×m buffer
 
 
 def pica_lowrank_bwd(
@@ -35,5 +35,5 @@ def pica_lowrank_bwd(
     if need_dx:
         # a quantized V is dequantized a second time here (O(n·k), against the O(T·n·k) products)
         # rather than kept dense across lowrank_bwd, where U's transient would then coexist with it
-        dx = dx + (dy @ M.to(dy.dtype)) @ dense(V)[:, :r].T
+        dx.addmm_(dy @ M.to(dy.dtype), dense(V)[:, :r].T)  # in place: no second T×n buffer
     return dx, dS, dM
