@@ -196,13 +196,16 @@ def test_peft_output_failing_at_any_step_is_the_old_or_the_new_pair(writer, monk
 def test_peft_loads_the_committed_pair(tmp_path):
     """What PEFT itself loads from our layout is the adapter we exported, and is the new one after
     the next export."""
-    peft = pytest.importorskip("peft")
+    import peft  # a required test dependency: imported, never skipped
 
     directory = tmp_path / "peft"
     for model in (OLD, NEW):
         ck.export_peft_lora(model, directory)
         loaded = peft.PeftModel.from_pretrained(base(), directory)
-        torch.testing.assert_close(loaded(X), model(X), atol=1e-6, rtol=1e-5)
+        y = model(X)
+        # fp32 sums in another order (PEFT's x·Wᵀ + s·(x·Aᵀ)·Bᵀ against our fused op): float
+        # tolerance relative to the output's size; a wrong pair is off by O(1)
+        torch.testing.assert_close(loaded(X), y, atol=1e-5 * float(y.abs().max()), rtol=1e-4)
 
 
 # --- kill -9 ---------------------------------------------------------------------------------------

@@ -315,7 +315,7 @@ def test_load_validates_format_group_size_and_shapes(tmp_path):
     ("pica", dict(rank=4, base_format="int8", base_group_size=16)),
 ])
 def test_export_peft_round_trip_over_the_original_dense_model(method, options, tmp_path):
-    peft = pytest.importorskip("peft")
+    import peft  # required test dependency: imported, never skipped
     import transformers
 
     torch.manual_seed(0)
@@ -342,7 +342,7 @@ def test_export_peft_round_trip_over_the_original_dense_model(method, options, t
 # --- bitsandbytes Linear4bit ---------------------------------------------------------------------
 
 def linear4bit(n=128, m=32, nested=False, seed=0):
-    bnb = pytest.importorskip("bitsandbytes")
+    import bitsandbytes as bnb  # required test dependency (CI installs it): imported, never skipped
     lin = linear(n, m, seed)
     layer = bnb.nn.Linear4bit(n, m, quant_type="nf4", compress_statistics=nested, compute_dtype=torch.float32)
     layer.load_state_dict(lin.state_dict())
@@ -399,7 +399,7 @@ def test_cersa_over_linear4bit_decomposes_the_dequantized_weight():
 
 
 def test_linear4bit_refusals_name_the_layer():
-    bnb = pytest.importorskip("bitsandbytes")
+    import bitsandbytes as bnb  # required test dependency (CI installs it): imported, never skipped
     odd = nn.Sequential(nn.Linear(8, 8))
     odd.add_module("q", linear4bit(n=96))  # 96 is not a multiple of the block size 64
     with pytest.raises(ValueError, match=r"layer 'q'.*in_features=96, not a multiple of its block size 64"):
