@@ -2,16 +2,20 @@
 
   minilm [--energy A] [--model-dir DIR]
                         convert the real MiniLM encoder to CersaLinear and report k, energy, bytes, drift
-  analyze [MODEL_DIR] [--energy 0.9 0.95] [--plot out.png]
-                        per-Linear ranks, bytes and break-even, and the global-allocation alternative
-                        (no MODEL_DIR: the bundled MiniLM)
-  para-peft IN OUT [--energy E | --budget N]   PARA rank allocation of a PEFT LoRA adapter directory
+  analyze [MODEL_DIR] [--energy 0.9 0.95] [--plot out.png] [--target-share 0.5]
+                        per-Linear ranks, bytes and break-even, the global-allocation alternative, and
+                        the budget that holds a share of the dense bytes (no MODEL_DIR: the bundled MiniLM)
+  para-peft IN OUT [--energy E | --budget N] [--force]
+                        PARA rank allocation of a PEFT LoRA adapter directory
   compare [--methods ...] [--seeds N] [--device cuda] [--quick]
                         fine-tune MiniLM on BBC news with every method: accuracy vs peak training memory
   doctor [--model DIR]  environment; on a GPU, verify and time every kernel, write the table auto reads
 
-A user's mistake (a bad path, file or argument) prints one line `error: …` on stderr and exits
-with status 2; `UsageError` marks those. Any other exception is a bug and keeps its traceback.
+Every command checks all of its arguments before it loads a model or trains: argparse `type=`
+functions (`_cli_checks`) for each number, then the command's own check function (the first thing
+its `main` does) for paths, devices, optional packages and the data. A user's mistake prints one
+line `error: …` on stderr and exits with status 2; `UsageError` marks those. Any other exception
+is a bug and keeps its traceback.
 Adding a command: one `_add_<command>` that builds its subparser and sets `run`, listed in `COMMANDS`.
 """
 from __future__ import annotations
@@ -20,6 +24,7 @@ import argparse
 import sys
 
 from ._checks import UsageError
+from ._cli_checks import fraction, positive_int
 
 
 class _Parser(argparse.ArgumentParser):
@@ -28,28 +33,6 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str):
         raise UsageError(f"{self.prog}: {message} (see --help)")
-
-
-def energy_share(text: str) -> float:
-    """argparse type: an energy share α in (0, 1]."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
-    if not 0.0 < value <= 1.0:  # nan fails too
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text}")
-    return value
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
-    return value
 
 
 # Each command imports its module when it runs: `--help` and argument errors stay instant
@@ -63,18 +46,18 @@ def _run_minilm(args) -> None:
 def _run_analyze(args) -> None:
     from .analyze import main as analyze_main
 
-    analyze_main(args.model_dir, args.energy, args.plot)
+    analyze_main(args.model_dir, args.energy, args.plot, target_share=args.target_share)
 
 
 def _run_para_peft(args) -> None:
     from .para_peft import main as para_peft_main
 
-    para_peft_main(args.in_dir, args.out_dir, energy=args.energy, budget=args.budget)
+    para_peft_main(args.in_dir, args.out_dir, energy=args.energy, budget=args.budget, force=args.force)
 
 
 def _add_minilm(commands) -> None:
     p = commands.add_parser("minilm", help="convert the real MiniLM encoder to CersaLinear and report")
-    p.add_argument("--energy", type=energy_share, default=0.95, help="energy share α kept per layer (default 0.95)")
+    p.add_argument("--energy", type=fraction, default=0.95, help="energy share α kept per layer (default 0.95)")
     p.add_argument("--model-dir", default=None, help="a Hugging Face BERT-style model directory (default: the bundled MiniLM)")
     p.set_defaults(run=_run_minilm)
 
@@ -82,8 +65,10 @@ def _add_minilm(commands) -> None:
 def _add_analyze(commands) -> None:
     p = commands.add_parser("analyze", help="energy/rank/memory analysis of a Hugging Face model directory")
     p.add_argument("model_dir", nargs="?", default=None, help="model directory (default: the bundled MiniLM)")
-    p.add_argument("--energy", type=energy_share, nargs="+", default=[0.9, 0.95])
+    p.add_argument("--energy", type=fraction, nargs="+", default=[0.9, 0.95])
     p.add_argument("--plot", default=None, help="write a PNG of the energy curves here (needs the `plot` extra)")
+    p.add_argument("--target-share", type=fraction, default=0.5,
+                   help="end with the budget_bytes (and per-layer α) that holds this share of the dense Linear bytes (default 0.5)")
     p.set_defaults(run=_run_analyze)
 
 
@@ -92,8 +77,9 @@ def _add_para_peft(commands) -> None:
     p.add_argument("in_dir")
     p.add_argument("out_dir")
     rule = p.add_mutually_exclusive_group()
-    rule.add_argument("--energy", type=energy_share, default=None, help="share ε of the pooled Σσ² kept (default 0.95)")
+    rule.add_argument("--energy", type=fraction, default=None, help="share ε of the pooled Σσ² kept (default 0.95)")
     rule.add_argument("--budget", type=positive_int, default=None, help="instead: most adapter parameters to keep")
+    p.add_argument("--force", action="store_true", help="write into OUT_DIR even if it already holds files")
     p.set_defaults(run=_run_para_peft)
 
 

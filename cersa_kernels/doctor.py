@@ -26,7 +26,8 @@ import torch
 from torch import Tensor
 
 from . import backends
-from .analyze import Progress
+from ._checks import check_int
+from .analyze import Progress, check_model_dir
 from .nn.tree import as_linear, named_linears
 from .reference.snell import snell_threshold
 
@@ -257,10 +258,19 @@ def format_table(results: Sequence[CheckResult]) -> str:
     return "\n".join(lines)
 
 
+def check_arguments(model_dir: Optional[str], reps: int) -> None:
+    """Every argument, before anything runs: --model a Hugging Face model directory (checked on a
+    machine without a GPU too, where it is not used), --reps >= 1."""
+    check_int("reps", reps, "doctor", minimum=1)
+    if model_dir is not None:
+        check_model_dir(model_dir, "doctor")
+
+
 def main(model_dir: Optional[str] = None, reps: int = 10,
          on_result: Optional[Callable[[CheckResult], None]] = None) -> int:
     """The command; returns the exit status (0 unless a kernel failed verification on a GPU).
     `on_result` is passed to `run_checks` (called as each check finishes)."""
+    check_arguments(model_dir, reps)
     env = environment()
     print("cersa_kernels doctor")
     for key, value in env.items():

@@ -24,6 +24,7 @@ from ._adapter_files import (
     write_files_atomically,
 )
 from ._checks import InputNotFoundError, UsageError
+from ._cli_checks import check_output_dir
 from .nn.base import LowRankUpdate
 from .para import ParaResult, compress
 
@@ -146,8 +147,16 @@ def write_lora_adapter(
     write_files_atomically(Path(out_dir), {WEIGHTS_NAME: weights, CONFIG_NAME: text.encode()})
 
 
-def main(in_dir, out_dir, energy: Optional[float] = None, budget: Optional[int] = None) -> ParaResult:
+def check_arguments(out_dir, force: bool = False) -> None:
+    """The command's own check, before any file is read: OUT_DIR is not a file, can be written, and
+    holds nothing yet unless `force` (--force). The library function `para_peft` overwrites, as
+    `save` does: the write is atomic, so an earlier output is replaced whole or kept whole."""
+    check_output_dir(out_dir, "para-peft", refuse_nonempty=True, force=force)
+
+
+def main(in_dir, out_dir, energy: Optional[float] = None, budget: Optional[int] = None, force: bool = False) -> ParaResult:
     """The `para-peft` command: compress and print one line per module and the totals."""
+    check_arguments(out_dir, force)
     result = para_peft(in_dir, out_dir, energy=energy, budget=budget)
     width = max(len(layer.name) for layer in result.layers)
     print(f"{'module':<{width}}  rank  ->  new  energy kept")

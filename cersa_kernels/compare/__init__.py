@@ -9,5 +9,5 @@ measured training memory, side by side. See docs/compare.md.
   report.py   aggregation over seeds, the Markdown table, the verdict, the plot
   cli.py      the arguments and the orchestration
 
-This module imports nothing heavy: the CLI parser is built without torch.
+This module imports nothing heavy: the CLI parser is built without transformers or the data.
 """

@@ -9,6 +9,7 @@ between test and train. The input text is the title and the lead paragraph.
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 from dataclasses import dataclass
 
@@ -43,6 +44,13 @@ def load_bbc() -> tuple[list[str], list[int], list[str]]:
     names = sorted(folder_names)
     relabel = {i: names.index(name) for i, name in enumerate(folder_names)}
     return texts, [relabel[y] for y in labels], names
+
+
+@functools.lru_cache(maxsize=1)
+def class_sizes() -> dict[str, int]:
+    """{class name: distinct articles}: what a split can draw from (the command checks it first)."""
+    texts, labels, names = load_bbc()
+    return {name: len({t for t, y in zip(texts, labels) if y == label}) for label, name in enumerate(names)}
 
 
 def stratified_split(train_per_class: int, val_per_class: int = 20, test_per_class: int = 100) -> tuple[Split, Split, Split, list[str]]:

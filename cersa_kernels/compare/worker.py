@@ -128,7 +128,7 @@ def adapt(model: Classifier, method: Method) -> dict:
 
 def _autocast(device: str, dtype: str):
     if dtype == "bf16":
-        return torch.autocast(device_type=device, dtype=torch.bfloat16)
+        return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)  # "cuda:1" -> "cuda"
     return contextlib.nullcontext()
 
 
@@ -221,8 +221,8 @@ def run_one(config: dict) -> dict:
 
     is_cuda = device.startswith("cuda")
     if is_cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
     rss_before = rss_bytes("VmRSS")
     rss_reset = reset_peak_rss()
     losses, step_times, measured = [], [], {}
@@ -261,14 +261,14 @@ def run_one(config: dict) -> dict:
             optimizer.step()
         losses.append(float(loss.detach()))
         if is_cuda:
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(device)
         if step not in (0, measured_step):  # the first step warms up; the measured one is slowed by the tracker
             step_times.append(time.perf_counter() - start)
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
     bar.close()
     peak_rss = rss_bytes("VmHWM")
     if is_cuda:
-        measured["peak_live_tensor_bytes"] = torch.cuda.max_memory_allocated()
+        measured["peak_live_tensor_bytes"] = torch.cuda.max_memory_allocated(device)
         measured["backends"] = _cuda_backends(model, data["train"], device, dtype)
 
     sec_per_step = sum(step_times) / len(step_times) if step_times else float("nan")
