@@ -1,6 +1,8 @@
 """The command line never prints a traceback for a user's mistake (issue 9 item 8): `analyze`,
-`para-peft` and `minilm` print exactly one line `error: …` on stderr and exit with status 2; a
-genuine bug still raises. `analyze` without a directory analyses the bundled MiniLM (issue 11 item 7)."""
+`para-peft`, `minilm`, `compare` and `doctor` print exactly one line `error: …` on stderr and exit
+with status 2; a genuine bug still raises. `analyze` without a directory analyses the bundled
+MiniLM (issue 11 item 7). Every argument is checked before any model loads or training starts
+(issue 18 item 6): the tests replace the loaders and the trainer by failures."""
 import json
 import os
 import subprocess
@@ -14,6 +16,8 @@ from safetensors.torch import save_file
 
 import cersa_kernels.analyze as analyze_module
 import cersa_kernels.demo as demo_module
+import cersa_kernels.doctor as doctor_module
+from cersa_kernels.compare import cli as compare_cli
 from cersa_kernels.__main__ import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -155,6 +159,78 @@ def test_analyze_plot_into_a_missing_directory(capsys, model_dir, tmp_path):
     assert f"directory {tmp_path / 'no'} does not exist" in line
 
 
+def fail(what):
+    def called(*args, **kwargs):
+        raise AssertionError(f"{what} before the arguments were checked")
+
+    return called
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--target-share", "0"], "argument --target-share: expected a number in (0, 1], got 0"),
+        (["--target-share", "1.5"], "argument --target-share: expected a number in (0, 1], got 1.5"),
+        (["--target-share", "nan"], "argument --target-share: expected a number in (0, 1], got nan"),
+        (["--plot", "{tmp}"], "cannot write --plot {tmp}: it is a directory"),
+        (["--plot", "{tmp}/file/e.png"], "directory {tmp}/file does not exist"),
+    ],
+    ids=["share-0", "share-1.5", "share-nan", "plot-dir", "plot-under-file"],
+)
+def test_analyze_arguments_checked_before_the_model_loads(capsys, model_dir, monkeypatch, tmp_path, args, message):
+    monkeypatch.setattr(analyze_module, "load_pretrained", fail("the model was loaded"))
+    (tmp_path / "file").write_text("")
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    line = user_error(capsys, ["analyze", str(model_dir), *args])
+    assert message.replace("{tmp}", str(tmp_path)) in line
+
+
+def test_analyze_ends_with_a_recommendation(capsys, model_dir):
+    main(["analyze", str(model_dir), "--energy", "0.9", "--target-share", "0.3"])
+    out = capsys.readouterr().out.splitlines()
+    assert out[-4].startswith("to hold 30% of the dense Linear weight bytes")
+    assert out[-3].startswith('  ck.apply(model, "cersa", energy_scope="global", budget_bytes=')
+    assert out[-2].startswith('  ck.apply(model, "cersa", energy=0.')
+    assert out[-1].startswith('recommended: ck.apply(model, "cersa", ') and "output drift ‖y' − y‖/‖y‖ = " in out[-1]
+
+
+def test_recommendation_holds_the_share_and_its_drift_is_what_apply_gives(model_dir):
+    """Each candidate fits share × dense bytes; the α is the largest in steps of 0.001 that fits;
+    the chosen one keeps the most pooled energy; bytes and drift are those of ck.apply with the
+    printed options on a fresh copy of the model."""
+    import cersa_kernels as ck
+    from cersa_kernels.decompose import select_rank
+
+    model = analyze_module.load_pretrained(model_dir, "test")
+    analysis = analyze_module.analyze_model(model, (0.9,), progress=False)
+    rec = analyze_module.recommend(model, analysis, share=0.3)
+    target = int(0.3 * rec.dense_bytes)
+    assert rec.dense_bytes == sum(4 * l.m * l.n for l in analysis.layers)
+    assert [sorted(c.options) for c in rec.candidates] == [["budget_bytes", "energy_scope"], ["energy"]]
+    assert all(c.bytes <= target for c in rec.candidates)
+    alpha = rec.candidates[1].options["energy"]
+    above = {l.name: select_rank(l.spectrum, alpha + 0.001, layer="t") for l in analysis.layers}
+    assert analyze_module._apply_bytes(analysis.layers, above) > target  # the next step no longer fits
+    assert rec.chosen is max(rec.candidates, key=lambda c: c.energy)
+
+    fresh = analyze_module.load_pretrained(model_dir, "test").eval()
+    ids = torch.randint(0, fresh.config.vocab_size, (8, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = fresh(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state
+        report = ck.apply(fresh, "cersa", target_modules=[l.name for l in analysis.layers], **rec.chosen.options)
+        after = fresh(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state
+    assert report.base_bytes_after == rec.chosen.bytes
+    assert rec.drift == pytest.approx(float((after - before).norm() / before.norm()), rel=1e-5)
+    assert 0 < rec.drift < 1
+
+
+def test_recommendation_says_when_the_share_is_out_of_reach(capsys, model_dir):
+    main(["analyze", str(model_dir), "--energy", "0.9", "--target-share", "0.01"])
+    out = capsys.readouterr().out
+    assert "not reachable: rank 1 on every layer already needs" in out and "raise --target-share" in out
+    assert "recommended:" not in out
+
+
 def test_analyze_a_model_directory(capsys, model_dir):
     main(["analyze", str(model_dir), "--energy", "0.9"])
     out = capsys.readouterr().out
@@ -291,6 +367,29 @@ def test_para_peft_arguments(capsys, tmp_path, args, message):
     assert message in line
 
 
+def test_para_peft_refuses_a_non_empty_output_without_force(capsys, tmp_path, monkeypatch):
+    import cersa_kernels.para_peft as para_peft_module
+
+    adapter = write_adapter(tmp_path / "in")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    monkeypatch.setattr(para_peft_module, "para_peft", fail("the adapter was read"))
+    line = user_error(capsys, ["para-peft", str(adapter), str(out)])
+    assert f"the output directory {out} is not empty (notes.txt); pass --force" in line
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    monkeypatch.undo()
+    main(["para-peft", str(adapter), str(out), "--force"])
+    assert (out / "adapter_model.safetensors").is_file() and (out / "notes.txt").read_text() == "mine"
+
+
+def test_para_peft_writes_into_an_empty_existing_directory(capsys, tmp_path):
+    adapter = write_adapter(tmp_path / "in")
+    (tmp_path / "out").mkdir()
+    main(["para-peft", str(adapter), str(tmp_path / "out")])
+    assert (tmp_path / "out" / "adapter_config.json").is_file()
+
+
 def test_para_peft_still_works(capsys, tmp_path):
     adapter = write_adapter(tmp_path / "in")
     main(["para-peft", str(adapter), str(tmp_path / "out"), "--energy", "0.9"])
@@ -347,3 +446,149 @@ def test_subprocess_prints_one_line_and_exits_2(tmp_path):
         "(config.json + model.safetensors)"
     ]
     assert done.stdout == ""
+
+
+# ---- compare and doctor: every argument checked before any model loads or training starts (issue 18 item 6) ----
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """compare's trainer (every run goes through cli._runner, in process or spawned) and the model
+    loader fail the test if called; the tokenizer may load (compare checks --seq-len against it)."""
+    monkeypatch.setattr(compare_cli, "_runner", fail("training started"))
+    monkeypatch.setattr(transformers.AutoModel, "from_pretrained", fail("a model was loaded"))
+
+
+def no_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
+def one_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+
+
+def hidden(*modules):
+    def setup(monkeypatch):
+        for module in modules:
+            monkeypatch.setitem(sys.modules, module, None)  # `import module` now raises ImportError
+
+    return setup
+
+
+def existing_file(tmp_path):
+    (tmp_path / "file").write_text("")
+    return str(tmp_path / "file")
+
+
+COMPARE_CASES = {
+    # id: (argv, expected part of the error line, setup(monkeypatch) or None)
+    "device-cuda-on-a-cpu-build": (["--device", "cuda"], "--device cuda: ", no_cuda),
+    "device-index-missing": (["--device", "cuda:3"], "--device cuda:3: this machine has 1 CUDA device(s), cuda:0 to cuda:0", one_gpu),
+    "device-unknown": (["--device", "gpu"], "--device 'gpu' is not a device; expected cpu, cuda or cuda:N", None),
+    "para-energy-1.5": (["--para-energy", "1.5"], "argument --para-energy: expected a number in (0, 1], got 1.5", None),
+    "lr-nan": (["--lr", "nan"], "argument --lr: expected a finite number > 0, got nan", None),
+    "lr-inf": (["--lr", "inf"], "argument --lr: expected a finite number > 0, got inf", None),
+    "lr-negative": (["--lr", "-1"], "argument --lr: expected a finite number > 0, got -1", None),
+    "lr-zero": (["--lr", "0"], "argument --lr: expected a finite number > 0, got 0", None),
+    "lr-word": (["--lr", "fast"], "argument --lr: expected a finite number > 0, got 'fast'", None),
+    "out-existing-file": (["--out", "{file}"], "the output {file} is a file; expected a directory", None),
+    "out-unwritable": (["--out", "{file}/out"], "cannot create the output directory {file}/out: {file} is a file", None),
+    "batch-size-0": (["--batch-size", "0"], "argument --batch-size: expected an integer >= 1, got 0", None),
+    "seq-len-0": (["--seq-len", "0"], "argument --seq-len: expected an integer >= 1, got 0", None),
+    "seq-len-specials-only": (["--seq-len", "2"], "--seq-len 2: the model in", None),
+    "seq-len-above-positions": (["--seq-len", "513"], "needs 3 to 512 tokens", None),
+    "epochs-negative": (["--epochs", "-1"], "argument --epochs: expected an integer >= 1, got -1", None),
+    "epochs-0": (["--epochs", "0"], "argument --epochs: expected an integer >= 1, got 0", None),
+    "max-steps-negative": (["--max-steps", "-2"], "argument --max-steps: expected an integer >= 1, got -2", None),
+    "train-per-class-0": (["--train-per-class", "0"], "argument --train-per-class: expected an integer >= 1, got 0", None),
+    "val-per-class-0": (["--val-per-class", "0"], "argument --val-per-class: expected an integer >= 1, got 0", None),
+    "test-per-class-0": (["--test-per-class", "0"], "argument --test-per-class: expected an integer >= 1, got 0", None),
+    "seeds-0": (["--seeds", "0"], "argument --seeds: expected an integer >= 1, got 0", None),
+    "seeds-2.5": (["--seeds", "2.5"], "argument --seeds: expected an integer >= 1, got '2.5'", None),
+    "too-few-articles-for-one-batch": (["--train-per-class", "2"], "10 training articles (2 per class × 5 classes) "
+                                       "cannot fill one batch of --batch-size 16; raise --train-per-class to at least 4", None),
+    "quick-with-a-larger-batch": (["--quick", "--batch-size", "64"], "40 training articles (8 per class × 5 classes) "
+                                  "cannot fill one batch of --batch-size 64", None),
+    "more-articles-than-a-class-has": (["--train-per-class", "1000"], "distinct articles; the split asks for "
+                                       "--test-per-class 60 + --val-per-class 20 + --train-per-class 1000 = 1080", None),
+    "method-unknown": (["--methods", "lora-r9"], "argument --methods: invalid choice: 'lora-r9'", None),
+    "method-twice": (["--methods", "lora-r8", "probe", "lora-r8"], "--methods names lora-r8 more than once", None),
+    "plot-without-matplotlib": ([], "the plot (or pass --no-plot) needs matplotlib: pip install 'cersa_kernels[plot]'",
+                                hidden("matplotlib")),
+    "qlora-without-bitsandbytes": (["--methods", "qlora-r8", "--no-plot"], "qlora-r8 needs bitsandbytes: pip install "
+                                   "'cersa_kernels[bnb,peft]'", hidden("bitsandbytes")),
+    "model-dir-missing": (["--model-dir", "{file}.nope"], "{file}.nope does not exist", None),
+    "model-dir-a-file": (["--model-dir", "{file}"], "{file} is a file; expected a Hugging Face model directory", None),
+}
+
+
+@pytest.mark.parametrize("case", list(COMPARE_CASES))
+def test_compare_arguments_are_checked_before_any_work(capsys, monkeypatch, tmp_path, no_work, case):
+    argv, message, setup = COMPARE_CASES[case]
+    if setup is not None:
+        setup(monkeypatch)
+    file = existing_file(tmp_path)
+    line = user_error(capsys, ["compare", *[a.replace("{file}", file) for a in argv]])
+    assert message.replace("{file}", file) in line, line
+    assert "Traceback" not in line and "TypeError" not in line
+
+
+def test_explicit_options_win_over_quick(no_work):
+    """--quick only fills in the options that were not given."""
+    parser = compare_cli.argparse.ArgumentParser()
+    compare_cli.add_arguments(parser)
+    args = parser.parse_args(["--quick", "--seq-len", "20", "--methods", "probe", "--train-per-class", "10"])
+    compare_cli.check(args)
+    expected = dict(compare_cli.QUICK, seq_len=20, methods=["probe"], train_per_class=10)
+    assert {key: getattr(args, key) for key in compare_cli.QUICK} == expected
+    compare_cli.check(args)  # idempotent
+    assert {key: getattr(args, key) for key in compare_cli.QUICK} == expected
+    plain = parser.parse_args(["--seq-len", "20"])
+    compare_cli.check(plain)
+    assert (plain.seq_len, plain.batch_size, plain.max_steps, plain.train_per_class) == (20, 16, None, 40)
+
+
+class Reached(Exception):
+    """Raised by the stub trainer: the command got past its checks."""
+
+
+def test_a_valid_compare_reaches_the_trainer(monkeypatch, tmp_path, no_work):
+    """The check passes what is right: the same kind of command line, valid, reaches the trainer
+    (so the cases above fail in the check, not by accident), with --quick's defaults."""
+    calls = []
+
+    def trainer(config):
+        calls.append(config)
+        raise Reached
+
+    monkeypatch.setattr(compare_cli, "_runner", lambda in_process: trainer)
+    with pytest.raises(Reached):
+        main(["compare", "--quick", "--seq-len", "20", "--out", str(tmp_path / "out")])
+    assert len(calls) == 1 and calls[0]["method"] == "probe"
+    assert (calls[0]["seq_len"], calls[0]["batch_size"], calls[0]["max_steps"]) == (20, 8, 6)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model", "/nonexistent"], "doctor: /nonexistent does not exist; expected a Hugging Face model directory"),
+        (["--model", "{file}"], "doctor: {file} is a file; expected a Hugging Face model directory"),
+        (["--reps", "0"], "argument --reps: expected an integer >= 1, got 0"),
+    ],
+    ids=["model-missing", "model-file", "reps-0"],
+)
+def test_doctor_arguments_are_checked_before_any_work(capsys, monkeypatch, tmp_path, args, message):
+    monkeypatch.setattr(doctor_module, "environment", fail("the environment was probed"))
+    monkeypatch.setattr(doctor_module, "model_shapes", fail("the model was loaded"))
+    file = existing_file(tmp_path)
+    line = user_error(capsys, ["doctor", *[a.replace("{file}", file) for a in args]])
+    assert message.replace("{file}", file) in line
+
+
+def test_subprocess_compare_with_a_bad_lr_exits_2_in_one_line():
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    done = subprocess.run([sys.executable, "-m", "cersa_kernels", "compare", "--lr", "nan"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.splitlines() == [
+        "error: python -m cersa_kernels compare: argument --lr: expected a finite number > 0, got nan (see --help)"]

@@ -250,7 +250,8 @@ def test_an_unwritable_output_directory_fails_before_training(monkeypatch, tmp_p
     with pytest.raises(SystemExit) as exit_info:
         main(["compare", *ARGS, "--out", str(tmp_path / "file" / "out")])
     assert exit_info.value.code == 2 and calls == []
-    assert capsys.readouterr().err.startswith(f"error: compare: cannot write to the output directory {tmp_path / 'file' / 'out'}")
+    assert capsys.readouterr().err.startswith(
+        f"error: compare: cannot create the output directory {tmp_path / 'file' / 'out'}: {tmp_path / 'file'} is a file")
 
 
 def test_a_results_file_that_cannot_be_written_leaves_no_results_json(monkeypatch, tmp_path):
