@@ -14,6 +14,7 @@ directory is a `UsageError` naming it.
 """
 from __future__ import annotations
 
+import copy
 import os
 import sys
 import time
@@ -250,6 +251,7 @@ class Candidate:
     energy: float
     min_layer_energy: float
     ranks: dict[str, int]
+    drift: Optional[float] = None  # ‖y' − y‖ / ‖y‖ of the model's output once applied
 
     def call(self) -> str:
         return 'ck.apply(model, "cersa", ' + ", ".join(f'{k}="{v}"' if isinstance(v, str) else f"{k}={v}" for k, v in self.options.items()) + ")"
@@ -259,17 +261,16 @@ class Candidate:
 class Recommendation:
     """What holds `share` of the dense Linear weight bytes (`dense_bytes`, bias excluded):
     `candidates` (the global allocation at budget_bytes = share × dense bytes, and the largest
-    per-layer α in steps of 0.001 whose ranks fit the same bytes; either is missing where it cannot
-    fit: rank 1 everywhere costs `min_bytes`), `chosen` (the one keeping more pooled energy),
-    and its output drift ‖y' − y‖ / ‖y‖, measured by applying it, on `drift_inputs` (None, with the
-    reason there, for a model that takes no token ids alone)."""
+    per-layer α in steps of 0.001 whose ranks fit the same bytes; none where rank 1 everywhere,
+    `min_bytes`, is already more), each with the output drift ‖y' − y‖ / ‖y‖ measured by applying
+    it, on `drift_inputs`, and `chosen`: the one with the least drift (the most pooled energy where
+    the drift cannot be measured: a model that takes no token ids alone; `drift_inputs` says so)."""
 
     share: float
     dense_bytes: int
     min_bytes: int
     candidates: list[Candidate] = field(default_factory=list)
     chosen: Optional[Candidate] = None
-    drift: Optional[float] = None
     drift_inputs: str = ""
 
 
@@ -305,9 +306,9 @@ def _first_output(out) -> torch.Tensor:
 
 @torch.no_grad()
 def recommend(model: torch.nn.Module, analysis: Analysis, share: float = 0.5) -> Recommendation:
-    """The configurations that hold `share` of the dense Linear bytes (see Recommendation). Adapts
-    `model` in place with the chosen one (ck.apply on the analysed layers): the drift and the bytes
-    are measured, not predicted."""
+    """The configurations that hold `share` of the dense Linear bytes (see Recommendation), each
+    applied with ck.apply on the analysed layers (the first to a copy of `model`, the last to
+    `model` in place), so that the bytes are checked and the drift is measured, not predicted."""
     layers = analysis.layers
     dense = sum(l.m * l.n * l.itemsize for l in layers)
     rec = Recommendation(share, dense, _apply_bytes(layers, {l.name: 1 for l in layers}))
@@ -328,19 +329,25 @@ def recommend(model: torch.nn.Module, analysis: Analysis, share: float = 0.5) ->
         low, high = (mid, high) if _apply_bytes(layers, per_layer(mid)) <= target else (low, mid - 1)
     if low > 0:
         rec.candidates.append(_candidate(analysis, dict(energy=low / 1000), per_layer(low)))
-    rec.chosen = max(rec.candidates, key=lambda c: c.energy)  # the global one on a tie
     inputs, rec.drift_inputs = _drift_inputs(model)
     if inputs is not None:
         model.eval()
         before = _first_output(model(**inputs)).float()
-    report = apply(model, "cersa", target_modules=[l.name for l in layers], **rec.chosen.options)
-    built = {row["name"]: row["rank"] for row in report.rows}
-    if built != rec.chosen.ranks or report.base_bytes_after != rec.chosen.bytes:
-        raise RuntimeError(f"analyze: ck.apply built other ranks or bytes ({report.base_bytes_after}) than predicted "
-                           f"({rec.chosen.bytes}) for {rec.chosen.call()}")
-    if inputs is not None:
-        after = _first_output(model(**inputs)).float()
-        rec.drift = float((after - before).norm() / before.norm().clamp_min(1e-30))
+    for i, candidate in enumerate(rec.candidates):
+        adapted = model if i == len(rec.candidates) - 1 else copy.deepcopy(model)  # the last one adapts `model`
+        report = apply(adapted, "cersa", target_modules=[l.name for l in layers], **candidate.options)
+        built = {row["name"]: row["rank"] for row in report.rows}
+        if built != candidate.ranks or report.base_bytes_after != candidate.bytes:
+            raise RuntimeError(f"analyze: ck.apply built other ranks or bytes ({report.base_bytes_after}) than predicted "
+                               f"({candidate.bytes}) for {candidate.call()}")
+        if inputs is not None:
+            after = _first_output(adapted(**inputs)).float()
+            candidate.drift = float((after - before).norm() / before.norm().clamp_min(1e-30))
+        del adapted
+    if inputs is not None:  # the output is what a user keeps; the pooled energy only where it is not measured
+        rec.chosen = min(rec.candidates, key=lambda c: c.drift)
+    else:
+        rec.chosen = max(rec.candidates, key=lambda c: c.energy)
     return rec
 
 
@@ -352,13 +359,16 @@ def format_recommendation(rec: Recommendation) -> str:
                    f"({rec.min_bytes / rec.dense_bytes:.1%}); raise --target-share")
         return "\n".join(out)
     for c in rec.candidates:
+        drift = f"output drift {c.drift:.4f}" if c.drift is not None else "output drift not measured"
         out.append(f"  {c.call()}: {c.bytes:,d} B ({c.bytes / rec.dense_bytes:.1%}), pooled energy kept {c.energy:.4f} "
-                   f"(lowest layer {c.min_layer_energy:.4f}), ranks {min(c.ranks.values())} to {max(c.ranks.values())}")
+                   f"(lowest layer {c.min_layer_energy:.4f}), ranks {min(c.ranks.values())} to {max(c.ranks.values())}, {drift}")
     if len(rec.candidates) == 1:
         out.append("  (no per-layer α fits: even α = 0.001 keeps more bytes)")
-    drift = (f"output drift ‖y' − y‖/‖y‖ = {rec.drift:.4f} on {rec.drift_inputs}" if rec.drift is not None
-             else f"output drift {rec.drift_inputs}")
-    out.append(f"recommended: {rec.chosen.call()} (keeps the most energy); {drift}, before any training")
+    if rec.chosen.drift is not None:
+        why = f"the least output drift ‖y' − y‖/‖y‖ before training, on {rec.drift_inputs}"
+    else:
+        why = f"the most pooled energy; output drift {rec.drift_inputs}"
+    out.append(f"recommended: {rec.chosen.call()} ({why})")
     return "\n".join(out)
 
 
