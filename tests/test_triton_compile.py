@@ -369,3 +369,24 @@ def test_snell_kernels_compute_abs_k_without_contraction(reports, arch):
     bad = [r["id"] for r in snell if not r.get("error") and r.get("fma_f32", 0) > 0
            and (r["kernel"] == "_snell_select_kernel" or _is_16bit(r))]
     assert not bad, f"SNELL kernels with fused fp32 multiply-adds: {bad}"
+
+
+def test_the_tile_model_prices_the_configs_gemm_py_has():
+    """scripts/tile_model.py (docs/kernels.md's expected fractions of cuBLAS) models the tiles the
+    autotuner has, and no kernel beats its cuBLAS bound (which is ideal by construction)."""
+    import importlib.util
+
+    from cersa_kernels.triton import gemm
+
+    spec = importlib.util.spec_from_file_location("tile_model", ROOT / "scripts" / "tile_model.py")
+    model = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(model)
+
+    def tiles(configs):
+        return {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) for c in configs}
+
+    assert {(t["bm"], t["bn"], t["bk"]) for t in model.TRITON_BASE} == tiles(gemm._BASE_GPU_CONFIGS)
+    assert {(t["bm"], t["bn"], t["bk"]) for t in model.TRITON_LARGE} == tiles(gemm._LARGE_GPU_CONFIGS)
+    rows = model.rows()
+    assert rows and all(r[k] <= 1.0 for r in rows for k in ("triton_before", "triton_now", "cuda_before", "cuda_now"))
+    assert all(r["triton_now"] >= r["triton_before"] for r in rows)
