@@ -13,6 +13,9 @@ Bounds asserted (per variant, per arch):
   fp32 spills are printed, not bounded (fp32 GEMMs without TF32 run on CUDA cores);
 - 16-bit GEMM tiles with BLOCK_M >= 64 use wgmma on sm_90 and mma.sync on sm_80;
 - no pointer offset is a 32-bit integer (an i32 index product wraps past 2^31 elements);
+- the large GEMM tiles (128×128×64, 128×256×64: aligned 16-bit launches only) are compiled where
+  the pruning keeps them (`LARGE_TILES_BY_ARCH`), spill nothing, fit the arch's shared memory
+  within `gemm.pipeline_shared_bytes`, and use wgmma (sm_90) / mma.sync (sm_80);
 - GEMMs with a quantized operand (int8, NF4: `QUANTIZED_POSITIONS`): each one the launchers
   produce is compiled, 16-bit ones spill nothing, and those with BLOCK_M >= 64 run tl.dot on the
   dequantized tiles with wgmma (sm_90) / mma.sync (sm_80).
@@ -137,6 +140,126 @@ def test_pointer_offsets_are_int64(reports, arch):
     assert not _failures(reports, arch, lambda r: r.get("i32_addptr"))
 
 
+# The large tiles of triton/gemm.py: (BLOCK_M, BLOCK_N, BLOCK_K, stages) each arch must compile,
+# i.e. those its pruning keeps. 128×256 at 3 stages needs 144 KB (fits either arch) but spills
+# 12–48 B with mma.sync on sm_80: sm_90 only.
+LARGE_TILES_BY_ARCH = {90: {(128, 256, 64, 3), (128, 128, 64, 4), (128, 128, 64, 3)},
+                       80: {(128, 128, 64, 4), (128, 128, 64, 3)}}
+
+
+def _tile(report):
+    c = report["constexprs"]
+    return (c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"], report["num_stages"])
+
+
+def _large(report) -> bool:
+    c = report["constexprs"]
+    return report["kernel"] == "_gemm_kernel" and c["BLOCK_M"] * c["BLOCK_N"] >= 128 * 128
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ARCHS)
+def test_large_tiles_compile_spill_free_on_tensor_cores(reports, arch):
+    """Every large config the pruning keeps on this arch, in bf16 with every epilogue the launchers
+    give it (bias, residual, dropout on the product), and no other (no fp32, no 128×256 on sm_80)."""
+    from cersa_kernels.triton.gemm import pipeline_shared_bytes
+
+    large = [r for r in reports[arch] if _large(r)]
+    assert {_tile(r) for r in large} == LARGE_TILES_BY_ARCH[arch]
+    assert all(_is_16bit(r) and "*fp32" not in r["pointer_types"] for r in large)
+    for flag in ("HAS_BIAS", "HAS_RESIDUAL"):
+        assert any(r["constexprs"][flag] for r in large), flag
+    assert any(r["constexprs"]["DROP"] == 3 for r in large)
+    instr = "wgmma" if arch == 90 else "mma_sync"
+    bad = [f"{r['id']}: {r.get('error') or (r['spill_stores'], r['shared'], r[instr])}" for r in large
+           if r.get("error") or r["spill_stores"] or r["shared"] > tc.SHARED_LIMIT[arch] or not r[instr]]
+    assert not bad
+    # the pruning's estimate bounds what the compiler allocates (exact on sm_90)
+    for r in large:
+        bm, bn, bk, stages = _tile(r)
+        import triton
+
+        cfg = triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk), num_stages=stages)
+        assert r["shared"] <= pipeline_shared_bytes(cfg, 2), r["id"]
+
+
+def _odd_args(v) -> set:
+    """The base pointers, sizes and strides of A, B, C that the JIT did not specialise as divisible
+    by 16 (a stride of 1 is a constexpr: not odd)."""
+    names = list(v["signature"])
+    divisible = {names[p[0]] for p, spec in v["attrs"] if spec}
+    args = ("a_ptr", "b_ptr", "c_ptr", "M", "N", "K", "stride_am", "stride_ak", "stride_bk", "stride_bn",
+            "stride_cm", "stride_cn")
+    return {a for a in args if v["signature"][a] != "constexpr" and a not in divisible}
+
+
+def test_large_tiles_only_for_aligned_launches_and_tuned_apart():
+    """The same CERSA forward with x contiguous or a column slice (row stride 257): the same
+    autotune buckets, but TUNE_ALIGNED tells x·V's keys apart, and no large-tile config is ever
+    recorded for a launch the JIT does not specialise as aligned throughout."""
+    recorder = tc.capture(90, ["layout_aligned", "layout_odd"])
+    keys = {}
+    for case, kernel, key in recorder.tune_keys:
+        keys.setdefault(case.split("/")[0], []).append(key)
+    assert len(keys["layout_aligned"]) == len(keys["layout_odd"]) == 3  # U·S, x·V, h·(US)ᵀ
+    assert keys["layout_aligned"][1] != keys["layout_odd"][1]  # x·V: the one product x is in
+    assert [keys["layout_aligned"][i] for i in (0, 2)] == [keys["layout_odd"][i] for i in (0, 2)]
+    gemms = [v for v in recorder.variants.values() if v["kernel"] == "_gemm_kernel"]
+    large = [v for v in gemms if tc.is_large_tile(v)]
+    assert large and not [tc.variant_id(v) for v in large if _odd_args(v)]
+    odd_x = [v for v in gemms if "stride_am" in _odd_args(v)]
+    assert odd_x and not [v for v in odd_x if tc.is_large_tile(v)]  # x·V of the odd case: base tiles only
+
+
+def _nargs(dtype=torch.bfloat16, aligned=1, M=4096, N=4096):
+    return dict(a_ptr=torch.empty(16, 16, dtype=dtype), TUNE_ALIGNED=aligned, TUNE_M=M, TUNE_N=N)
+
+
+def _kept_large(monkeypatch, arch, nargs, **meta):
+    from cersa_kernels.triton import gemm
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: arch)
+    kept = gemm._prune_configs(gemm._GPU_CONFIGS, nargs, **{"DROP": 0, **meta})
+    assert all(c in kept for c in gemm._BASE_GPU_CONFIGS)  # the base configs are never pruned
+    return {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages) for c in kept if c in gemm._LARGE_GPU_CONFIGS}
+
+
+def test_large_tiles_are_pruned_to_aligned_16bit_launches_that_fit(monkeypatch):
+    from cersa_kernels.triton.gemm import DROP_A, DROP_B, DROP_C
+
+    every = {(128, 256, 3), (128, 128, 4), (128, 128, 3)}
+    assert _kept_large(monkeypatch, (9, 0), _nargs()) == every
+    assert _kept_large(monkeypatch, (9, 0), _nargs(torch.float16), DROP=DROP_C) == every
+    assert _kept_large(monkeypatch, (8, 0), _nargs()) == {(128, 128, 4), (128, 128, 3)}  # 128×256 spills there
+    assert _kept_large(monkeypatch, (8, 6), _nargs()) == {(128, 128, 3)}  # 99 KB: 96 KB fits, 128 KB does not
+    assert _kept_large(monkeypatch, (9, 0), _nargs(N=128)) == {(128, 128, 4), (128, 128, 3)}
+    for nargs, meta in [(_nargs(aligned=0), {}), (_nargs(torch.float32), {}), (_nargs(M=64), {}),
+                        (_nargs(N=64), {}), (_nargs(), {"DROP": DROP_A}), (_nargs(), {"DROP": DROP_B})]:
+        assert _kept_large(monkeypatch, (9, 0), nargs, **meta) == set(), (nargs, meta)
+
+
+def test_layout_aligned_wants_16_byte_bases_strides_and_sizes():
+    from cersa_kernels.triton.gemm import layout_aligned
+
+    x = torch.empty(64, 256, dtype=torch.bfloat16)
+    assert layout_aligned((x, 256, 1), (x.T, 1, 256), 64, 256, 4096)
+    assert not layout_aligned((x[:, 1:], 256, 1))  # base 2 bytes past a 16-byte boundary
+    wide = torch.empty(64, 257, dtype=torch.bfloat16)
+    assert not layout_aligned((wide, 257, 1))
+    assert not layout_aligned((x, 256, 2))  # a non-unit inner stride, not a multiple of 16
+    assert not layout_aligned((x, 256, 1), 4093)  # a ragged token count
+
+
+def test_pinned_configs_are_base_configs():
+    """With autotuning off every launch uses a config no pruning ever drops (valid for any layout
+    and device, in particular never a large tile)."""
+    from cersa_kernels.triton import gemm
+
+    for M in (1, 64, 128, 8192):
+        assert gemm.pinned_config(M, False) in gemm._BASE_GPU_CONFIGS
+        assert gemm.pinned_config(M, False) not in gemm._LARGE_GPU_CONFIGS
+
+
 # Quantized operands: `_quant_gemm_cases` runs every launcher with int8 and NF4 frozen weights.
 # (A_FMT, A_STORED_T, B_FMT, B_STORED_T) of each quantized GEMM the launchers make, per format:
 # U·S (A = U, stored Uᵀ), x·V, x·W0ᵀ and dy·U (B stored transposed), S·Vᵀ and dy·W0 (B as stored).
@@ -246,3 +369,24 @@ def test_snell_kernels_compute_abs_k_without_contraction(reports, arch):
     bad = [r["id"] for r in snell if not r.get("error") and r.get("fma_f32", 0) > 0
            and (r["kernel"] == "_snell_select_kernel" or _is_16bit(r))]
     assert not bad, f"SNELL kernels with fused fp32 multiply-adds: {bad}"
+
+
+def test_the_tile_model_prices_the_configs_gemm_py_has():
+    """scripts/tile_model.py (docs/kernels.md's expected fractions of cuBLAS) models the tiles the
+    autotuner has, and no kernel beats its cuBLAS bound (which is ideal by construction)."""
+    import importlib.util
+
+    from cersa_kernels.triton import gemm
+
+    spec = importlib.util.spec_from_file_location("tile_model", ROOT / "scripts" / "tile_model.py")
+    model = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(model)
+
+    def tiles(configs):
+        return {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) for c in configs}
+
+    assert {(t["bm"], t["bn"], t["bk"]) for t in model.TRITON_BASE} == tiles(gemm._BASE_GPU_CONFIGS)
+    assert {(t["bm"], t["bn"], t["bk"]) for t in model.TRITON_LARGE} == tiles(gemm._LARGE_GPU_CONFIGS)
+    rows = model.rows()
+    assert rows and all(r[k] <= 1.0 for r in rows for k in ("triton_before", "triton_now", "cuda_before", "cuda_now"))
+    assert all(r["triton_now"] >= r["triton_before"] for r in rows)

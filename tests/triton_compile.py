@@ -185,6 +185,23 @@ def _tokens_case(T: int) -> Callable[[str], None]:
     return run
 
 
+def _layout_case(aligned: bool) -> Callable[[str], None]:
+    """y = x·W0ᵀ-sized CERSA forward whose x is contiguous (every stride a multiple of 16) or a
+    column slice of a wider tensor (row stride 257): the same autotune buckets, another layout."""
+    def run(dtype_name: str) -> None:
+        import torch
+
+        from cersa_kernels.triton import lowrank
+
+        dt = getattr(torch, dtype_name)
+        T, n, m, k = 256, 256, 256, 128
+        x = torch.randn(T, n).to(dt) if aligned else torch.randn(T, n + 1).to(dt)[:, :n]
+        V, S, U = torch.randn(n, k).to(dt), torch.eye(k), torch.randn(m, k).to(dt)
+        lowrank.lowrank_fwd_triton(x, V, S, U, None)
+
+    return run
+
+
 def cases(full: bool) -> tuple[dict, dict]:
     """({name: (run(dtype), dtypes)} of the sweep, the same of the extra cases tests ask for)."""
     dims = SNELL_HEAD_DIMS_FULL if full else SNELL_HEAD_DIMS_SUBSET
@@ -199,6 +216,7 @@ def cases(full: bool) -> tuple[dict, dict]:
     # for the specialisation tests only (not part of the sweep)
     extra = {f"lora_seed_{s}": (_lora_seed_case(s), DTYPES) for s in (1, 7, 2**31 + 5)}
     extra.update({f"tokens_{T}": (_tokens_case(T), ("float16",)) for T in (300, 500, 700)})
+    extra.update({f"layout_{name}": (_layout_case(name == "aligned"), ("bfloat16",)) for name in ("aligned", "odd")})
     return sweep, extra
 
 
@@ -362,6 +380,12 @@ def is_plain_gemm(v: dict) -> bool:
     return v["kernel"] == "_gemm_kernel" and not c["HAS_BIAS"] and not c["HAS_RESIDUAL"] and c["DROP"] == 0
 
 
+def is_large_tile(v: dict) -> bool:
+    """A GEMM variant with one of gemm.py's large tiles (128×128 or more: aligned 16-bit layouts only)."""
+    c = constexpr_values(v)
+    return v["kernel"] == "_gemm_kernel" and c["BLOCK_M"] * c["BLOCK_N"] >= 128 * 128
+
+
 def _tile_volume(v: dict) -> int:
     c = constexpr_values(v)
     return c.get("BLOCK_M", 1) * c.get("BLOCK_N", 1) * c.get("BLOCK_K", 1)
@@ -379,7 +403,9 @@ def select(variants: list, full: bool) -> list:
     registers; aligned: the cp.async/TMA pipeline in shared memory), so that each config's shared
     memory, spills and wgmma use are checked in both specialisations on each arch; the same for
     the plain bf16 GEMM with an NF4 B stored transposed (x·V, x·W0ᵀ: the T-sized dequantizing
-    products, and the format with the most work per element), over the quantized configs."""
+    products, and the format with the most work per element), over the quantized configs; and
+    every bf16 variant with a large tile (each large config the pruning keeps, with every epilogue
+    the launchers give it: bias, residual, dropout on the product)."""
     if full:
         return variants
 
@@ -397,7 +423,7 @@ def select(variants: list, full: bool) -> list:
     chosen, seen = [], set()
     for v in sorted(variants, key=_tile_volume):  # stable: capture order within a tile size
         key = _coverage_key(v)
-        if is_plain_gemm(v) and layout(v) in every_config:
+        if (is_plain_gemm(v) and layout(v) in every_config) or (is_large_tile(v) and "*bf16" in v["signature"].values()):
             seen.add(key)
             chosen.append(v)
             continue

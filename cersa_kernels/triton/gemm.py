@@ -117,7 +117,7 @@ def _load_operand(
 # dropout key (a hash of the seed: a new one every step) and threshold, and the autotune buckets
 # (read by the autotuner on the host only). Annotated i64 as well, so that their integer type does
 # not flip between i32 and i64 with the value (which would also recompile).
-_UNSPECIALISED = ["drop_key", "drop_thresh", "TUNE_M", "TUNE_N", "TUNE_K"]
+_UNSPECIALISED = ["drop_key", "drop_thresh", "TUNE_M", "TUNE_N", "TUNE_K", "TUNE_ALIGNED"]
 
 
 @triton.jit(do_not_specialize=_UNSPECIALISED)
@@ -127,7 +127,7 @@ def _gemm_kernel(
     stride_am, stride_ak, stride_bk, stride_bn, stride_cs, stride_cm, stride_cn, stride_rm, stride_rn, stride_bias,
     a_groups_per_row, b_groups_per_row,
     drop_key: tl.int64, drop_thresh: tl.int64, drop_cols, drop_scale,
-    TUNE_M: tl.int64, TUNE_N: tl.int64, TUNE_K: tl.int64,
+    TUNE_M: tl.int64, TUNE_N: tl.int64, TUNE_K: tl.int64, TUNE_ALIGNED: tl.int64,
     HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, DROP: tl.constexpr, DOT_PRECISION: tl.constexpr,
     A_FMT: tl.constexpr, A_STORED_T: tl.constexpr, A_GROUP: tl.constexpr,
     B_FMT: tl.constexpr, B_STORED_T: tl.constexpr, B_GROUP: tl.constexpr, DOT_DTYPE: tl.constexpr,
@@ -195,16 +195,33 @@ _INTERPRETER_CONFIG = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8)
 # epilogue the launchers produce, in both of the JIT's specialisations: every config compiles with
 # no spill in 16-bit (32×64×64 on sm_90: 28 B at most), in aligned launches (cp.async/TMA pipelines)
 # and in launches whose strides are not multiples of 16 (element-wise loads, so the tile lives in
-# registers). 128×128 tiles (and 128×64×64, 64×64×64 with 4 warps) were dropped: with odd strides
-# they spill 50–400 B in the dropout and residual epilogues on both archs, at any stage count, and
-# at 16 warps too.
-_GPU_CONFIGS = [
+# registers). 128×128 tiles (and 128×64×64, 64×64×64 with 4 warps) are not among them: with odd
+# strides they spill 50–400 B in the dropout and residual epilogues on both archs, at any stage
+# count, and at 16 warps too. These are the configs every launch may use (the pinned ones are too).
+_BASE_GPU_CONFIGS = [
     triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8), num_warps=w, num_stages=s)
     for bm, bn, bk, w, s in [
         (128, 64, 32, 8, 4), (128, 64, 32, 8, 3), (64, 128, 64, 8, 4), (64, 128, 32, 8, 4),
         (64, 64, 64, 8, 3), (64, 64, 32, 4, 5), (64, 64, 32, 4, 4), (32, 64, 64, 4, 4),
     ]
 ]
+# Large tiles, for aligned 16-bit dense launches only (`layout_aligned`: every tile then streams by
+# 16-byte cp.async/TMA copies into shared memory, and with wgmma the operands never sit in
+# registers; with odd strides 128×128 tiles spill, see above). `_prune_configs` keeps one only where
+# it was measured to fit (tests/test_triton_compile.py, sm_90 and sm_80, every epilogue the launchers
+# give these shapes): M and N buckets at least the tile (a 128×256 tile on a 64-column output is
+# mostly padding); no dropout on an operand (DROP_A/B: not compiled at these tiles); the operand
+# pipeline (`pipeline_shared_bytes`) within the device's shared memory per block (128×256×64 at 3
+# stages: 144 KB, 128×128×64 at 4: 128 KB; an H100 has 227 KB, an A100 163 KB, sm_86/89 99 KB);
+# and 128×256 on sm_90 or newer only: its 128 fp32 accumulators per thread leave mma.sync (sm_80)
+# too few registers (12–48 B of spills), while wgmma on sm_90 compiles it spill-free (≤ 247 regs).
+_LARGE_GPU_CONFIGS = [
+    triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8), num_warps=w, num_stages=s)
+    for bm, bn, bk, w, s in [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 8, 3)]
+]
+# The least compute capability of each large tile (BLOCK_M, BLOCK_N); absent: sm_80.
+_LARGE_TILE_MIN_ARCH = {(128, 256): (9, 0)}
+_GPU_CONFIGS = _BASE_GPU_CONFIGS + _LARGE_GPU_CONFIGS
 
 
 # Launches with a quantized operand (A_FMT or B_FMT != 0) dequantize their tiles in registers before
@@ -218,12 +235,71 @@ _GPU_CONFIGS = [
 # both), 64×64×64 at 8 warps, 3 stages spills 88 B on sm_80 with an aligned NF4 B stored transposed
 # in bf16. The three 8-warp configs left spill nothing under either version.
 _QUANT_GPU_CONFIGS = [
-    cfg for cfg in _GPU_CONFIGS
+    cfg for cfg in _BASE_GPU_CONFIGS
     if (cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"]) not in {(64, 128, 64), (32, 64, 64), (64, 64, 64)}
     and cfg.num_warps == 8
 ]
 
-AUTOTUNE_KEY = ["TUNE_M", "TUNE_N", "TUNE_K", "HAS_RESIDUAL", "DROP", "DOT_PRECISION", "A_FMT", "B_FMT"]
+AUTOTUNE_KEY = ["TUNE_M", "TUNE_N", "TUNE_K", "TUNE_ALIGNED", "HAS_RESIDUAL", "DROP", "DOT_PRECISION", "A_FMT",
+                "B_FMT"]
+
+# Opt-in shared memory per block by compute capability (CUDA programming guide), for devices whose
+# properties do not report it (and for the CPU-side compile test, which answers a capability).
+_SHARED_BYTES_BY_ARCH = {(8, 0): 166912, (8, 7): 166912, (9, 0): 232448, (10, 0): 232448}
+_SHARED_BYTES_DEFAULT = 101376  # sm_86/89/120: the smallest opt-in limit of sm_80 and newer
+
+
+def device_limits(device: torch.device) -> tuple[tuple[int, int], int]:
+    """(compute capability, bytes of shared memory one program may use) of `device`: a CUDA device,
+    or, for CPU tensors (the compile test's recorder), the capability torch answers."""
+    if device.type == "cuda":
+        arch = tuple(torch.cuda.get_device_capability(device))
+        limit = getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", None)
+        return arch, int(limit) if limit else _SHARED_BYTES_BY_ARCH.get(arch, _SHARED_BYTES_DEFAULT)
+    arch = tuple(torch.cuda.get_device_capability())
+    return arch, _SHARED_BYTES_BY_ARCH.get(arch, _SHARED_BYTES_DEFAULT)
+
+
+def pipeline_shared_bytes(cfg: triton.Config, element_size: int) -> int:
+    """Shared memory of a config's operand pipeline: num_stages buffers of an A (BLOCK_M × BLOCK_K)
+    and a B (BLOCK_K × BLOCK_N) tile. Exactly what Triton reports for the compiled 16-bit GEMM on
+    sm_90; on sm_80 it allocates num_stages − 1 buffers, so the bound is safe there too."""
+    k = cfg.kwargs
+    return cfg.num_stages * (k["BLOCK_M"] + k["BLOCK_N"]) * k["BLOCK_K"] * element_size
+
+
+def layout_aligned(*operands) -> bool:
+    """True when every (tensor, its two strides) has a 16-byte aligned base and each stride is 1 or a
+    multiple of 16 elements, and every int given (the GEMM's M, N, K) is a multiple of 16: the launch
+    Triton's JIT specialises as divisible by 16 throughout, whose tiles load 16 bytes at a time."""
+    for op in operands:
+        if isinstance(op, int):
+            if op % 16:
+                return False
+            continue
+        t, s0, s1 = op
+        if t.data_ptr() % 16 or any(s != 1 and s % 16 for s in (s0, s1)):
+            return False
+    return True
+
+
+def _prune_configs(configs, nargs, **meta):
+    """The autotuner's early pruning: every base config; a large one only where it fits (see
+    `_LARGE_GPU_CONFIGS`). TUNE_ALIGNED is in the autotune key, so an unaligned launch never
+    reuses a large tile chosen for an aligned one."""
+    a = nargs["a_ptr"]
+    if not nargs["TUNE_ALIGNED"] or a.element_size() != 2 or meta.get("DROP") in (DROP_A, DROP_B):
+        return [c for c in configs if c not in _LARGE_GPU_CONFIGS]
+    arch, limit = device_limits(a.device)
+
+    def fits(c):
+        k = c.kwargs
+        return (c not in _LARGE_GPU_CONFIGS
+                or (nargs["TUNE_M"] >= k["BLOCK_M"] and nargs["TUNE_N"] >= k["BLOCK_N"]
+                    and pipeline_shared_bytes(c, 2) <= limit
+                    and arch >= _LARGE_TILE_MIN_ARCH.get((k["BLOCK_M"], k["BLOCK_N"]), (8, 0))))
+
+    return [c for c in configs if fits(c)]
 
 
 def tune_bucket(size: int) -> int:
@@ -248,8 +324,9 @@ def autotune_enabled() -> bool:
 
 def pinned_config(M: int, quantized: bool) -> triton.Config:
     """The one config of a shape class when autotuning is off: the first 128-row tile for M ≥ 128,
-    else the smallest tile. Both are among the autotuned configs, so the compile test covers them."""
-    configs = _QUANT_GPU_CONFIGS if quantized else _GPU_CONFIGS
+    else the smallest tile, among the base configs (valid for every layout and device, never
+    pruned). Both are among the autotuned configs, so the compile test covers them."""
+    configs = _QUANT_GPU_CONFIGS if quantized else _BASE_GPU_CONFIGS
     tall = [c for c in configs if c.kwargs["BLOCK_M"] >= 128]
     if M >= 128 and tall:
         return tall[0]
@@ -261,7 +338,8 @@ def _tuned_kernel(quantized: bool):
     """The autotuned GEMM; launches with a quantized operand tune over their own configs."""
     # restore_value: when C is written in place over its residual, tuning trials must not compound
     return triton.autotune(
-        configs=_QUANT_GPU_CONFIGS if quantized else _GPU_CONFIGS, key=AUTOTUNE_KEY, restore_value=["c_ptr"]
+        configs=_QUANT_GPU_CONFIGS if quantized else _GPU_CONFIGS, key=AUTOTUNE_KEY, restore_value=["c_ptr"],
+        prune_configs_by=dict(early_config_prune=_prune_configs),
     )(_gemm_kernel)
 
 
@@ -357,6 +435,9 @@ def _gemm(
     # pointer types (and compiled code) it had before quantized operands existed
     code = _nf4_code_table(a.device) if FMT_NF4 in (A.fmt, B.fmt) else A.ptr
     r = residual if residual is not None else A.ptr
+    aligned = (A.fmt == FMT_DENSE and B.fmt == FMT_DENSE
+               and layout_aligned((A.ptr, A.stride0, A.stride1), (B.ptr, B.stride0, B.stride1),
+                                  (buf, buf.stride(1), buf.stride(2)), (r, r.stride(0), r.stride(-1)), M, N, K))
     args = (
         A.ptr, B.ptr, buf, bias if bias is not None else A.ptr, r, A.scale, B.scale, code,
         M, N, K, rows_per_split,
@@ -364,7 +445,7 @@ def _gemm(
         r.stride(0), r.stride(-1), bias.stride(0) if bias is not None else 0,
         A.groups_per_row, B.groups_per_row,
         key, thresh, cols, scale,
-        tune_bucket(M), tune_bucket(N), tune_bucket(rows_per_split),
+        tune_bucket(M), tune_bucket(N), tune_bucket(rows_per_split), int(aligned),
     )
     meta = dict(
         HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, DROP=where,
