@@ -101,12 +101,22 @@ def _svd_of_core(core: Tensor, layer: str) -> tuple[Tensor, Tensor, Tensor]:
     return svd.U, svd.sigma, svd.V
 
 
-def para_spectrum(B: Tensor, A: Tensor, scale: float, layer: str = "para") -> tuple[Tensor, Tensor, Tensor]:
-    """ΔW = scale·B·A as L·diag(σ)·Rᵀ without forming it: B (m, r), A (r, n) -> L (m, r), σ (r,), R (n, r)."""
+def para_spectrum(
+    B: Tensor, A: Tensor, scale: float, layer: str = "para", noise: float = 0.0
+) -> tuple[Tensor, Tensor, Tensor]:
+    """ΔW = scale·B·A as L·diag(σ)·Rᵀ without forming it: B (m, r), A (r, n) -> L (m, r), σ (r,), R (n, r).
+
+    σ at or below the rounding floor max(m, n)·eps·σ_max (eps of the working dtype), or below the
+    update's own `noise` bound (LowRankUpdate.noise), is set to 0: such a σ is the rounding error of
+    the factors, not a direction of ΔW, and would otherwise count as rank (an update PARA truncated to
+    rank k and written back in float32 comes back with full rank)."""
     work = torch.float64 if B.dtype == torch.float64 else torch.float32
     QB, RB = torch.linalg.qr(B.detach().to(work))
     QA, RA = torch.linalg.qr(A.detach().to(work).T)
     Uc, sigma, Vc = _svd_of_core(scale * (RB @ RA.T), layer)
+    if sigma.numel():
+        floor = max(max(B.shape[0], A.shape[1]) * torch.finfo(work).eps * float(sigma[0]), float(noise))
+        sigma = sigma.masked_fill(sigma <= floor, 0.0)
     return QB @ Uc, sigma, QA @ Vc
 
 
@@ -122,7 +132,7 @@ def _collect_model(model: nn.Module) -> list[_Spectrum]:
             continue
         seen.add(module.para_key())
         label = name + module.para_label
-        L, s, R = para_spectrum(update.B, update.A, update.scale, layer=f"para ({label})")
+        L, s, R = para_spectrum(update.B, update.A, update.scale, layer=f"para ({label})", noise=update.noise)
         spectra.append(_Spectrum(label, module.method, L, s, R, module.para_core_shape(), (name, module, update.scale)))
     return spectra
 
@@ -132,7 +142,7 @@ def _collect_dict(adapters: Mapping[str, LowRankUpdate]) -> list[_Spectrum]:
     for name, f in adapters.items():
         if f.B.dim() != 2 or f.A.dim() != 2 or f.B.shape[1] != f.A.shape[0]:
             raise ValueError(f"para ({name}): expected B (m, r) and A (r, n), got B {tuple(f.B.shape)}, A {tuple(f.A.shape)}")
-        L, s, R = para_spectrum(f.B, f.A, f.scale, layer=f"para ({name})")
+        L, s, R = para_spectrum(f.B, f.A, f.scale, layer=f"para ({name})", noise=f.noise)
         spectra.append(_Spectrum(name, "lora", L, s, R, (f.B.shape[0], f.A.shape[1]), name))
     return spectra
 
