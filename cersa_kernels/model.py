@@ -24,6 +24,7 @@ from typing import Optional, Union
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from ._adapter_files import (
     CONFIG_ID_KEY, FORMAT_KEY, VERSION_KEY, check_pair, config_id, read_json_object, read_safetensors,
@@ -274,8 +275,6 @@ def _unwrapped(model: nn.Module) -> nn.Module:
     (`module`), nested in any order; else `model`. (FSDP2's `fully_shard` keeps the module and its
     names.) save, load and export name layers as the original model does, so a checkpoint of a
     wrapped model loads into a plain one."""
-    from torch.nn.parallel import DistributedDataParallel
-
     while True:
         inner = getattr(model, "_orig_mod", None)
         if not isinstance(inner, nn.Module) and (

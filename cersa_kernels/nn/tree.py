@@ -16,6 +16,7 @@ all its names.
 """
 from __future__ import annotations
 
+import difflib
 import re
 from collections.abc import Collection
 from typing import Iterator, Optional, Sequence, Union
@@ -114,8 +115,6 @@ def output_modules(model: nn.Module) -> set[int]:
 
 def closest_names(word: str, names: Sequence[str], n: int = 3) -> list[str]:
     """The names of `names` closest to `word` (difflib), also comparing `word` with each name's last part."""
-    import difflib
-
     by_last = {}
     for name in names:
         by_last.setdefault(name.rsplit(".", 1)[-1], name)
