@@ -16,6 +16,7 @@ checks the pair and every layer against the model before it replaces anything.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import warnings
 from dataclasses import dataclass, field
@@ -25,6 +26,11 @@ from typing import Optional, Union
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+
+try:  # FSDP2 (torch >= 2.6); a torch built without distributed has none
+    from torch.distributed.fsdp import FSDPModule
+except ImportError:  # pragma: no cover
+    FSDPModule = ()
 
 from ._adapter_files import (
     CONFIG_ID_KEY, FORMAT_KEY, VERSION_KEY, check_pair, config_id, read_json_object, read_safetensors,
@@ -286,6 +292,20 @@ def _unwrapped(model: nn.Module) -> nn.Module:
         model = inner
 
 
+@contextlib.contextmanager
+def _gathered(model: nn.Module):
+    """Every FSDP2 (`fully_shard`) module of `model` unsharded for the duration (its parameters are
+    plain tensors then, as PARA's QR and SVD need), resharded after; nothing for another model."""
+    sharded = [m for m in model.modules() if FSDPModule and isinstance(m, FSDPModule)]
+    for m in sharded:
+        m.unshard()
+    try:
+        yield model
+    finally:
+        for m in sharded:
+            m.reshard()
+
+
 def trainable_parameters(model: nn.Module, weight_decay: Optional[float] = None) -> list:
     """The parameters that require grad, each once (shared ones included once).
 
@@ -329,6 +349,11 @@ def merge(model: nn.Module) -> nn.Module:
     (a tied adapter by one Linear under all its names). modules_to_save stay as they are, trained.
     Returns `model` (a wrapper such as DDP or torch.compile's is merged inside and returned)."""
     given, model = model, _unwrapped(model)
+    if FSDPModule and any(isinstance(m, FSDPModule) for m in model.modules()):
+        raise ValueError(
+            "merge: the model is sharded by FSDP2 (fully_shard), whose parameter groups would keep the replaced "
+            "layers; save it (ck.save) and merge a plain copy: ck.merge(ck.load(fresh_model, directory))"
+        )
     aliases = tree.module_aliases(model)
     for layer in adapter_layers(model).values():
         merged = layer.to_linear()
@@ -553,8 +578,14 @@ def load(model: nn.Module, directory: Union[str, Path]) -> nn.Module:
     All or nothing: the pair of files, every layer's type, shapes, bias, dtype and names, the
     tensors (exactly those the config declares, every value finite) are checked against `model`
     before anything is replaced; on any error (one line, naming the file and the layer or tensor)
-    `model` is left exactly as it was. Nothing is cast: an adapter in another dtype is refused."""
+    `model` is left exactly as it was. Nothing is cast: an adapter in another dtype is refused.
+
+    Load before wrapping the model for training (DDP, FSDP): a DDP wrapper is seen through, with a
+    warning (it syncs the gradients of the parameters it was built over, not of the new layers'),
+    a model sharded by FSDP2 is refused."""
     given, model = model, _unwrapped(model)
+    if FSDPModule and any(isinstance(m, FSDPModule) for m in model.modules()):
+        raise ValueError("load: the model is sharded by FSDP2 (fully_shard); load into the plain model, then shard it")
     directory = Path(directory)
     config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
     config, tensors = _read_adapter(directory)
@@ -632,7 +663,17 @@ def load(model: nn.Module, directory: Union[str, Path]) -> nn.Module:
         raise
     state = _model_state(model)
     state.update(configs=configs, modules_to_save=list(config.get("modules_to_save", [])), task=config.get("task"))
+    if _has_ddp(given):
+        warnings.warn("load: the model is wrapped in DistributedDataParallel, which syncs the gradients of the "
+                      "parameters it was built over: wrap the loaded model again before training it", stacklevel=2)
     return given
+
+
+def _has_ddp(model: nn.Module) -> bool:
+    while model is not None and not isinstance(model, DistributedDataParallel):
+        inner = getattr(model, "_orig_mod", None)
+        model = inner if isinstance(inner, nn.Module) else None
+    return model is not None
 
 
 # --- export --------------------------------------------------------------------------------------
@@ -655,6 +696,11 @@ def export_peft_lora(
     modules_to_save format, with the task's PEFT task_type. Returns the PARA result (per-layer
     ranks; `params_after` is the number of LoRA parameters written, modules_to_save not counted)."""
     model = _unwrapped(model)
+    with _gathered(model):
+        return _export_peft_lora(model, directory, energy, budget, base_model_name_or_path)
+
+
+def _export_peft_lora(model, directory, energy, budget, base_model_name_or_path):
     layers = adapter_layers(model)
     if not layers:
         raise ValueError("export_peft_lora: the model has no adapter layer (call apply first)")
