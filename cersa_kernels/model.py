@@ -46,7 +46,7 @@ from .para_peft import write_lora_adapter
 
 __all__ = [
     "apply", "merge", "trainable_parameters", "save", "load", "ApplyReport", "adapter_layers", "export_peft_lora",
-    "write_adapter", "print_trainable_parameters", "parameter_counts", "modules_to_save",
+    "write_adapter", "print_trainable_parameters", "parameter_counts", "modules_to_save", "adapter_configs",
 ]
 
 # Module-tree helpers that lived here and moved to cersa_kernels.nn.tree: still importable from
@@ -137,6 +137,11 @@ def _model_state(model: nn.Module) -> dict:
         state = {"configs": [], "modules_to_save": [], "task": None}
         model.__dict__[_STATE_ATTR] = state  # a plain attribute: nn.Module's __setattr__ would not register it anyway
     return state
+
+
+def adapter_configs(model: nn.Module) -> list[AdapterConfig]:
+    """The AdapterConfig of every `apply` on `model`, in order (what `load` read back from the file)."""
+    return list(_model_state(_unwrapped(model))["configs"])
 
 
 def modules_to_save(model: nn.Module) -> list[str]:
@@ -569,9 +574,58 @@ def _build_layer(model, name, entry, tensors, config_path, weights_path, aliases
     return layer
 
 
+def _canonical(value) -> str:
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def _fill_plan(model, config, tensors, config_path, weights_path, aliases):
+    """`load` into a model adapted already: every saved layer must be there, of the saved class,
+    config and names, and every adapter layer of the model must be saved; returns the (model tensor,
+    saved value) pairs to copy and the requires_grad of each layer parameter. Touches nothing."""
+    layers, saved = adapter_layers(model), config["layers"]
+    if set(layers) != set(saved):
+        raise ValueError(
+            f"load: {config_path}: the model is adapted at {sorted(layers)[:6]}, the adapter was saved at "
+            f"{sorted(saved)[:6]}; load into a fresh copy of the original model, or one adapted with the saved config"
+        )
+    fills, grads = [], []
+    for name, entry in saved.items():
+        layer, here = layers[name], f"load: {config_path}: layer {name!r}"
+        if not isinstance(entry, dict) or not {"cls", "config", "trainable"} <= set(entry):
+            raise ValueError(f"{here}: the entry must hold 'cls', 'method', 'config' and 'trainable'")
+        if type(layer).__name__ != entry["cls"] or _canonical(layer.config()) != _canonical(entry["config"]):
+            raise ValueError(
+                f"{here} was saved as a {entry['cls']} with config {entry['config']}; the model's layer there is a "
+                f"{type(layer).__name__} with config {layer.config()}: load into a fresh copy of the original model"
+            )
+        if entry.get("aliases", [name]) != aliases[id(layer)]:
+            raise ValueError(f"{here} was saved reachable as {entry.get('aliases')}; in the model it is reachable as {aliases[id(layer)]}")
+        parameters, wanted = dict(layer.named_parameters()), layer.state_dict()
+        trainable = entry["trainable"]
+        if not isinstance(trainable, list) or set(trainable) - set(parameters):
+            raise ValueError(f"{here}: 'trainable' {trainable!r} must name parameters of {entry['cls']}")
+        declared = {k for k in wanted if k not in layer.BASE_KEYS or k in trainable}
+        state = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")}
+        if set(state) != declared:
+            raise ValueError(
+                f"{here} ({entry['cls']}): {weights_path} holds tensors {sorted(state)}, the layer declares {sorted(declared)}"
+            )
+        for key, value in state.items():
+            if tuple(value.shape) != tuple(wanted[key].shape) or value.dtype != wanted[key].dtype:
+                raise ValueError(
+                    f"{here} ({entry['cls']}): tensor {key!r} is {_dtype_name(value.dtype)} of shape {tuple(value.shape)} "
+                    f"in {weights_path}, the model's is {_dtype_name(wanted[key].dtype)} of shape {tuple(wanted[key].shape)}"
+                )
+            fills.append((wanted[key], value))  # state_dict's tensors share the layer's storage
+        grads.extend((p, key in trainable) for key, p in parameters.items())
+    return fills, grads
+
+
 def load(model: nn.Module, directory: Union[str, Path]) -> nn.Module:
     """Rebuild in `model` (a fresh copy of the original architecture and base weights) the adapter
-    layers saved by `save`, load their weights, and set requires_grad as they were saved. Parameters
+    layers saved by `save`, load their weights, and set requires_grad as they were saved. A model
+    adapted already the same way (`apply` with the saved AdapterConfig) gets the saved tensors
+    copied into its layers instead. Parameters
     a layer's config marks as tied (PiCa's per-role M) become one shared Parameter again, a tied
     module (`m.l2 = m.l1`) one adapter under all its names.
 
@@ -589,24 +643,23 @@ def load(model: nn.Module, directory: Union[str, Path]) -> nn.Module:
     directory = Path(directory)
     config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
     config, tensors = _read_adapter(directory)
-    present = [(n, m) for n, m in model.named_modules() if isinstance(m, AdapterLayer)]
-    if present:
-        name, module = present[0]
-        raise ValueError(
-            f"load: {config_path}: the model is already adapted (layer {name!r} is a {type(module).__name__}); "
-            "load into a fresh copy of the original model"
-        )
     aliases = tree.module_aliases(model)
     tied: dict[str, nn.Parameter] = {}
-    built = {
-        name: _build_layer(model, name, entry, tensors, config_path, weights_path, aliases, tied)
-        for name, entry in config["layers"].items()
-    }
+    fills: list[tuple[torch.Tensor, torch.Tensor]] = []  # (a tensor of the model's own layer, its saved value)
+    layer_grads: list[tuple[nn.Parameter, bool]] = []
+    if adapter_layers(model):  # adapted already (e.g. apply(model, config)): fill its layers in place
+        built = {}
+        fills, layer_grads = _fill_plan(model, config, tensors, config_path, weights_path, aliases)
+    else:
+        built = {
+            name: _build_layer(model, name, entry, tensors, config_path, weights_path, aliases, tied)
+            for name, entry in config["layers"].items()
+        }
     parameters = dict(model.named_parameters())
-    claimed = {k for k in tensors for name in built if k.startswith(name + ".")}
+    claimed = {k for k in tensors for name in config["layers"] if k.startswith(name + ".")}
     # the top-level list names parameters outside the adapter layers (a head): a layer's own tensors
     # are what its entry declares, and a name inside one (its frozen W0) is never copied over
-    layer_names = {alias: name for name in built for alias in aliases[id(model.get_submodule(name))]}
+    layer_names = {alias: name for name in config["layers"] for alias in aliases[id(model.get_submodule(name))]}
     for pname in config.get("trainable", []):
         owner = next((layer_names[a] for a in layer_names if pname.startswith(a + ".")), None)
         if owner is not None:
@@ -646,7 +699,12 @@ def load(model: nn.Module, directory: Union[str, Path]) -> nn.Module:
             for alias in aliases[id(model.get_submodule(name))]:
                 replaced.append((alias, model.get_submodule(alias)))
                 tree.replace_module(model, alias, layer)
+        for p, flag in layer_grads:
+            p.requires_grad_(flag)
         with torch.no_grad():
+            for target, value in fills:
+                copied.append((target, target.detach().clone()))
+                target.copy_(value)
             for pname in config.get("trainable", []):
                 p = parameters[pname]
                 copied.append((p, p.detach().clone()))
