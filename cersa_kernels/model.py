@@ -204,6 +204,7 @@ def apply(
     if saved is None and config.task is not None:
         saved = tree.head_modules(model) if TASKS[config.task][1] else []
     saved = tree.resolve_modules(model, saved) if saved else []
+    _check_untied(model, saved)
     names = tree.find_targets(model, config.target_modules, config.exclude_modules, keep=saved)
     originals = {name: model.get_submodule(name) for name in names}
     aliases = tree.module_aliases(model)
@@ -263,6 +264,22 @@ def apply(
     _warn_frozen_head(model, state["modules_to_save"])
     report.set_totals(model, counted)
     return report
+
+
+def _check_untied(model: nn.Module, saved: list[str]) -> None:
+    """A module trained whole must own its parameters: one tied to a module outside it (GPT-2's
+    lm_head is the input embedding) would train that module too, and PEFT, which trains a copy,
+    would restore another model from the export."""
+    for name in saved:
+        inside = {id(p) for p in model.get_submodule(name).parameters()}
+        outside = [f"{m}.{k}" if m else k for m, module in model.named_modules(remove_duplicate=False)
+                   if m != name and not m.startswith(name + ".")
+                   for k, p in module.named_parameters(recurse=False) if id(p) in inside]
+        if outside:
+            raise ValueError(
+                f"apply: modules_to_save entry {name!r} shares its parameters with {outside[:3]} (tied weights); "
+                "a module trained whole must own its parameters (untie them first, or adapt it instead)"
+            )
 
 
 def _warn_frozen_head(model: nn.Module, saved: list[str]) -> None:

@@ -121,6 +121,9 @@ def test_train_save_load_merge_export_give_the_same_logits(tmp_path, method, opt
     ck.export_peft_lora(model, tmp_path / "peft")
     exported = peft.PeftModel.from_pretrained(classifier(3), tmp_path / "peft").eval()
     assert_close(logits(exported), ref)
+    via_peft = classifier(4)
+    ck.from_peft(via_peft, tmp_path / "peft")  # the export read back into our LoRA layers
+    assert_close(logits(via_peft), ref)
 
     ck.merge(fresh)
     assert not ck.adapter_layers(fresh)
@@ -148,3 +151,27 @@ def test_peft_task_type_names_are_accepted():
     model = classifier(1)
     ck.apply(model, "lora", rank=2, task=peft.TaskType.SEQ_CLS)
     assert ck.modules_to_save(model) == ["classifier"]
+
+
+def test_from_peft_restores_peft_modules_to_save(tmp_path):
+    """A SEQ_CLS adapter written by PEFT itself (its head in modules_to_save) loads through from_peft."""
+    theirs = peft.get_peft_model(classifier(1), peft.LoraConfig(r=2, target_modules=["query", "value"],
+                                                                task_type="SEQ_CLS", init_lora_weights=False))
+    with torch.no_grad():  # stand-in for training the head PEFT keeps a copy of
+        theirs.base_model.model.classifier.modules_to_save["default"].weight.add_(0.3)
+    theirs.save_pretrained(tmp_path)
+    ref = logits(theirs.eval())
+    ours = classifier(2)
+    ck.from_peft(ours, tmp_path)
+    assert ck.modules_to_save(ours) == ["classifier"] and all(p.requires_grad for p in ours.classifier.parameters())
+    assert_close(logits(ours), ref)
+    # and back: our export of it is what PEFT loads
+    ck.export_peft_lora(ours, tmp_path / "again")
+    assert_close(logits(peft.PeftModel.from_pretrained(classifier(3), tmp_path / "again").eval()), ref)
+
+
+def test_a_tied_module_cannot_be_trained_whole():
+    cfg = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=4, n_positions=16)
+    model = transformers.GPT2LMHeadModel(cfg)  # lm_head.weight is the input embedding
+    with pytest.raises(ValueError, match=r"'lm_head' shares its parameters with \['transformer\.wte\.weight'\]"):
+        ck.apply(model, "lora", rank=2, modules_to_save=["lm_head"])

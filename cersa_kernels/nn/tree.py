@@ -123,10 +123,11 @@ def closest_names(word: str, names: Sequence[str], n: int = 3) -> list[str]:
     return list(dict.fromkeys(close))[:n]
 
 
-def resolve_modules(model: nn.Module, entries: Sequence[str], option: str = "modules_to_save") -> list[str]:
+def resolve_modules(model: nn.Module, entries: Sequence[str], option: str = "modules_to_save", strict: bool = True) -> list[str]:
     """Names of the modules that `entries` select (each entry a module name or a name suffix, as
     PEFT's modules_to_save: `"classifier"` matches `classifier` and `x.classifier`), each once,
-    under its first name. An entry that selects no module raises ValueError with the closest names."""
+    under its first name. An entry that selects no module raises ValueError with the closest names
+    (with strict=False it is skipped, as PEFT skips the head names of its task type that a model lacks)."""
     if isinstance(entries, str) or not isinstance(entries, Collection) or not all(isinstance(e, str) for e in entries):
         raise TypeError(f"apply: {option} must be a list of module names, got {entries!r}")
     aliases = module_aliases(model)
@@ -134,6 +135,8 @@ def resolve_modules(model: nn.Module, entries: Sequence[str], option: str = "mod
     for entry in entries:
         found = [name for name, module in model.named_modules()
                  if name and any(a == entry or a.endswith("." + entry) for a in aliases[id(module)])]
+        if not found and not strict:
+            continue
         if not found:
             every = [n for n, _ in model.named_modules() if n]
             hint = closest_names(entry, every)
