@@ -5,11 +5,13 @@ save and load the adapted layers.
     cersa_kernels.save(model, "out/")             # safetensors + JSON config
     cersa_kernels.load(fresh_model, "out/")       # rebuilds the layers, loads the weights
     cersa_kernels.merge(model)                    # adapters -> plain nn.Linear
+    cersa_kernels.apply(model, AdapterConfig("lora", task="seq_cls", options={"rank": 8}))  # one config object
 
 Target selection follows PEFT: a list of names matches module-name suffixes (`"query"` matches
 `encoder.layer.0.attention.self.query`), a string is a regular expression matched against the
 full name, and `"all-linear"` takes every Linear (and Hugging Face Conv1D) except the model's
-output embedding (`lm_head`). A list or regex that names a module no method adapts (Embedding,
+output layers (the output embedding, a task model's head: nn.tree.head_modules), which
+`modules_to_save` / `task=` train whole. A list or regex that names a module no method adapts (Embedding,
 LayerNorm, a container) raises, as in PEFT; a tied module (`m.l2 = m.l1`) gets one adapter under
 all its names. `save` writes both files atomically, each carrying a fingerprint of the other; `load`
 checks the pair and every layer against the model before it replaces anything.
@@ -101,7 +103,8 @@ class ApplyReport:
                 f"{r['name']:48s} {m:>5d}×{n:<5d} {r['rank']:>5d} {r['trainable']:>10,d} {r['bytes_after']:>14,d} {r['bytes_before']:>12,d}"
             )
         lines.append(
-            f"{'total (' + str(len(self.rows)) + ' layers, ' + self.method + ')':48s} {'':11s} {'':5s} {self.trainable:>10,d} "
+            f"{'total (' + str(len(self.rows)) + ' layers, ' + self.method + ')':48s} {'':11s} {'':5s} "
+            f"{sum(r['trainable'] for r in self.rows):>10,d} "
             f"{self.base_bytes_after:>14,d} {self.base_bytes_before:>12,d}"
         )
         if self.other_trainable:
