@@ -4,7 +4,11 @@ Importing this package touches no GPU and does not import triton; kernels load o
 """
 from . import backends, nn, ops, para
 from .decompose import decompose, global_ranks, select_rank, truncated_svd
-from .model import adapter_layers, apply, export_peft_lora, load, merge, save, trainable_parameters
+from .config import AdapterConfig
+from .model import (
+    adapter_configs, adapter_layers, apply, export_peft_lora, load, merge, modules_to_save, parameter_counts,
+    print_trainable_parameters, save, trainable_parameters,
+)
 from .nn import AdapterLayer, CersaLinear, LoraLinear, PicaCersaLinear, PicaLinear, SnellLinear
 from .peft_interop import from_peft, patch_peft, trainer_callback, unpatch_peft
 
@@ -13,5 +17,6 @@ __all__ = [
     "AdapterLayer", "CersaLinear", "LoraLinear", "PicaLinear", "PicaCersaLinear", "SnellLinear",
     "decompose", "select_rank", "truncated_svd", "global_ranks", "ops", "backends", "nn", "para",
     "apply", "merge", "save", "load", "trainable_parameters", "adapter_layers", "export_peft_lora",
+    "AdapterConfig", "adapter_configs", "print_trainable_parameters", "parameter_counts", "modules_to_save",
     "from_peft", "patch_peft", "unpatch_peft", "trainer_callback", "__version__",
 ]

@@ -11,7 +11,9 @@ dense rank-k_l truncation of ΔW exactly (0 removes the adapter), written back b
 Threshold modes: `energy=ε` (τ = the σ at which the pooled, descending Σσ² first reaches ε·total)
 or `budget=N` (the smallest τ whose kept adapters fit in N parameters). Parameters are counted per
 adapter as min(k·(rows + cols), rows·cols) of its core: a rank-k factorisation or the dense core,
-whichever is smaller (LoRA: k·(m+n); CERSA's ΔS: min(2k·k_l, k²); PiCa's M: min(k_l·(m+r), m·r)).
+whichever is smaller (LoRA: k·(m+n); CERSA's ΔS: min(2k·k_l, k²); PiCa's M: min(k_l·(m+r), m·r)),
+and also as what `export_peft_lora` writes (`export_params`: k_l·(m+n) LoRA factors per layer).
+A σ at the rounding floor of its update (`para_spectrum`) is zero: it is not rank.
 """
 from __future__ import annotations
 
@@ -41,7 +43,9 @@ def __getattr__(name: str):
 @dataclass(frozen=True)
 class ParaLayer:
     """One adapter's outcome: kind ∈ {lora, cersa, pica}, rank before/after, parameters before/after,
-    and the share of its own Σσ² kept."""
+    the share of its own Σσ² kept, and export_params: the LoRA parameters `export_peft_lora` writes
+    for it at rank_after, k·(m + n) per layer it updates (a PiCa M once per layer sharing it; CERSA's
+    ΔS as LoRA factors over W0, where params_after counts its k×k core)."""
 
     name: str
     kind: str
@@ -50,6 +54,7 @@ class ParaLayer:
     params_before: int
     params_after: int
     energy_kept: float
+    export_params: int = 0
 
 
 @dataclass
@@ -75,6 +80,12 @@ class ParaResult:
         return sum(layer.params_after for layer in self.layers)
 
     @property
+    def export_params_after(self) -> int:
+        """The LoRA parameters `export_peft_lora` writes after this compression (modules_to_save not
+        counted; a PicaCersaLinear's two updates are exported as one LoRA of at most their summed rank)."""
+        return sum(layer.export_params for layer in self.layers)
+
+    @property
     def reduction(self) -> float:
         """Fraction of adapter parameters removed, in [0, 1]."""
         return 1.0 - self.params_after / max(self.params_before, 1)
@@ -89,6 +100,11 @@ class _Spectrum:
     right: Tensor  # (cols of ΔW, q), orthonormal columns
     core_shape: tuple[int, int]  # the stored core whose parameters are counted
     target: object  # what to rebuild: a module, or the dict key
+    layers: int = 1  # adapter layers the update is applied in (a shared PiCa M: each layer of its role)
+
+    def export_cost(self, k: int) -> int:
+        """LoRA parameters of the rank-k update as PEFT export writes it: k·(m + n) per layer."""
+        return k * (self.left.shape[0] + self.right.shape[0]) * self.layers
 
     def cost(self, k: int) -> int:
         rows, cols = self.core_shape
@@ -101,12 +117,22 @@ def _svd_of_core(core: Tensor, layer: str) -> tuple[Tensor, Tensor, Tensor]:
     return svd.U, svd.sigma, svd.V
 
 
-def para_spectrum(B: Tensor, A: Tensor, scale: float, layer: str = "para") -> tuple[Tensor, Tensor, Tensor]:
-    """ΔW = scale·B·A as L·diag(σ)·Rᵀ without forming it: B (m, r), A (r, n) -> L (m, r), σ (r,), R (n, r)."""
+def para_spectrum(
+    B: Tensor, A: Tensor, scale: float, layer: str = "para", noise: float = 0.0
+) -> tuple[Tensor, Tensor, Tensor]:
+    """ΔW = scale·B·A as L·diag(σ)·Rᵀ without forming it: B (m, r), A (r, n) -> L (m, r), σ (r,), R (n, r).
+
+    σ at or below the rounding floor max(m, n)·eps·σ_max (eps of the working dtype), or below the
+    update's own `noise` bound (LowRankUpdate.noise), is set to 0: such a σ is the rounding error of
+    the factors, not a direction of ΔW, and would otherwise count as rank (an update PARA truncated to
+    rank k and written back in float32 comes back with full rank)."""
     work = torch.float64 if B.dtype == torch.float64 else torch.float32
     QB, RB = torch.linalg.qr(B.detach().to(work))
     QA, RA = torch.linalg.qr(A.detach().to(work).T)
     Uc, sigma, Vc = _svd_of_core(scale * (RB @ RA.T), layer)
+    if sigma.numel():
+        floor = max(max(B.shape[0], A.shape[1]) * torch.finfo(work).eps * float(sigma[0]), float(noise))
+        sigma = sigma.masked_fill(sigma <= floor, 0.0)
     return QB @ Uc, sigma, QA @ Vc
 
 
@@ -114,6 +140,10 @@ def _collect_model(model: nn.Module) -> list[_Spectrum]:
     """One spectrum per adapter update of `model`, through each layer's PARA hooks (nn.base)."""
     spectra: list[_Spectrum] = []
     seen: set[object] = set()
+    sharing: dict[object, int] = {}  # para_key -> how many adapter layers hold that update
+    for module in model.modules():
+        if isinstance(module, AdapterLayer):
+            sharing[module.para_key()] = sharing.get(module.para_key(), 0) + 1
     for name, module in model.named_modules():
         if not isinstance(module, AdapterLayer) or module.para_key() in seen:
             continue  # a shared update (PiCa's M) is one adapter: compressed once, through its first layer
@@ -122,8 +152,9 @@ def _collect_model(model: nn.Module) -> list[_Spectrum]:
             continue
         seen.add(module.para_key())
         label = name + module.para_label
-        L, s, R = para_spectrum(update.B, update.A, update.scale, layer=f"para ({label})")
-        spectra.append(_Spectrum(label, module.method, L, s, R, module.para_core_shape(), (name, module, update.scale)))
+        L, s, R = para_spectrum(update.B, update.A, update.scale, layer=f"para ({label})", noise=update.noise)
+        spectra.append(_Spectrum(label, module.method, L, s, R, module.para_core_shape(), (name, module, update.scale),
+                                 sharing[module.para_key()]))
     return spectra
 
 
@@ -132,7 +163,7 @@ def _collect_dict(adapters: Mapping[str, LowRankUpdate]) -> list[_Spectrum]:
     for name, f in adapters.items():
         if f.B.dim() != 2 or f.A.dim() != 2 or f.B.shape[1] != f.A.shape[0]:
             raise ValueError(f"para ({name}): expected B (m, r) and A (r, n), got B {tuple(f.B.shape)}, A {tuple(f.A.shape)}")
-        L, s, R = para_spectrum(f.B, f.A, f.scale, layer=f"para ({name})")
+        L, s, R = para_spectrum(f.B, f.A, f.scale, layer=f"para ({name})", noise=f.noise)
         spectra.append(_Spectrum(name, "lora", L, s, R, (f.B.shape[0], f.A.shape[1]), name))
     return spectra
 
@@ -226,7 +257,7 @@ def compress(
         kept = float((sig[:k] ** 2).sum())
         kept_energy += kept
         layers.append(ParaLayer(sp.name, sp.kind, sig.numel(), k, sp.cost(sig.numel()), sp.cost(k),
-                                kept / own if own > 0 else 1.0))
+                                kept / own if own > 0 else 1.0, sp.export_cost(k)))
         out = _rebuild(sp, k, model_or_adapters if is_model else None, model_or_adapters)
         if not is_model:
             rebuilt[sp.name] = out

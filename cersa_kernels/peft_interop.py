@@ -22,8 +22,9 @@ from typing import Union
 import torch
 from torch import Tensor, nn
 
-from .model import ApplyReport, apply, save
-from .nn.tree import as_linear, is_conv1d
+from .config import TASKS, task_name
+from .model import ApplyReport, _model_state as model_state, adapter_layers, apply, save
+from .nn.tree import as_linear, is_conv1d, resolve_modules
 from .ops import lora_linear
 from .nn._quantized import frozen_weight_of, is_linear4bit, linear4bit_problem
 from .quant import QuantizedTensor
@@ -52,7 +53,7 @@ def _unsupported_features(config) -> list[str]:
         found.append(f"bias training (bias={config.bias!r})")
     if getattr(config, "lora_bias", False):
         found.append("a bias on lora_B (lora_bias=True)")
-    for name in ("modules_to_save", "trainable_token_indices", "target_parameters", "layer_replication", "megatron_config"):
+    for name in ("trainable_token_indices", "target_parameters", "layer_replication", "megatron_config"):
         value = getattr(config, name, None)
         if value:
             found.append(f"{name}={value!r}")
@@ -98,12 +99,28 @@ def from_peft(model: nn.Module, adapter_dir: Union[str, Path], dropout: float | 
             f"from_peft: {weights_path} holds embedding LoRA for {embedding}; LoRA is supported on nn.Linear and "
             "Hugging Face Conv1D layers only"
         )
+    # PEFT's modules_to_save (a SEQ_CLS adapter's head): full modules, their state under
+    # `base_model.model.<module>.<key>` (`<module>.modules_to_save.<adapter>.<key>` in older files).
+    # A name that selects no module is skipped, as PEFT does (its task types list classifier and score).
+    saved = resolve_modules(model, list(config.modules_to_save or []), "modules_to_save", strict=False)
+    state = model.state_dict()
+    heads: dict[str, Tensor] = {}
     pairs: dict[str, dict[str, Tensor]] = {}
     for key, tensor in tensors.items():
         match = _LORA_KEY.match(key)
-        if match is None:
-            raise ValueError(f"from_peft: {weights_path} holds {key!r}, which is not a Linear LoRA weight (lora_A / lora_B)")
-        pairs.setdefault(match["module"], {})[match["which"]] = tensor
+        if match is not None:
+            pairs.setdefault(match["module"], {})[match["which"]] = tensor
+            continue
+        name = re.sub(r"\.modules_to_save\.[^.]+\.", ".", key.removeprefix("base_model.model."))
+        if not any(name.startswith(module + ".") for module in saved):
+            raise ValueError(
+                f"from_peft: {weights_path} holds {key!r}, which is neither a Linear LoRA weight (lora_A / lora_B) nor "
+                f"a tensor of the modules_to_save {saved}"
+            )
+        if name not in state or tuple(state[name].shape) != tuple(tensor.shape):
+            got = tuple(state[name].shape) if name in state else "no such tensor"
+            raise ValueError(f"from_peft: {weights_path}: {key!r} has shape {tuple(tensor.shape)}, the model's {name!r}: {got}")
+        heads[name] = tensor
     if not pairs:
         raise ValueError(f"from_peft: {weights_path} has no '...lora_A.weight' / '...lora_B.weight' tensors")
 
@@ -138,13 +155,21 @@ def from_peft(model: nn.Module, adapter_dir: Union[str, Path], dropout: float | 
     p_drop = config.lora_dropout if dropout is None else dropout
     for (r, alpha), modules in groups.items():
         pattern = "|".join(re.escape(m) for m in modules)
-        part = apply(model, "lora", target_modules=f"(?:{pattern})", freeze_base=False, rank=r, alpha=alpha, dropout=p_drop)
+        part = apply(model, "lora", target_modules=f"(?:{pattern})", freeze_base=False, rank=r, alpha=alpha,
+                     dropout=p_drop, modules_to_save=saved or None)
         report.rows.extend(part.rows)
         with torch.no_grad():
             for module in modules:
                 layer = model.get_submodule(module)
                 layer.lora_A.copy_(pairs[module]["A"])
                 layer.lora_B.copy_(pairs[module]["B"])
+    with torch.no_grad():
+        for name, tensor in heads.items():
+            state[name].copy_(tensor)  # state_dict's tensors share the module's storage
+    task_type = getattr(config.task_type, "value", config.task_type)
+    if task_type in {peft_name for peft_name, _ in TASKS.values()}:
+        model_state(model)["task"] = task_name(task_type)
+    report.set_totals(model, {id(p) for layer in adapter_layers(model).values() for p in layer.parameters() if p.requires_grad})
     return report
 
 

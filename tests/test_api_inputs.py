@@ -31,7 +31,10 @@ def test_second_apply_keeps_earlier_adapters_trainable():
     expected = {id(lora.lora_A), id(lora.lora_B), id(cersa.S)}
     assert {id(p) for p in ck.trainable_parameters(model)} == expected
     requiring = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    assert first.trainable + second.trainable == requiring == 2 * 8 + 8 * 2 + 3 * 3
+    # each report counts everything that requires grad after its apply; its rows, the layers it made
+    assert second.trainable == requiring == 2 * 8 + 8 * 2 + 3 * 3
+    assert first.trainable == sum(r["trainable"] for r in first.rows) == 2 * 8 + 8 * 2
+    assert sum(r["trainable"] for r in second.rows) == 3 * 3 and second.other_trainable == 2 * 8 + 8 * 2
     # and training reaches both adapters
     model(torch.randn(4, 8, generator=torch.Generator().manual_seed(1))).square().sum().backward()
     assert lora.lora_B.grad is not None and lora.lora_B.grad.abs().sum() > 0 and cersa.S.grad is not None

@@ -410,8 +410,17 @@ class TestLoadValidation:
 
     def test_already_adapted_model(self, tmp_path):
         model, directory = saved(tmp_path, "cersa")
-        message = load_error(model, directory, r"already")
-        assert "'0'" in message and str(directory / CONFIG_NAME) in message
+        # adapted the same way: its layers are filled in place (here with the values they hold)
+        snap = snapshot(model)
+        assert ck.load(model, directory) is model
+        assert_unchanged(model, snap)
+        other = small()
+        ck.apply(other, "lora", rank=2)  # adapted another way: refused, nothing touched
+        message = load_error(other, directory, r"layer '0' was saved as a CersaLinear .* the model's layer there is a LoraLinear")
+        assert str(directory / CONFIG_NAME) in message
+        partly = small()
+        ck.apply(partly, "cersa", target_modules=["0"], energy=0.9)
+        load_error(partly, directory, r"the model is adapted at \['0'\], the adapter was saved at \['0', '2', '4'\]")
 
 
 class TestSaveAtomic:

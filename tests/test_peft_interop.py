@@ -143,7 +143,6 @@ class ConvNet(nn.Module):
         (dict(target_modules=["q_proj"], use_dora=True), r"DoRA \(use_dora=True\)"),
         (dict(target_modules=["q_proj"], bias="lora_only"), r"bias training \(bias='lora_only'\)"),
         (dict(target_modules=["q_proj"], lora_bias=True), r"lora_bias=True"),
-        (dict(target_modules=["q_proj"], modules_to_save=["lm_head"]), r"modules_to_save=\['lm_head'\]"),
         (dict(target_modules=["q_proj", "embed_tokens"]), r"embedding LoRA for \['model\.embed_tokens'\]"),
     ],
 )

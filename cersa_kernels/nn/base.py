@@ -29,11 +29,14 @@ __all__ = ["AdapterLayer", "LowRankUpdate", "adapter_classes", "method_classes"]
 @dataclass(frozen=True)
 class LowRankUpdate:
     """A low-rank weight update ΔW = scale·B·A (out, in): A (r, in), B (out, r). What a layer hands
-    to PEFT export and PARA, and what PARA hands back (rank-k truncated)."""
+    to PEFT export and PARA, and what PARA hands back (rank-k truncated). `noise`: a bound on the
+    spectral norm of the rounding error in scale·B·A from how the layer computed it (CERSA's
+    ΔS = S − S* carries eps·‖S*‖, however small ΔS is); PARA treats σ at or below it as zero."""
 
     A: Tensor
     B: Tensor
     scale: float
+    noise: float = 0.0
 
     def delta_weight(self) -> Tensor:
         return self.scale * (self.B @ self.A)
@@ -65,6 +68,8 @@ class AdapterLayer(nn.Module):
     # State-dict keys of tensors the original model already holds (the frozen base weight and
     # bias): `save` writes them only if they were trained.
     BASE_KEYS: ClassVar[tuple[str, ...]] = ()
+    # Parameters that optimizer weight decay must not touch (model.trainable_parameters(weight_decay=)).
+    NO_WEIGHT_DECAY: ClassVar[tuple[str, ...]] = ()
 
     in_features: int
     out_features: int

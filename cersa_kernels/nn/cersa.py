@@ -66,6 +66,8 @@ class CersaLinear(AdapterLayer, method="cersa"):
     quantized factors, S starts there and ΔS = S − S*; without, S* = diag(sigma).
     """
 
+    NO_WEIGHT_DECAY = ("S",)  # S starts at Σ_k: weight decay would pull it towards 0 (docs/methods.md §1)
+
     def __init__(
         self,
         in_features: int,
@@ -338,7 +340,9 @@ class CersaLinear(AdapterLayer, method="cersa"):
         σ_{k+1..} (and the quantization error) that this layer itself discarded (docs/methods.md §1)."""
         work = _work_dtype(self.S)
         U, V = self.dense_factors(work)
-        return LowRankUpdate(A=V.T.contiguous(), B=U @ self.delta_core().detach().to(work), scale=1.0)
+        # ΔS = S − S* is rounded at the scale of S* (σ_1 of W0), not of ΔS: PARA's noise floor
+        noise = torch.finfo(self.S.dtype).eps * float(torch.linalg.matrix_norm(self.initial_core().detach().float()))
+        return LowRankUpdate(A=V.T.contiguous(), B=U @ self.delta_core().detach().to(work), scale=1.0, noise=noise)
 
     def para_core_shape(self) -> tuple[int, int]:
         return self.rank, self.rank  # PARA prunes ΔS, stored as the dense k×k core

@@ -218,7 +218,7 @@ class PicaCersaLinear(PicaLinear):
         update = self.base.lowrank_update()
         B = update.B.clone()
         B[:, : self.rank] += self.M.detach().to(B.dtype)
-        return LowRankUpdate(A=update.A, B=B, scale=1.0)
+        return LowRankUpdate(A=update.A, B=B, scale=1.0, noise=update.noise)
 
     @torch.no_grad()
     def to_linear(self) -> nn.Linear:
