@@ -1,8 +1,13 @@
 """Energy-truncated SVD of a frozen weight (docs/methods.md §1).
 
 `W (m×n) ≈ U_k diag(σ_k) V_kᵀ`, with k the smallest rank whose share of the spectral energy
-`Σ_{i≤k} σ_i^p / Σ_i σ_i^p` reaches α. The SVD runs in float32 (float64 for float64 weights) and
-the factors come back in the weight's dtype and on its device.
+`Σ_{i≤k} σ_i^p / Σ_i σ_i^p` reaches α. The SVD runs in float32 (float64 for float64 weights) on the
+weight's device and the factors come back in the weight's dtype and on that device.
+
+When k ≤ min(m, n)/4 suffices and p = 2, a seeded randomized SVD (range finder with power
+iterations) replaces the full SVD: the total energy is ‖W‖²_F, so only the leading singular values
+are needed (docs/usage.md, "Conversion at scale"). An energy- or budget-chosen k is rounded up to a
+multiple of `RANK_MULTIPLE` (matrix-multiply libraries are slow at ranks like 819).
 """
 from __future__ import annotations
 
@@ -17,9 +22,17 @@ from . import quant
 from ._checks import check_int, check_real
 
 __all__ = [
-    "decompose", "truncated_svd", "select_rank", "energy_curve", "TruncatedSVD", "global_ranks", "cersa_parameter_count",
+    "decompose", "align_rank", "align_ranks", "RANK_MULTIPLE", "truncated_svd", "select_rank", "energy_curve", "TruncatedSVD", "global_ranks", "cersa_parameter_count",
     "cersa_weight_bytes",
 ]
+
+
+RANK_MULTIPLE = 16  # energy/budget-chosen ranks round up to this (1: off); docs/usage.md
+RANDOMIZED_MIN_DIM = 512  # svd="auto": below this min(m, n) the exact SVD is cheap enough
+OVERSAMPLE = 16  # extra sketch columns beyond the largest rank trusted from a sketch: max(16, k/4)
+POWER_ITERATIONS = 2  # subspace iterations of the range finder (torch.svd_lowrank's niter)
+SEED = 0  # the randomized SVD draws from its own torch.Generator: same weight, same factors
+SVD_METHODS = ("auto", "exact", "randomized")
 
 
 @dataclass(frozen=True)
@@ -28,8 +41,13 @@ class TruncatedSVD:
 
     U: (m, k), sigma: (k,) the kept singular values (a vector: not CERSA's k×k core S), V: (n, k),
     in the weight's dtype and device. Unpacks as `U, sigma, V = decompose(weight)`.
-    spectrum: (min(m, n),) float64 on CPU, every singular value of the weight.
-    energy_kept: share of the p-energy the k kept values hold, in [0, 1].
+    spectrum: float64 on CPU, the singular values computed: all min(m, n) of them (method "exact"),
+    or the leading l ≥ k of the sketch (method "randomized").
+    energy_kept: share of the p-energy the k kept values hold, in [0, 1] (randomized: Σ_{i≤k} σ̂_i² /
+    ‖W‖²_F, exactly the share the factors reconstruct, ‖W − U diag(σ) Vᵀ‖²_F = (1 − energy_kept)‖W‖²_F).
+    energy_rank: the k the energy rule (or max_rank) chose before alignment to `rank_multiple`;
+    equal to the rank when rank= was given or alignment is off.
+    method: "exact" (full SVD) or "randomized".
     """
 
     U: Tensor
@@ -38,6 +56,8 @@ class TruncatedSVD:
     spectrum: Tensor
     energy_power: float
     energy_kept: float
+    energy_rank: int = 0
+    method: str = "exact"
 
     @property
     def rank(self) -> int:
@@ -104,6 +124,78 @@ def select_rank(
     return k
 
 
+def align_rank(k: int, multiple: int, full: int, max_rank: int | None = None) -> int:
+    """k rounded up to a multiple of `multiple`, capped at `full` = min(m, n) and at `max_rank`
+    (never below k: rounding only adds energy). multiple = 1 leaves k as it is."""
+    aligned = min(-(-k // multiple) * multiple, full)
+    if max_rank is not None:
+        aligned = min(aligned, max_rank)
+    return max(aligned, k)
+
+
+def _frobenius_energy(w: Tensor) -> float:
+    """‖w‖²_F as a Python float: the total σ² energy, without any singular value."""
+    return float(torch.linalg.vector_norm(w)) ** 2
+
+
+def _oversample(k: int) -> int:
+    """Sketch columns beyond k: the error of the k-th vector falls with the gap (Halko et al. §10)."""
+    return max(OVERSAMPLE, k // 4)
+
+
+def _sketch_svd(w: Tensor, width: int, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+    """Randomized SVD of w (m, n) on a sketch of `width` columns (Halko, Martinsson & Tropp 2011,
+    Alg. 4.4): Q (m, width) spans w·Ω after POWER_ITERATIONS re-orthonormalised passes, then the
+    exact SVD of the small B = Qᵀw (width, n). Returns U (m, width), σ̂ (width,) descending,
+    Vh (width, n); U diag(σ̂) Vh = Q Qᵀ w, an orthogonal projection of w, so σ̂_i ≤ σ_i.
+    Transients: three (m or n) × width blocks and B; no m×n matrix."""
+    m, n = w.shape
+    omega = torch.randn(n, width, generator=generator, device=w.device, dtype=w.dtype)
+    Q = torch.linalg.qr(w @ omega).Q
+    for _ in range(POWER_ITERATIONS):  # QR between passes keeps small σ from drowning in round-off
+        Q = torch.linalg.qr(w @ torch.linalg.qr(w.T @ Q).Q).Q
+    Ub, sigma, Vh = torch.linalg.svd(Q.T @ w, full_matrices=False)
+    return Q @ Ub, sigma, Vh
+
+
+def _randomized(w: Tensor, energy: float, rank: int | None, max_rank: int | None, rank_multiple: int, seed: int):
+    """(U, σ̂, Vh, k, energy_rank, kept) from sketches, or None where the exact SVD is needed.
+
+    rank given: one sketch of rank + oversample columns. Energy rule: sketches of 128, 256, ...
+    trusted columns (+ oversample), up to min(m, n)/4 (or max_rank); k is the first index where
+    Σσ̂² reaches energy·‖W‖²_F. σ̂_i ≤ σ_i, so k ≥ the exact k and the kept energy is ≥ the target.
+    None when the target is not reached within min(m, n)/4, or when the sketch shows it cannot be:
+    kept + (cap − s)·σ̂_s² < target (σ̂_s² is then taken as the largest energy a later value adds)."""
+    full = min(w.shape)
+    total = _frobenius_energy(w)
+    generator = torch.Generator(device=w.device)
+    generator.manual_seed(seed)
+    if total <= 0:
+        return None  # an all-zero weight: the exact path's rank-1 answer
+    if rank is not None:
+        U, sigma, Vh = _sketch_svd(w, min(rank + _oversample(rank), full), generator)
+        kept = float((sigma[:rank].double() ** 2).sum()) / total
+        return U, sigma, Vh, rank, rank, min(kept, 1.0)
+    cap = full // 4 if max_rank is None else min(full // 4, max_rank)
+    trusted = min(128, cap)
+    while True:
+        U, sigma, Vh = _sketch_svd(w, min(trusted + _oversample(trusted), full), generator)
+        shares = torch.cumsum(sigma.to("cpu", torch.float64) ** 2, 0) / total
+        reached = int(torch.searchsorted(shares[:trusted], torch.tensor([float(energy)], dtype=torch.float64)))
+        if reached < trusted or (max_rank is not None and trusted >= max_rank):
+            k = min(reached + 1, trusted)
+            aligned = align_rank(k, rank_multiple, full, max_rank)
+            if aligned <= sigma.numel():
+                return U, sigma, Vh, aligned, k, min(float(shares[aligned - 1]), 1.0)
+        elif trusted >= cap:
+            return None
+        else:
+            floor = float(sigma[trusted - 1]) ** 2 / total  # σ̂_s²: a value past s adds at most about this
+            if float(shares[trusted - 1]) + (cap - trusted) * floor < energy:
+                return None
+        trusted = min(2 * trusted, cap) if trusted < cap else trusted + rank_multiple
+
+
 def decompose(
     weight: Tensor,
     energy: float = 0.95,
@@ -112,15 +204,22 @@ def decompose(
     max_rank: int | None = None,
     *,
     layer: str = "decompose",
+    rank_multiple: int = RANK_MULTIPLE,
+    svd: str = "auto",
+    seed: int = SEED,
 ) -> TruncatedSVD:
     """Energy-truncated SVD: `weight (m, n) ≈ U @ diag(sigma) @ V.T`.
 
     Returns a TruncatedSVD: U (m, k), sigma (k,) the kept singular values (descending), V (n, k) in
-    the weight's dtype and device (it unpacks as `U, sigma, V`), plus the full spectrum and the
-    energy kept. k is the smallest rank holding `energy` of Σσ^energy_power, or `rank` when given,
-    capped by `max_rank`. Raises ValueError for energy outside (0, 1] (checked even when `rank` is
-    given), a rank outside [1, min(m, n)], a non-finite or meta weight, or a weight that is not 2-D;
-    TypeError for a rank that is not an int (2.7, True). `layer` names the caller in errors.
+    the weight's dtype and device (it unpacks as `U, sigma, V`), plus the spectrum computed and the
+    energy kept. k is the smallest rank holding `energy` of Σσ^energy_power, capped by `max_rank`,
+    then rounded up to a multiple of `rank_multiple` (capped at min(m, n) and max_rank; 1: off;
+    `energy_rank` keeps the unrounded k); an explicit `rank` is taken as it is.
+    svd: "exact" (torch.linalg.svd), "randomized" (a seeded sketch whenever k ≤ min(m, n)/4 and
+    energy_power = 2, else exact), "auto" (randomized from min(m, n) ≥ RANDOMIZED_MIN_DIM).
+    Raises ValueError for energy outside (0, 1] (checked even when `rank` is given), a rank outside
+    [1, min(m, n)], a non-finite or meta weight, a weight that is not 2-D, an unknown svd; TypeError
+    for a rank that is not an int (2.7, True). `layer` names the caller in errors.
     """
     if not isinstance(weight, Tensor):
         raise TypeError(f"{layer}: weight must be a torch.Tensor, got {type(weight).__name__}")
@@ -133,25 +232,50 @@ def decompose(
     if weight.is_meta:
         raise ValueError(f"{layer}: weight is a meta tensor (shape {tuple(weight.shape)}, no data); load or materialise it first")
     check_energy(energy, energy_power, layer)
-    if rank is not None:  # before the SVD: a wrong type should not cost a decomposition first
+    full = min(weight.shape)
+    if rank is not None:  # before the SVD: a wrong type or size should not cost a decomposition first
         check_int("rank", rank, layer)
+        if not 1 <= rank <= full:
+            raise ValueError(f"{layer}: rank must be in [1, min(m, n) = {full}], got {rank}")
     if max_rank is not None:
         check_int("max_rank", max_rank, layer, minimum=1)
+    rank_multiple = check_int("rank_multiple", rank_multiple, layer, minimum=1)
+    if svd not in SVD_METHODS:
+        raise ValueError(f"{layer}: svd must be one of {SVD_METHODS}, got {svd!r}")
     work_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
-    w = weight.detach().to(work_dtype)
-    if not bool(torch.isfinite(w).all()):
+    w = weight.detach().to(work_dtype)  # no copy for a float32 weight; stays on its device
+    # A nan/inf makes the sum non-finite; the sum allocates nothing W-sized (isfinite(w) allocates an
+    # m×n float and three m×n masks). Only a non-finite (or overflowing) sum pays for the count.
+    if not bool(torch.isfinite(w.sum())):
         bad = int((~torch.isfinite(w)).sum())
-        raise ValueError(f"{layer}: weight has {bad} non-finite value(s) (nan/inf); cannot decompose")
-    U, sigma, Vh = torch.linalg.svd(w, full_matrices=False)
-    k = select_rank(sigma, energy, energy_power, rank, max_rank, layer)
-    curve = energy_curve(sigma, energy_power)
+        if bad:
+            raise ValueError(f"{layer}: weight has {bad} non-finite value(s) (nan/inf); cannot decompose")
+    fixed = None if rank is None else (rank if max_rank is None else min(rank, max_rank))
+    sketched = None
+    if (svd == "randomized" or (svd == "auto" and full >= RANDOMIZED_MIN_DIM)) and float(energy_power) == 2.0 and (
+        fixed is None or fixed <= full // 4
+    ):
+        sketched = _randomized(w, energy, fixed, max_rank, rank_multiple, seed)
+    if sketched is not None:
+        U, sigma, Vh, k, energy_rank, kept = sketched
+        method = "randomized"
+    else:
+        U, sigma, Vh = torch.linalg.svd(w, full_matrices=False)
+        energy_rank = select_rank(sigma, energy, energy_power, rank, max_rank, layer)
+        # an all-zero weight keeps rank 1: aligned columns would hold no energy at all
+        aligned = rank is None and float(sigma[0]) > 0
+        k = align_rank(energy_rank, rank_multiple, full, max_rank) if aligned else energy_rank
+        kept = float(energy_curve(sigma, energy_power)[k - 1])
+        method = "exact"
     return TruncatedSVD(
         U=U[:, :k].to(weight.dtype).contiguous(),
         sigma=sigma[:k].to(weight.dtype).contiguous(),
         V=Vh[:k].T.to(weight.dtype).contiguous(),
         spectrum=sigma.to("cpu", torch.float64),
         energy_power=float(energy_power),
-        energy_kept=float(curve[k - 1]),
+        energy_kept=kept,
+        energy_rank=energy_rank,
+        method=method,
     )
 
 
@@ -239,3 +363,33 @@ def global_ranks(
         used += step
         ranks[name] = seen[name]
     return ranks
+
+
+def align_ranks(
+    ranks: dict[str, int],
+    shapes: dict[str, tuple[int, int]],
+    multiple: int = RANK_MULTIPLE,
+    budget: int | None = None,
+    cost: Optional[Callable[[int, int, int], int]] = None,
+) -> dict[str, int]:
+    """Round pooled ranks ({name: k}, shapes {name: (m, n)}) to multiples of `multiple` (1: as they
+    are). Without a budget each rounds up (align_rank). With a budget (in `cost` units, default
+    cersa_parameter_count) all round up if the total still fits; otherwise each starts rounded down
+    (a k below `multiple` stays) and, in the order given, rounds up while the total stays within
+    the budget. So alignment never breaks a budget the unaligned ranks met, and may give some energy
+    back where rounding up every layer would not fit."""
+    multiple = check_int("rank_multiple", multiple, "align_ranks", minimum=1)
+    up = {n: align_rank(k, multiple, min(shapes[n])) for n, k in ranks.items()}
+    if budget is None or multiple == 1:
+        return up if budget is None else dict(ranks)
+    cost = cost or cersa_parameter_count
+    total = lambda chosen: sum(cost(*shapes[n], k) for n, k in chosen.items())  # noqa: E731
+    if total(up) <= budget:
+        return up
+    chosen = {n: k // multiple * multiple if k >= multiple else k for n, k in ranks.items()}
+    used = total(chosen)
+    for n in ranks:
+        step = cost(*shapes[n], up[n]) - cost(*shapes[n], chosen[n])
+        if used + step <= budget:
+            chosen[n], used = up[n], used + step
+    return chosen

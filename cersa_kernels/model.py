@@ -68,7 +68,9 @@ WEIGHTS_NAME = "cersa_adapter.safetensors"
 
 @dataclass
 class ApplyReport:
-    """What `apply` did: one row per replaced layer, and totals."""
+    """What `apply` did: one row per replaced layer, and totals. A row's `rank` is the layer's rank and
+    `energy_rank` the k the energy/budget rule chose before alignment to a multiple (CERSA's
+    rank_multiple; equal to rank for the other methods and for rank=)."""
 
     method: str
     rows: list[dict] = field(default_factory=list)
@@ -96,19 +98,20 @@ class ApplyReport:
         self.other_trainable = sum(p.numel() for i, p in unique.items() if p.requires_grad and i not in counted)
 
     def __str__(self) -> str:
-        lines = [f"{'layer':48s} {'m×n':>11s} {'rank':>5s} {'trainable':>10s} {'weight bytes':>14s} {'dense bytes':>12s}"]
+        lines = [f"{'layer':48s} {'m×n':>11s} {'rank':>5s} {'(rule)':>6s} {'trainable':>10s} {'weight bytes':>14s} {'dense bytes':>12s}"]
         for r in self.rows:
             m, n = r["shape"]
+            chosen = r.get("energy_rank", r["rank"])
             lines.append(
-                f"{r['name']:48s} {m:>5d}×{n:<5d} {r['rank']:>5d} {r['trainable']:>10,d} {r['bytes_after']:>14,d} {r['bytes_before']:>12,d}"
+                f"{r['name']:48s} {m:>5d}×{n:<5d} {r['rank']:>5d} {chosen:>6d} {r['trainable']:>10,d} {r['bytes_after']:>14,d} {r['bytes_before']:>12,d}"
             )
         lines.append(
-            f"{'total (' + str(len(self.rows)) + ' layers, ' + self.method + ')':48s} {'':11s} {'':5s} "
+            f"{'total (' + str(len(self.rows)) + ' layers, ' + self.method + ')':48s} {'':11s} {'':5s} {'':6s} "
             f"{sum(r['trainable'] for r in self.rows):>10,d} "
             f"{self.base_bytes_after:>14,d} {self.base_bytes_before:>12,d}"
         )
         if self.other_trainable:
-            lines.append(f"{'other trainable (modules_to_save, unfrozen base)':48s} {'':11s} {'':5s} {self.other_trainable:>10,d}")
+            lines.append(f"{'other trainable (modules_to_save, unfrozen base)':48s} {'':11s} {'':5s} {'':6s} {self.other_trainable:>10,d}")
         if self.total_params:
             lines.append(_peft_line(self.trainable, self.total_params))
         return "\n".join(lines)
@@ -253,6 +256,7 @@ def apply(
         report.rows.append(
             dict(
                 name=name, shape=(base.out_features, base.in_features), rank=layer.rank,
+                energy_rank=getattr(layer, "energy_rank", layer.rank),
                 trainable=sum(p.numel() for p in new_trainable), bytes_before=before,
                 bytes_after=layer.base_weight_bytes(),
             )

@@ -18,8 +18,9 @@ def test_full_energy_reproduces_the_linear():
 
 def test_from_linear_state():
     lin = nn.Linear(64, 48)
-    layer = CersaLinear.from_linear(lin, energy=0.9)
+    layer = CersaLinear.from_linear(lin, energy=0.9, rank_multiple=1)  # the energy rule itself, unaligned
     k = layer.rank
+    assert layer.energy_rank == k
     sigma = torch.linalg.svdvals(lin.weight.detach())
     share = (sigma[:k] ** 2).sum() / (sigma**2).sum()
     assert share >= 0.9 > (sigma[: k - 1] ** 2).sum() / (sigma**2).sum()

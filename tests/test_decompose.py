@@ -17,16 +17,17 @@ def test_energy_rule_on_a_known_spectrum():
     sigma = [4.0, 3.0, 2.0, 1.0]  # σ² = 16, 9, 4, 1 -> cumulative share 16/30, 25/30, 29/30, 1
     W = weight_with_spectrum(sigma)
     for energy, k in [(0.5, 1), (16 / 30, 1), (0.54, 2), (25 / 30, 2), (0.9, 3), (0.97, 4), (1.0, 4)]:
-        U, S, V = decompose(W, energy=energy)
-        assert S.numel() == k, (energy, k)
+        result = decompose(W, energy=energy, rank_multiple=1)  # the rule itself, unaligned
+        assert result.rank == result.energy_rank == k, (energy, k)
+        assert decompose(W, energy=energy).energy_rank == k  # aligned by default (tests/test_rank_alignment.py)
     # p = 1: σ shares 4/10, 7/10, 9/10, 1
-    assert decompose(W, energy=0.7, energy_power=1)[1].numel() == 2
-    assert decompose(W, energy=0.71, energy_power=1)[1].numel() == 3
+    assert decompose(W, energy=0.7, energy_power=1, rank_multiple=1)[1].numel() == 2
+    assert decompose(W, energy=0.71, energy_power=1, rank_multiple=1)[1].numel() == 3
 
 
 def test_factors_reconstruct_the_truncation():
     W = torch.randn(37, 23, dtype=torch.float64)
-    U, S, V = decompose(W, energy=0.9)
+    U, S, V = decompose(W, energy=0.9, rank_multiple=1)
     k = S.numel()
     Uf, Sf, Vhf = torch.linalg.svd(W, full_matrices=False)
     torch.testing.assert_close(U @ torch.diag(S) @ V.T, Uf[:, :k] @ torch.diag(Sf[:k]) @ Vhf[:k])
@@ -34,7 +35,7 @@ def test_factors_reconstruct_the_truncation():
     assert torch.all(S[:-1] >= S[1:])
     share = float((Sf[:k] ** 2).sum() / (Sf**2).sum())
     assert share >= 0.9 and float((Sf[: k - 1] ** 2).sum() / (Sf**2).sum()) < 0.9
-    assert math.isclose(decompose(W, 0.9).energy_kept, share, rel_tol=1e-12)
+    assert math.isclose(decompose(W, 0.9, rank_multiple=1).energy_kept, share, rel_tol=1e-12)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
@@ -48,7 +49,7 @@ def test_results_in_the_weight_dtype(dtype):
 def test_rank_and_max_rank():
     W = torch.randn(20, 12)
     assert decompose(W, rank=12)[1].numel() == 12
-    assert decompose(W, energy=1.0, max_rank=3)[1].numel() == 3
+    assert decompose(W, energy=1.0, max_rank=3)[1].numel() == 3  # the cap wins over alignment
     assert decompose(W, rank=7, max_rank=3)[1].numel() == 3
 
 

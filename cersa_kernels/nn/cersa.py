@@ -15,7 +15,8 @@ from torch import Tensor, nn
 
 from .. import quant
 from .._checks import check_features_args, check_int, check_layer_dtype
-from ..decompose import cersa_weight_bytes, decompose, global_ranks
+from .._progress import Progress
+from ..decompose import RANK_MULTIPLE, align_ranks, cersa_weight_bytes, decompose, global_ranks
 from ..ops.lowrank import lowrank_linear
 from ..quant import QuantizedTensor
 from ._autocast import autocast_cast
@@ -170,9 +171,11 @@ class CersaLinear(AdapterLayer, method="cersa"):
         factor_format: Optional[str] = None,
         factor_group_size: int = DEFAULT_GROUP_SIZE,
         refit: bool = True,
+        rank_multiple: int = RANK_MULTIPLE,
     ) -> "CersaLinear":
         """Replace `linear` by its energy-truncated SVD (docs/methods.md §1); the bias is copied (frozen
-        unless train_bias). The SVD runs in float32 on the weight's device. `trainable_rank` is
+        unless train_bias). The SVD runs in float32 on the weight's device; an energy-chosen rank is
+        rounded up to a multiple of `rank_multiple` (1: off; `decompose`). `trainable_rank` is
         capped at the k chosen (k is not known in advance when it comes from `energy`).
         `core_dtype` (default: the weight's dtype) is the dtype of S and sigma. `factor_format`
         ("int8" | "nf4", groups of `factor_group_size`) stores U and V quantized, and `refit` starts
@@ -185,7 +188,8 @@ class CersaLinear(AdapterLayer, method="cersa"):
         if trainable_rank is not None:
             check_int("trainable_rank", trainable_rank, "CersaLinear.from_linear", minimum=1)
         w = quant.dense(frozen_weight_of(linear))
-        svd = decompose(w, energy, energy_power, rank, max_rank, layer="CersaLinear.from_linear")
+        svd = decompose(w, energy, energy_power, rank, max_rank, layer="CersaLinear.from_linear",
+                        rank_multiple=rank_multiple)
         layer = cls(
             linear.in_features, linear.out_features, svd.rank, bias=linear.bias is not None,
             device="meta", dtype=w.dtype, core_dtype=core_dtype,
@@ -193,6 +197,7 @@ class CersaLinear(AdapterLayer, method="cersa"):
             factor_format=factor_format, factor_group_size=factor_group_size, refit=refit,
         )
         layer.to_empty(device=w.device)
+        layer.energy_rank = svd.energy_rank  # the k before alignment, for apply's report (not state)
         with torch.no_grad():
             layer.sigma.copy_(svd.spectrum[: svd.rank])  # float64 spectrum: exact in any core dtype
             layer.energy_kept.fill_(svd.energy_kept)
@@ -216,21 +221,31 @@ class CersaLinear(AdapterLayer, method="cersa"):
         factor_format: Optional[str] = None,
         factor_group_size: int = DEFAULT_GROUP_SIZE,
         refit: bool = True,
+        rank_multiple: int = RANK_MULTIPLE,
+        progress: Optional[bool] = None,
         **layer_options,
     ) -> dict[str, "CersaLinear"]:
         """CersaLinear for each layer; `layer_options` go to from_linear (max_rank, trainable_rank,
         train_bias). energy_scope="global", `budget` (parameters) or `budget_bytes` choose the ranks
         with one threshold pooled over every layer's spectrum (`decompose.global_ranks`); a
         `budget_bytes` counts the real bytes of the chosen factor format (`cersa_weight_bytes`), so
-        it buys more rank at 4 bits."""
+        it buys more rank at 4 bits. Energy- and budget-chosen ranks round up to multiples of
+        `rank_multiple` (1: off; `decompose.align_ranks`: a budget is never exceeded); rank= is
+        taken as it is. progress: a per-layer bar with an ETA on stderr (None: only on a terminal,
+        never in tests; True / False: always / never)."""
         layer = "apply(method='cersa')"
         check_quant_options("factor_format", factor_format, factor_group_size, layer)
+        check_int("rank_multiple", rank_multiple, layer, minimum=1)
         quant_options = dict(factor_format=factor_format, factor_group_size=factor_group_size, refit=refit)
         if energy_scope not in ("layer", "global"):
             raise ValueError(f"{layer}: energy_scope must be 'layer' or 'global', got {energy_scope!r}")
         if budget is not None and budget_bytes is not None:
             raise ValueError(f"{layer}: give budget (parameters) or budget_bytes, not both")
+        shapes = {n: (b.out_features, b.in_features) for n, b in bases.items()}
+        # the ETA weighs each layer by its SVD's work, m·n·min(m, n)
+        bar = Progress({n: m * k * min(m, k) for n, (m, k) in shapes.items()}, "apply(cersa)", enabled=progress)
         ranks: dict[str, Optional[int]] = {name: rank for name in bases}
+        energy_ranks: dict[str, int] = {}
         if energy_scope == "global" or budget is not None or budget_bytes is not None:
             if rank is not None:
                 raise ValueError(f"{layer}: rank= fixes every layer's rank; it cannot combine with global allocation")
@@ -246,15 +261,26 @@ class CersaLinear(AdapterLayer, method="cersa"):
                         factor_element_size=factor_size, core_element_size=core_size, refit=refit,
                     )
             spectra = {n: torch.linalg.svdvals(quant.dense(frozen_weight_of(b), torch.float32)) for n, b in bases.items()}
-            shapes = {n: (b.out_features, b.in_features) for n, b in bases.items()}
-            ranks = global_ranks(
+            energy_ranks = global_ranks(
                 spectra, shapes, energy=None if budget is not None else energy, energy_power=energy_power, budget=budget,
                 cost=cost,
             )
-        return cls._build_each(bases, lambda name, base: cls.from_linear(
-            base, energy=energy, energy_power=energy_power, rank=ranks[name], core_dtype=core_dtype,
-            **quant_options, **layer_options,
-        ))
+            ranks = align_ranks(energy_ranks, shapes, rank_multiple, budget=budget, cost=cost)
+
+        def build(name: str, base: nn.Linear) -> "CersaLinear":
+            adapted = cls.from_linear(
+                base, energy=energy, energy_power=energy_power, rank=ranks[name], core_dtype=core_dtype,
+                rank_multiple=rank_multiple, **quant_options, **layer_options,
+            )
+            if name in energy_ranks:  # the pooled rule's k before alignment (from_linear saw a fixed rank)
+                adapted.energy_rank = min(energy_ranks[name], adapted.rank)
+            bar.done(name)
+            return adapted
+
+        try:
+            return cls._build_each(bases, build)
+        finally:
+            bar.close()
 
     # --- the factors and the core --------------------------------------------------------------------
 
