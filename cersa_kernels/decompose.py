@@ -375,9 +375,10 @@ def align_ranks(
     """Round pooled ranks ({name: k}, shapes {name: (m, n)}) to multiples of `multiple` (1: as they
     are). Without a budget each rounds up (align_rank). With a budget (in `cost` units, default
     cersa_parameter_count) all round up if the total still fits; otherwise each starts rounded down
-    (a k below `multiple` stays) and, in the order given, rounds up while the total stays within
-    the budget. So alignment never breaks a budget the unaligned ranks met, and may give some energy
-    back where rounding up every layer would not fit."""
+    (a k below `multiple` stays), then in the order given rounds up while the total stays within the
+    budget, and a layer still rounded down gets its own k back where that fits. So alignment never
+    breaks a budget the unaligned ranks met; a layer rounded down (some energy given back) paid
+    for another's rounding up."""
     multiple = check_int("rank_multiple", multiple, "align_ranks", minimum=1)
     up = {n: align_rank(k, multiple, min(shapes[n])) for n, k in ranks.items()}
     if budget is None or multiple == 1:
@@ -388,8 +389,10 @@ def align_ranks(
         return up
     chosen = {n: k // multiple * multiple if k >= multiple else k for n, k in ranks.items()}
     used = total(chosen)
-    for n in ranks:
-        step = cost(*shapes[n], up[n]) - cost(*shapes[n], chosen[n])
-        if used + step <= budget:
-            chosen[n], used = up[n], used + step
+    for target in (up, ranks):  # round up where it fits, then give the rest back their own k where it fits
+        for n in ranks:
+            if chosen[n] < target[n]:
+                step = cost(*shapes[n], target[n]) - cost(*shapes[n], chosen[n])
+                if used + step <= budget:
+                    chosen[n], used = target[n], used + step
     return chosen

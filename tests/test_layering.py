@@ -21,7 +21,7 @@ LAYERS = [
     ("ops", ("ops", "_alloc")),
     ("backends", ("backends",)),
     ("kernels", ("reference", "triton")),
-    ("leaves", ("_checks", "_cli_checks", "_adapter_files", "config", "decompose", "quant")),
+    ("leaves", ("_checks", "_cli_checks", "_adapter_files", "_progress", "config", "decompose", "quant")),
 ]
 
 

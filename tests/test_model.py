@@ -142,7 +142,7 @@ class TestGlobalAllocation:
     def test_one_energy_threshold_across_layers(self):
         model = self.layers()
         sig = self.spectra(model)
-        ck.apply(model, "cersa", energy=0.9, energy_scope="global")
+        ck.apply(model, "cersa", energy=0.9, energy_scope="global", rank_multiple=1)  # the pooled rule, unaligned
         ranks = [m.rank for m in model]
         kept = torch.cat([s[:k] for s, k in zip(sig, ranks)])
         dropped = torch.cat([s[k:] for s, k in zip(sig, ranks)])
@@ -156,7 +156,7 @@ class TestGlobalAllocation:
         sig = self.spectra(model)
         shapes = [(m.out_features, m.in_features) for m in model]
         budget = 4000
-        ck.apply(model, "cersa", budget=budget)
+        ck.apply(model, "cersa", budget=budget, rank_multiple=1)  # the pooled rule (aligned: test_rank_alignment.py)
         ranks = [m.rank for m in model]
         used = sum(cersa_parameter_count(m, n, k) for (m, n), k in zip(shapes, ranks))
         assert used <= budget
