@@ -83,7 +83,7 @@ def run_case(case: str) -> dict:
         else:
             from cersa_kernels import decompose
 
-            k = decompose(w, 0.95).rank
+            k = decompose(w, 0.95).rank if how == "default" else decompose(w, rank=min(m, n) // 4).rank
         seconds = time.perf_counter() - start
         weight_bytes = w.numel() * w.element_size()
     else:
@@ -105,6 +105,7 @@ def run_case(case: str) -> dict:
 CASES = [
     "decompose:4096x4096:decaying:default", "decompose:11008x4096:decaying:default",
     "decompose:4096x4096:decaying:svd_lowrank", "decompose:11008x4096:decaying:svd_lowrank",
+    "decompose:4096x4096:decaying:rank_d4", "decompose:11008x4096:decaying:rank_d4",
     "decompose:4096x4096:gaussian:default",
     "apply:gaussian", "apply:decaying",
 ]
@@ -116,12 +117,15 @@ def main() -> None:
     parser.add_argument("--all", action="store_true")
     parser.add_argument("--root", default=".")
     parser.add_argument("--old-root", help="a checkout of the code before this change (measured as 'old')")
+    parser.add_argument("--only", help="run only the cases containing this text")
     args = parser.parse_args()
     if args.case:
         print(json.dumps(run_case(args.case)), flush=True)
         return
     roots = [("new", args.root)] + ([("old", args.old_root)] if args.old_root else [])
     for case in CASES:
+        if args.only and args.only not in case:
+            continue
         for label, root in roots:
             if label == "old" and case.endswith("svd_lowrank"):
                 continue  # the anchor is torch's, the same in both

@@ -2,7 +2,7 @@
 (k = 0.4·d, an arbitrary integer: 409 at 1024², 819 at 2048²) against the same layer at the rank
 `decompose` now gives by default (rounded up to a multiple of 16: 416, 832), beside the dense
 anchor of each group. Compare the `lowrank-torch` rows of the two groups of one size: the aligned k
-does ~1.7% more FLOPs; anything more than that is the matmul libraries' penalty on odd ranks.
+does ~2% more FLOPs; anything more than that is the matmul libraries' penalty on odd ranks.
 The groups, timing and extra_info come from bench_harness (CPU shapes run on the torch backend)."""
 from __future__ import annotations
 
