@@ -254,9 +254,13 @@ def decompose(
         if bad:
             raise ValueError(f"{layer}: weight has {bad} non-finite value(s) (nan/inf); cannot decompose")
     fixed = None if rank is None else (rank if max_rank is None else min(rank, max_rank))
+    # energy 1 keeps every σ > 0: k = min(m, n), or max_rank (then a fixed rank, as the exact rule gives)
+    everything = rank is None and float(energy) >= 1.0
+    if everything:
+        fixed = max_rank
     sketched = None
     if (svd == "randomized" or (svd == "auto" and full >= RANDOMIZED_MIN_DIM)) and float(energy_power) == 2.0 and (
-        fixed is None or fixed <= full // 4
+        (fixed is None and not everything) or (fixed is not None and fixed <= full // 4)
     ):
         sketched = _randomized(w, energy, fixed, max_rank, rank_multiple, seed)
     if sketched is not None:

@@ -88,8 +88,12 @@ def test_fallbacks_to_the_exact_svd():
 
 def test_max_rank_caps_the_sketch():
     W = decaying(300, 257, 0.5)
-    svd = decompose(W, energy=1.0, max_rank=10, svd="randomized")
-    assert svd.method == "randomized" and svd.rank == svd.energy_rank == 10
+    for energy in (0.99, 1.0):  # 1.0 keeps every σ: only max_rank stops short of min(m, n)
+        svd = decompose(W, energy=energy, max_rank=10, svd="randomized")
+        assert svd.method == "randomized" and svd.rank == svd.energy_rank == 10
+    low = decaying(300, 40, 1.0) @ torch.randn(40, 257, generator=torch.Generator().manual_seed(3))  # rank 40
+    full = decompose(low, energy=1.0, svd="randomized")
+    assert full.method == "exact" and full.rank == decompose(low, energy=1.0, svd="exact").rank
 
 
 def test_no_m_by_n_buffer():
