@@ -27,7 +27,10 @@ import torch
 from ._adapter_files import check_safetensors_file, read_json_object
 from ._checks import InputNotFoundError, UsageError, check_real
 from ._cli_checks import check_output_file, require_module
-from .decompose import cersa_parameter_count, cersa_weight_bytes, check_energy, energy_curve, global_ranks, select_rank
+from .decompose import (
+    RANK_MULTIPLE, align_rank, align_ranks, cersa_parameter_count, cersa_weight_bytes, check_energy, energy_curve,
+    global_ranks, select_rank,
+)
 from .model import apply
 from .nn.tree import as_linear, named_linears
 
@@ -316,12 +319,15 @@ def recommend(model: torch.nn.Module, analysis: Analysis, share: float = 0.5) ->
     if target < rec.min_bytes:
         return rec
     itemsize = layers[0].itemsize  # apply's budget_bytes counts every layer in the first one's dtype
-    ranks = global_ranks({l.name: l.spectrum for l in layers}, {l.name: (l.m, l.n) for l in layers}, energy=None,
-                         budget=target, cost=lambda m, n, k: cersa_weight_bytes(m, n, k, factor_element_size=itemsize))
+    shapes = {l.name: (l.m, l.n) for l in layers}
+    cost = lambda m, n, k: cersa_weight_bytes(m, n, k, factor_element_size=itemsize)  # noqa: E731
+    ranks = global_ranks({l.name: l.spectrum for l in layers}, shapes, energy=None, budget=target, cost=cost)
+    ranks = align_ranks(ranks, shapes, RANK_MULTIPLE, budget=target, cost=cost)  # as apply aligns them
     rec.candidates.append(_candidate(analysis, dict(energy_scope="global", budget_bytes=target), ranks))
 
-    def per_layer(j: int) -> dict[str, int]:
-        return {l.name: select_rank(l.spectrum, j / 1000, layer="analyze") for l in layers}
+    def per_layer(j: int) -> dict[str, int]:  # apply's per-layer ranks: the rule's k aligned (a zero weight keeps 1)
+        return {l.name: align_rank(k, RANK_MULTIPLE, min(l.m, l.n)) if float(l.spectrum[0]) > 0 else k
+                for l in layers for k in [select_rank(l.spectrum, j / 1000, layer="analyze")]}
 
     low, high = 0, 1000  # the largest α = j/1000 whose per-layer ranks fit the target (bytes grow with α)
     while low < high:

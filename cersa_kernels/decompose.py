@@ -28,6 +28,7 @@ __all__ = [
 
 
 RANK_MULTIPLE = 16  # energy/budget-chosen ranks round up to this (1: off); docs/usage.md
+ALIGN_MIN_DIM = 128  # below this min(m, n) a rank keeps its k: 16 is a large share of such a layer, its GEMMs tiny
 RANDOMIZED_MIN_DIM = 512  # svd="auto": below this min(m, n) the exact SVD is cheap enough
 OVERSAMPLE = 16  # extra sketch columns beyond the largest rank trusted from a sketch: max(16, k/4)
 POWER_ITERATIONS = 2  # subspace iterations of the range finder (torch.svd_lowrank's niter)
@@ -126,7 +127,10 @@ def select_rank(
 
 def align_rank(k: int, multiple: int, full: int, max_rank: int | None = None) -> int:
     """k rounded up to a multiple of `multiple`, capped at `full` = min(m, n) and at `max_rank`
-    (never below k: rounding only adds energy). multiple = 1 leaves k as it is."""
+    (never below k: rounding only adds energy). multiple = 1, or a layer with min(m, n) <
+    ALIGN_MIN_DIM, leaves k as it is."""
+    if full < ALIGN_MIN_DIM:
+        return k
     aligned = min(-(-k // multiple) * multiple, full)
     if max_rank is not None:
         aligned = min(aligned, max_rank)
@@ -397,7 +401,7 @@ def align_ranks(
     total = lambda chosen: sum(cost(*shapes[n], k) for n, k in chosen.items())  # noqa: E731
     if total(up) <= budget:
         return up
-    chosen = {n: k // multiple * multiple if k >= multiple else k for n, k in ranks.items()}
+    chosen = {n: k // multiple * multiple if k >= multiple and up[n] != k else k for n, k in ranks.items()}
     used = total(chosen)
     for target in (up, ranks):  # round up where it fits, then give the rest back their own k where it fits
         for n in ranks:

@@ -20,10 +20,12 @@ def test_align_rank():
     assert align_rank(2045, 16, 2047) == 2047  # capped at min(m, n)
     assert align_rank(819, 16, 2048, max_rank=820) == 820  # and at max_rank
     assert align_rank(819, 1, 2048) == 819
+    assert align_rank(19, 16, 127) == 19  # a layer below ALIGN_MIN_DIM = 128 keeps its k
+    assert align_rank(19, 16, 128) == 32
 
 
 def test_decompose_aligns_energy_ranks_only():
-    W = torch.randn(90, 70, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    W = torch.randn(200, 150, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     plain = decompose(W, 0.6, rank_multiple=1)
     aligned = decompose(W, 0.6)
     assert plain.rank == plain.energy_rank == aligned.energy_rank
@@ -32,7 +34,9 @@ def test_decompose_aligns_energy_ranks_only():
     torch.testing.assert_close(aligned.sigma[: plain.rank], plain.sigma)
     assert decompose(W, rank=45).rank == 45  # an explicit rank as it is
     assert decompose(W, 0.6, rank_multiple=8).rank % 8 == 0
-    assert decompose(W, 1.0).rank == 70
+    assert decompose(W, 1.0).rank == 150
+    small = W[:100, :90]  # min(m, n) < 128: not aligned
+    assert decompose(small, 0.6).rank == decompose(small, 0.6, rank_multiple=1).rank
 
 
 def test_decompose_randomized_path_aligns_too():
@@ -48,7 +52,7 @@ def test_bad_rank_multiple():
 
 
 def test_align_ranks_respects_a_budget():
-    shapes = {"a": (64, 64), "b": (64, 48)}
+    shapes = {"a": (160, 160), "b": (160, 144)}
     ranks = {"a": 19, "b": 21}
     assert align_ranks(ranks, shapes, 16) == {"a": 32, "b": 32}  # no budget: up
     roomy = sum(cersa_parameter_count(*shapes[n], 32) for n in shapes)
@@ -58,18 +62,18 @@ def test_align_ranks_respects_a_budget():
     assert sum(cersa_parameter_count(*shapes[n], k) for n, k in chosen.items()) <= tight
     assert chosen == ranks  # neither fits rounded up: each keeps its own k (rounding down would waste budget)
     mixed = {"a": 31, "b": 18}
-    shapes2 = {"a": (64, 64), "b": (64, 64)}
+    shapes2 = {"a": (160, 160), "b": (160, 160)}
     tight2 = sum(cersa_parameter_count(*shapes2[n], k) for n, k in mixed.items())
     chosen = align_ranks(mixed, shapes2, 16, budget=tight2)
     assert chosen == {"a": 32, "b": 16}  # b rounded down paid for a rounded up
     assert sum(cersa_parameter_count(*shapes2[n], k) for n, k in chosen.items()) <= tight2
-    assert align_ranks({"a": 5}, {"a": (64, 64)}, 16, budget=cersa_parameter_count(64, 64, 5)) == {"a": 5}
+    assert align_ranks({"a": 5}, {"a": (160, 160)}, 16, budget=cersa_parameter_count(160, 160, 5)) == {"a": 5}
     assert align_ranks(ranks, shapes, 1, budget=tight) == ranks
 
 
 def net():
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(96, 80), nn.ReLU(), nn.Linear(80, 72))
+    return nn.Sequential(nn.Linear(176, 160), nn.ReLU(), nn.Linear(160, 136))
 
 
 def test_apply_reports_the_rule_and_the_aligned_rank():
@@ -78,7 +82,7 @@ def test_apply_reports_the_rule_and_the_aligned_rank():
     for row in report.rows:
         layer = model.get_submodule(row["name"])
         assert row["rank"] == layer.rank and row["rank"] % 16 == 0
-        assert row["energy_rank"] == layer.energy_rank < row["rank"]
+        assert row["energy_rank"] == layer.energy_rank <= row["rank"] < row["energy_rank"] + 16
         assert f"{row['rank']:>5d} {row['energy_rank']:>6d}" in str(report)
     unaligned = ck.apply(net(), "cersa", energy=0.8, rank_multiple=1)
     assert [r["rank"] for r in unaligned.rows] == [r["energy_rank"] for r in report.rows]
@@ -89,7 +93,7 @@ def test_apply_reports_the_rule_and_the_aligned_rank():
 @pytest.mark.parametrize("scope", ["global", "budget", "budget_bytes"])
 def test_apply_global_and_budget_paths(scope):
     base = net()
-    shapes = {"0": (80, 96), "2": (72, 80)}
+    shapes = {"0": (160, 176), "2": (136, 160)}
     if scope == "global":
         options = dict(energy_scope="global", energy=0.8)
     elif scope == "budget":
@@ -142,7 +146,7 @@ def test_progress_eta_weighs_the_work():
 
 def test_from_linear_rank_multiple():
     torch.manual_seed(0)
-    lin = nn.Linear(64, 48)
+    lin = nn.Linear(160, 144)
     assert CersaLinear.from_linear(lin, energy=0.9).rank % 16 == 0
     layer = CersaLinear.from_linear(lin, energy=0.9, rank_multiple=1)
     assert layer.rank == layer.energy_rank
