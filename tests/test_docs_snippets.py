@@ -10,8 +10,9 @@ The convention (also in docs/architecture.md, "Code in the docs"):
   TINY_MODELS below loads, instead of the Hub checkpoint, a tiny random-init model of the same
   architecture, written locally from its config and loaded through transformers' real
   `from_pretrained` (so `num_labels=`, `quantization_config=`, ... behave as they do for the real
-  checkpoint). Every such load is seeded the same, so two loads give the same model, as two loads
-  of one Hub checkpoint do. An id not in the table fails the test: add a tiny config for it.
+  checkpoint); `AutoTokenizer.from_pretrained(<id>)` gets a byte-level tokenizer that encodes any
+  text. Every such load is seeded the same, so two loads give the same model, as two loads of one
+  Hub checkpoint do. An id not in the table fails the test: add a tiny config for it.
 - Code that is not meant to run (shell commands, output, signatures, file layouts) uses another
   fence language (```bash, ```text); every fence names its language, so none hides untested Python.
 """
@@ -33,16 +34,19 @@ PYTHON = {"python", "py", "python3"}
 LANGUAGES = PYTHON | {"bash", "text"}
 
 
+VOCAB = 384  # 256 byte symbols + specials fit, so the tiny tokenizer can encode any text
+
+
 def _tiny_bert():
-    config = transformers.BertConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+    config = transformers.BertConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                                      intermediate_size=128, max_position_embeddings=64)
     return transformers.BertModel(config)
 
 
 def _tiny_llama():
-    config = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                      tie_word_embeddings=True)
+                                      tie_word_embeddings=True, pad_token_id=0, eos_token_id=1, bos_token_id=None)
     return transformers.LlamaForCausalLM(config)
 
 
@@ -52,6 +56,19 @@ TINY_MODELS = {
     "sentence-transformers/all-MiniLM-L6-v2": _tiny_bert,  # BERT encoder (MiniLM-L6)
     "HuggingFaceTB/SmolLM2-135M": _tiny_llama,  # Llama decoder, tied embeddings
 }
+
+
+def _tiny_tokenizer() -> transformers.PreTrainedTokenizerFast:
+    """Byte-level BPE without merges: one token per byte, ids 0-2 the pad, eos and unk tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {token: i for i, token in enumerate(["<pad>", "<eos>", "<unk>", *sorted(alphabet)])}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>",
+                                                unk_token="<unk>")
 
 
 def markdown_files() -> list[Path]:
@@ -103,12 +120,14 @@ def tiny_checkpoints(tmp_path_factory):
         torch.manual_seed(i)
         paths[model_id] = root / model_id.replace("/", "--")
         build().save_pretrained(paths[model_id])
+        _tiny_tokenizer().save_pretrained(paths[model_id])
     return paths
 
 
 @pytest.fixture
 def hub_ids_are_tiny_models(monkeypatch, tiny_checkpoints):
-    """`from_pretrained(<Hub id>)` on every Auto class and model class loads the tiny checkpoint."""
+    """`from_pretrained(<Hub id>)` on every Auto class (models, tokenizer, processor, config) and model
+    class loads the tiny checkpoint."""
     def redirect(original):
         def from_pretrained(cls, name, *args, **kwargs):
             if str(name) in tiny_checkpoints:
@@ -120,7 +139,8 @@ def hub_ids_are_tiny_models(monkeypatch, tiny_checkpoints):
         return classmethod(from_pretrained)
 
     # each Auto class carries its own copy of the method (transformers' auto_class_update)
-    for owner in subclasses(_BaseAutoModelClass) + subclasses(transformers.PreTrainedModel):
+    auto = [transformers.AutoTokenizer, transformers.AutoProcessor, transformers.AutoConfig]
+    for owner in auto + subclasses(_BaseAutoModelClass) + subclasses(transformers.PreTrainedModel):
         if "from_pretrained" in owner.__dict__:
             monkeypatch.setattr(owner, "from_pretrained", redirect(owner.__dict__["from_pretrained"]))
 
