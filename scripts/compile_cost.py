@@ -4,13 +4,23 @@ compiled (inductor), same seeds, same batches.
     OMP_NUM_THREADS=1 python scripts/compile_cost.py                   # tiny BERT, CERSA, CPU
     OMP_NUM_THREADS=1 python scripts/compile_cost.py --model minilm    # the bundled MiniLM-L6
 
-Prints, for each mode, the first step (for `compiled`: tracing and code generation of forward and
-backward included) and the median of the later steps, then the number of later steps after which
-compiling has paid for its first step (never, when a compiled step is not faster). Wall-clock
-timings on a shared machine: repeat a run before trusting a difference of a few percent.
+Inductor keeps compiled code in an on-disk cache, so a second run of the same model compiles much
+faster than the first: by default the run uses a fresh, empty cache (the cost a user pays once);
+`--cache-dir DIR` reuses DIR (run twice with the same DIR for the warm-cache cost).
+`--recompiles` instead times what a loop that changes shape pays: the same compiled model trained
+at its shape, at a smaller batch (a short last batch), at a shorter length, then run in eval mode.
+
+Eager and compiled steps alternate (two copies of the model, same init and batches), so a slow
+spell of a shared machine hits both alike. Prints, for each mode, the first step (for `compiled`:
+tracing and code generation of forward and backward included) and the median of the later steps,
+then the number of later steps after which compiling has paid for its first step (never, when a
+compiled step is not faster). Wall-clock timings on a shared machine: repeat a run before trusting
+a difference of a few percent.
 """
 import argparse
+import os
 import statistics
+import tempfile
 import time
 
 import torch
@@ -22,6 +32,7 @@ def build(model_name: str, method: str) -> torch.nn.Module:
     """An encoder with a 5-class head, adapted with `method` ("none": dense fine-tuning)."""
     import transformers
 
+    transformers.logging.set_verbosity_error()  # the new head's "newly initialized" notice
     torch.manual_seed(0)
     if model_name == "minilm":
         from cersa_kernels.analyze import bundled_minilm_dir
@@ -38,46 +49,78 @@ def build(model_name: str, method: str) -> torch.nn.Module:
     return model.train()
 
 
-def step_times(model: torch.nn.Module, steps: int, batch: int, seq: int, vocab: int) -> list[float]:
-    """Seconds per training step (forward, backward, AdamW), one fixed-shape batch per step."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
-    g = torch.Generator().manual_seed(1)
-    times = []
-    for _ in range(steps):
-        ids = torch.randint(0, vocab, (batch, seq), generator=g)
-        labels = torch.randint(0, 5, (batch,), generator=g)
+class Run:
+    """One model's training loop (forward, backward, AdamW) over fixed-shape seeded batches."""
+
+    def __init__(self, model: torch.nn.Module, batch: int, seq: int):
+        self.model, self.batch, self.seq = model, batch, seq
+        self.opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.0)
+        self.g = torch.Generator().manual_seed(1)
+        self.vocab = model.config.vocab_size
+
+    def step(self) -> float:
+        """Seconds for one training step."""
+        ids = torch.randint(0, self.vocab, (self.batch, self.seq), generator=self.g)
+        labels = torch.randint(0, 5, (self.batch,), generator=self.g)
         start = time.perf_counter()
-        model(input_ids=ids, labels=labels).loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - start)
-    return times
+        self.model(input_ids=ids, labels=labels).loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return time.perf_counter() - start
+
+
+def recompiles(model_name: str, method: str, batch: int, seq: int) -> None:
+    """Seconds of the compiled model's steps at changing shapes, with dynamo's count of graphs."""
+    from torch._dynamo.utils import counters
+
+    model = torch.compile(build(model_name, method))
+    run = Run(model, batch, seq)
+    for label, shape in [("first step", (batch, seq)), ("same shape", (batch, seq)),
+                         ("smaller batch", (batch - 3, seq)), ("shorter sequence", (batch, seq - 8))]:
+        run.batch, run.seq = shape
+        seconds = run.step()
+        print(f"{label:17s} {shape[0]} x {shape[1]}: {seconds:7.2f} s, graphs compiled so far {counters['stats']['unique_graphs']}")
+    model.eval()
+    start = time.perf_counter()
+    with torch.no_grad():
+        model(input_ids=torch.randint(0, run.vocab, (batch, seq), generator=run.g))
+    print(f"{'eval mode':17s} {batch} x {seq}: {time.perf_counter() - start:7.2f} s, graphs compiled so far "
+          f"{counters['stats']['unique_graphs']}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=["tiny", "minilm"], default="tiny")
     parser.add_argument("--method", choices=["cersa", "lora", "none"], default="cersa")
-    parser.add_argument("--steps", type=int, default=6, help="steps per mode, the first one included (>= 2)")
+    parser.add_argument("--steps", type=int, default=16, help="steps per mode, the first one included (>= 2)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=48)
+    parser.add_argument("--cache-dir", help="inductor's cache directory (default: a fresh empty one)")
+    parser.add_argument("--recompiles", action="store_true", help="time the recompiles of changing shapes instead")
     args = parser.parse_args()
     if args.steps < 2:
         parser.error(f"--steps must be >= 2 (a first step and a later one), got {args.steps}")
+    if args.batch < 4 or args.seq < 9:
+        parser.error(f"--batch must be >= 4 and --seq >= 9 (--recompiles shrinks both), got {args.batch}, {args.seq}")
+    cache = args.cache_dir or tempfile.mkdtemp(prefix="inductor-cold-")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache  # read when inductor first compiles, which is below
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); model {args.model}, method {args.method}, "
-          f"batch {args.batch} x {args.seq} tokens, {args.steps} steps per mode")
-    results = {}
-    for mode in ("eager", "compiled"):
-        model = build(args.model, args.method)
-        vocab = model.config.vocab_size
-        if mode == "compiled":
-            torch._dynamo.reset()
-            model = torch.compile(model)
-        times = step_times(model, args.steps, args.batch, args.seq, vocab)
-        results[mode] = (times[0], statistics.median(times[1:]))
-        print(f"{mode:9s} first step {times[0]:8.2f} s   later steps (median of {len(times) - 1}) {results[mode][1]:.3f} s")
+          f"batch {args.batch} x {args.seq} tokens, {args.steps} steps per mode, "
+          f"inductor cache {'given: ' + cache if args.cache_dir else 'fresh (cold)'}")
+    if args.recompiles:
+        recompiles(args.model, args.method, args.batch, args.seq)
+        return
+    eager = Run(build(args.model, args.method), args.batch, args.seq)
+    compiled = Run(torch.compile(build(args.model, args.method)), args.batch, args.seq)
+    first = {"eager": eager.step(), "compiled": compiled.step()}
+    later = {"eager": [], "compiled": []}
+    for _ in range(args.steps - 1):  # interleaved, so a slow spell of a shared machine hits both alike
+        later["eager"].append(eager.step())
+        later["compiled"].append(compiled.step())
+    results = {mode: (first[mode], statistics.median(later[mode])) for mode in first}
+    for mode, (one, rest) in results.items():
+        print(f"{mode:9s} first step {one:8.2f} s   later steps (median of {args.steps - 1}) {rest:.3f} s")
     (eager_first, eager_later), (comp_first, comp_later) = results["eager"], results["compiled"]
     saved = eager_later - comp_later
     if saved > 0:
