@@ -86,7 +86,8 @@ def fences(path: Path) -> list[tuple[int, str, str]]:
         elif opened is None:
             opened = (number, match.group(1).strip(), [])
         else:
-            assert not match.group(1).strip(), f"{path.relative_to(ROOT)}:{number}: a fence opens inside the block of line {opened[0]}"
+            where = f"{path.relative_to(ROOT)}:{number}"
+            assert not match.group(1).strip(), f"{where}: a fence opens inside the block of line {opened[0]}"
             blocks.append((opened[0], opened[1], "\n".join(opened[2])))
             opened = None
     assert opened is None, f"{path.relative_to(ROOT)}:{opened[0]}: fence never closed"
@@ -134,7 +135,8 @@ def hub_ids_are_tiny_models(monkeypatch, tiny_checkpoints):
                 name = tiny_checkpoints[str(name)]
                 torch.manual_seed(0)  # heads the checkpoint lacks: the same init at every load
             elif not Path(name).exists():
-                raise AssertionError(f"a snippet loads {name!r}: add a tiny config for it to TINY_MODELS in tests/test_docs_snippets.py")
+                raise AssertionError(f"a snippet loads {name!r}: add a tiny config for it to TINY_MODELS "
+                                     "in tests/test_docs_snippets.py")
             return original.__func__(cls, name, *args, **kwargs)
         return classmethod(from_pretrained)
 

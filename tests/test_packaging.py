@@ -55,8 +55,8 @@ def requirement_names(path: Path) -> list[str]:
 def test_every_installed_dependency_of_the_test_requirements_is_pinned():
     """CI installs requirements/test.txt under constraints.txt: a dependency missing from it (a new
     package's new dependencies, say) would float to whatever version the index has that day."""
-    pinned = {canonicalize_name(line.split("==")[0]) for line in (ROOT / "requirements" / "constraints.txt").read_text().splitlines()
-              if "==" in line and not line.startswith("#")}
+    constraints = (ROOT / "requirements" / "constraints.txt").read_text().splitlines()
+    pinned = {canonicalize_name(line.split("==")[0]) for line in constraints if "==" in line and not line.startswith("#")}
     todo, seen = [canonicalize_name(n) for n in requirement_names(ROOT / "requirements" / "test.txt")], set()
     while todo:
         name = todo.pop()
@@ -67,4 +67,4 @@ def test_every_installed_dependency_of_the_test_requirements_is_pinned():
             requirement = Requirement(spec)
             if requirement.marker is None or requirement.marker.evaluate({"extra": ""}):
                 todo.append(canonicalize_name(requirement.name))
-    assert not seen - pinned, f"installed for requirements/test.txt but not pinned in constraints.txt: {sorted(seen - pinned)}"
+    assert not seen - pinned, f"needed by requirements/test.txt, not pinned in constraints.txt: {sorted(seen - pinned)}"
