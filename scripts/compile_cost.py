@@ -18,7 +18,9 @@ which compiling has paid for its first steps (never, when a compiled step is not
 Wall-clock timings on a shared machine: repeat a run before trusting a difference of a few percent.
 """
 import argparse
+import atexit
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -104,6 +106,8 @@ def main() -> None:
     if args.batch < 4 or args.seq < 9:
         parser.error(f"--batch must be >= 4 and --seq >= 9 (--recompiles shrinks both), got {args.batch}, {args.seq}")
     cache = args.cache_dir or tempfile.mkdtemp(prefix="inductor-cold-")
+    if not args.cache_dir:
+        atexit.register(shutil.rmtree, cache, ignore_errors=True)
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache  # read when inductor first compiles, which is below
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); model {args.model}, method {args.method}, "
