@@ -2,7 +2,11 @@
 import re
 import subprocess
 import sys
+from importlib import metadata
 from pathlib import Path
+
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,3 +38,33 @@ def test_import_touches_no_cuda_and_no_triton():
         "assert not torch.cuda.is_initialized()\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def requirement_names(path: Path) -> list[str]:
+    """The packages a requirements file asks for, following its `-r` includes (not `-c`)."""
+    names = []
+    for line in path.read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line.startswith("-r"):
+            names += requirement_names(path.parent / line[2:].strip())
+        elif line and not line.startswith("-"):
+            names.append(Requirement(line).name)
+    return names
+
+
+def test_every_installed_dependency_of_the_test_requirements_is_pinned():
+    """CI installs requirements/test.txt under constraints.txt: a dependency missing from it (a new
+    package's new dependencies, say) would float to whatever version the index has that day."""
+    constraints = (ROOT / "requirements" / "constraints.txt").read_text().splitlines()
+    pinned = {canonicalize_name(line.split("==")[0]) for line in constraints if "==" in line and not line.startswith("#")}
+    todo, seen = [canonicalize_name(n) for n in requirement_names(ROOT / "requirements" / "test.txt")], set()
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        for spec in metadata.distribution(name).requires or []:  # installed: the suite needs it
+            requirement = Requirement(spec)
+            if requirement.marker is None or requirement.marker.evaluate({"extra": ""}):
+                todo.append(canonicalize_name(requirement.name))
+    assert not seen - pinned, f"needed by requirements/test.txt, not pinned in constraints.txt: {sorted(seen - pinned)}"

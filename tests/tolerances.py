@@ -1,4 +1,4 @@
-"""The one tolerance table of the test suite, and the accumulation rule of DESIGN.md.
+"""The one tolerance table of the test suite, and the accumulation rule every kernel test uses.
 
 For ops that accumulate (every GEMM here) a kernel is judged against a float64 oracle:
     max|out − ref64| ≤ 2·max|out_torch_same_dtype − ref64| + atol·scale
