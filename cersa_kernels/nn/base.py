@@ -10,8 +10,10 @@ errors, PARA's defaults and the weight-byte count. docs/architecture.md walks th
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import ClassVar, Optional, Union
+from typing import Callable, ClassVar, Iterator, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -23,7 +25,31 @@ from ._quantized import (
     DEFAULT_GROUP_SIZE, QuantSpec, check_quant_options, frozen_weight_of, is_linear4bit, linear4bit_problem,
 )
 
-__all__ = ["AdapterLayer", "LowRankUpdate", "adapter_classes", "method_classes"]
+__all__ = ["AdapterLayer", "LowRankUpdate", "adapter_classes", "method_classes", "placing_as_built", "built"]
+
+# Where a whole-model build hands each new layer the moment it exists (`placing_as_built`): `apply`
+# puts it into the model at once and drops the layer it replaces, so the dense weights of a CERSA
+# conversion (or of a quantized base) are freed layer by layer, not when the last layer is done.
+_PLACE: ContextVar[Optional[Callable[[str, "AdapterLayer"], None]]] = ContextVar("cersa_kernels_place", default=None)
+
+
+@contextmanager
+def placing_as_built(place: Callable[[str, "AdapterLayer"], None]) -> Iterator[None]:
+    """Inside the block, `built(name, layer)` (called by every `adapt` as each layer is made) calls
+    `place(name, layer)`."""
+    token = _PLACE.set(place)
+    try:
+        yield
+    finally:
+        _PLACE.reset(token)
+
+
+def built(name: str, layer: "AdapterLayer") -> None:
+    """Hand a freshly built layer to the `placing_as_built` caller, if any. A builder calls it once
+    per layer and keeps no reference to that layer's base afterwards (the caller may drop it)."""
+    place = _PLACE.get()
+    if place is not None:
+        place(name, layer)
 
 
 @dataclass(frozen=True)
@@ -113,17 +139,32 @@ class AdapterLayer(nn.Module):
 
     @torch.no_grad()
     def _copy_frozen_base(self, linear: nn.Linear, train_bias: bool = False) -> None:
-        """Copy `linear`'s weight and bias into the frozen base; the bias trains only if asked. A
-        quantized base quantizes a detached copy of the weight (a frozen operand has no gradient),
-        or, for a bitsandbytes Linear4bit, views its packed data in place."""
+        """Take `linear`'s weight and bias as the frozen base; the bias trains only if asked. A dense
+        base SHARES the weight's storage (a new frozen Parameter over the same tensor, as PEFT keeps
+        the original layer): no copy, so `apply` never holds two copies of a weight. A quantized base
+        quantizes the weight (the dense one is then the caller's to drop), or, for a bitsandbytes
+        Linear4bit, views its packed data in place. The bias is copied (it may train). Tensors still
+        on the meta device (a layer built there) are allocated on the weight's device first."""
         source = frozen_weight_of(linear)
         if self.base_format is None:
-            self.weight.copy_(quant.dense(source))
-        else:
+            weight = quant.dense(source).detach()
+            if (tuple(weight.shape), weight.dtype) != (tuple(self.weight.shape), self.weight.dtype):
+                raise ValueError(
+                    f"{self._name()}: the base weight must be {self.weight.dtype} of shape {tuple(self.weight.shape)}, "
+                    f"got {weight.dtype} of shape {tuple(weight.shape)}"
+                )
+            self.weight = nn.Parameter(weight, requires_grad=False)
+        self._materialize(source.device)
+        if self.base_format is not None:
             self._store_quantized("weight", source)
         if linear.bias is not None:
             self.bias.copy_(linear.bias)
             self.bias.requires_grad_(train_bias)
+
+    def _materialize(self, device) -> None:
+        """Allocate (uninitialised, on `device`) every tensor of this layer still on the meta device;
+        the others stay as they are (unlike `to_empty`, which would reallocate a shared weight)."""
+        self._apply(lambda t: torch.empty_like(t, device=device) if t.is_meta else t)
 
     def frozen_weight(self) -> Union[Tensor, QuantizedTensor]:
         """The frozen base W0 (out, in): the `weight` Parameter, or the QuantizedTensor over the
@@ -222,13 +263,15 @@ class AdapterLayer(nn.Module):
     @classmethod
     def _build_each(cls, bases: dict[str, nn.Module], build) -> dict[str, "AdapterLayer"]:
         """{name: build(name, base)}, each ValueError prefixed by the layer it came from (from_linear does
-        not know its layer's name)."""
+        not know its layer's name). Each layer goes to `built` as soon as it exists; the loop holds
+        no base beyond the one it builds (`apply` removes it from `bases` then)."""
         out = {}
-        for name, base in bases.items():
+        for name in list(bases):
             try:
-                out[name] = build(name, base)
+                out[name] = build(name, bases[name])
             except ValueError as error:
                 raise ValueError(f"apply(method={cls.method!r}): layer {name!r}: {error}") from None
+            built(name, out[name])
         return out
 
     @classmethod
