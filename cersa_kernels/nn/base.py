@@ -124,8 +124,9 @@ class AdapterLayer(nn.Module):
     ) -> None:
         """The frozen base: `weight` (out, in) and `bias` (out,) as Parameters with
         requires_grad=False, so the state dict has nn.Linear's keys (what BASE_KEYS names). With
-        `base_format` ("int8" | "nf4") the weight is stored quantized instead, as the buffers
-        `weight_data` and `weight_absmax` (grouped along in_features), and there is no `weight`."""
+        `base_format` ("int8" | "nf4") the weight is stored quantized instead, as the frozen
+        Parameters `weight_data` and `weight_absmax` (grouped along in_features), and there is no
+        `weight`."""
         factory = dict(device=device, dtype=dtype)
         self.base_format = check_quant_options("base_format", base_format, base_group_size, self._name())
         self.base_group_size = int(base_group_size)
@@ -168,28 +169,35 @@ class AdapterLayer(nn.Module):
 
     def frozen_weight(self) -> Union[Tensor, QuantizedTensor]:
         """The frozen base W0 (out, in): the `weight` Parameter, or the QuantizedTensor over the
-        buffers (dtype: the layer's base dtype)."""
+        codes and absmax (dtype: the layer's base dtype)."""
         if getattr(self, "base_format", None) is None:
             return self.weight
         return self.quantized("weight")
 
     # --- quantized storage (docs/quantization.md) ------------------------------------------------
-    # A quantized operand `<name>` is two plain buffers, `<name>_data` (the codes) and
-    # `<name>_absmax` (float32, one per group), so state_dict, .to(), save/load and FSDP see only
-    # tensors; the QuantizedTensor is rebuilt around them at each use (no copy).
+    # A quantized operand `<name>` is two plain tensors, `<name>_data` (the codes) and
+    # `<name>_absmax` (float32, one per group), held as frozen Parameters (requires_grad=False), so
+    # state_dict, .to(), save/load see only tensors and FSDP2 / ZeRO-3 shard them like any weight
+    # (a buffer would stay whole on every rank); the QuantizedTensor is rebuilt around them at each
+    # use (no copy).
 
     def _register_quantized(self, name: str, spec: QuantSpec, device=None) -> None:
         if not hasattr(self, "_quant_specs"):
             self._quant_specs: dict[str, QuantSpec] = {}
         self._quant_specs[name] = spec
         code = torch.int8 if spec.format == "int8" else torch.uint8
-        self.register_buffer(f"{name}_data", torch.zeros(spec.data_numel(), dtype=code, device=device))
-        self.register_buffer(f"{name}_absmax", torch.zeros(spec.absmax_numel(), dtype=torch.float32, device=device))
+        self._set_frozen(f"{name}_data", torch.zeros(spec.data_numel(), dtype=code, device=device))
+        self._set_frozen(f"{name}_absmax", torch.zeros(spec.absmax_numel(), dtype=torch.float32, device=device))
+
+    def _set_frozen(self, key: str, tensor: Tensor) -> None:
+        """Hold `tensor` (itself, no copy) as the frozen operand `key`: a Parameter that never
+        requires grad (sharded by FSDP2 like a frozen base weight; never trained)."""
+        self._parameters[key] = nn.Parameter(tensor, requires_grad=False)
 
     def _store_quantized(self, name: str, source: Union[Tensor, QuantizedTensor]) -> None:
-        """Fill `<name>` from a dense stored matrix (quantized here) or from a QuantizedTensor of the
-        same stored layout, whose data and absmax become the buffers themselves (a view: the packed
-        weight of a Linear4bit is not copied)."""
+        """Fill `<name>` from a dense stored matrix (quantized here: its codes become the operand
+        itself, no copy) or from a QuantizedTensor of the same stored layout, whose data and absmax
+        become the operand (a view: the packed weight of a Linear4bit is not copied)."""
         spec = self._quant_specs[name]
         if isinstance(source, QuantizedTensor):
             got = (source.format, source.group_size, tuple(source.stored_shape))
@@ -198,19 +206,18 @@ class AdapterLayer(nn.Module):
                 raise ValueError(
                     f"{self._name()}: {name} is stored as (format, group_size, stored shape) {want}, the source is {got}"
                 )
-            self._buffers[f"{name}_data"] = source.data.reshape(-1)
-            self._buffers[f"{name}_absmax"] = source.absmax.reshape(-1)
-            return
-        q = quant.quantize(source.detach(), spec.format, spec.group_size, where=f"{self._name()} ({name})")
-        self._buffers[f"{name}_data"].copy_(q.data)
-        self._buffers[f"{name}_absmax"].copy_(q.absmax)
+            q = source
+        else:
+            q = quant.quantize(source.detach(), spec.format, spec.group_size, where=f"{self._name()} ({name})")
+        self._set_frozen(f"{name}_data", q.data.detach().reshape(-1))
+        self._set_frozen(f"{name}_absmax", q.absmax.detach().reshape(-1))
 
     def quantized(self, name: str, dtype: Optional[torch.dtype] = None) -> QuantizedTensor:
         """The QuantizedTensor of operand `<name>` over its buffers (logical shape: the stored one,
         transposed if its spec says so), standing for `dtype` (default: the layer's base dtype)."""
         spec = self._quant_specs[name]
         return QuantizedTensor(
-            self._buffers[f"{name}_data"], self._buffers[f"{name}_absmax"], spec.stored_shape, spec.format,
+            getattr(self, f"{name}_data"), getattr(self, f"{name}_absmax"), spec.stored_shape, spec.format,
             spec.group_size, dtype or self.base_dtype, spec.transposed,
         )
 
@@ -231,16 +238,16 @@ class AdapterLayer(nn.Module):
         )
 
     def _apply(self, fn, recurse=True):
-        # .to(dtype) / .half() cast floating buffers: a quantized operand's absmax must stay float32
+        # .to(dtype) / .half() cast floating tensors: a quantized operand's absmax must stay float32
         # (its codes are integers and are never cast), so it goes through fn as raw int32 bits:
-        # moved like any buffer, never cast. The dtype the operands stand for follows the cast.
+        # moved like any tensor, never cast. The dtype the operands stand for follows the cast.
         scales = {f"{n}_absmax" for n in getattr(self, "_quant_specs", {})}
-        kept = {k: self._buffers.pop(k) for k in scales if k in self._buffers}
+        kept = {k: self._parameters.pop(k) for k in scales if k in self._parameters}
         try:
             super()._apply(fn, recurse)
         finally:
             for key, t in kept.items():
-                self._buffers[key] = fn(t.view(torch.int32)).view(torch.float32)
+                self._set_frozen(key, fn(t.detach().view(torch.int32)).view(torch.float32))
         if hasattr(self, "base_dtype"):
             self.base_dtype = fn(torch.empty(0, dtype=self.base_dtype)).dtype
         return self

@@ -37,7 +37,8 @@ class PicaLinear(AdapterLayer, method="pica"):
     """x (..., in_features) -> y (..., out_features): y = x W0ᵀ + b + (x Pᵀ) Mᵀ over a dense base.
 
     Frozen: `weight` (m, n) (with `base_format` "int8" | "nf4": the buffers `weight_data`,
-    `weight_absmax`, docs/quantization.md), `bias` (m,), buffer `P` (r, n). `M` (m, r) is a Parameter that may be
+    `weight_absmax`, docs/quantization.md), `bias` (m,), `P` (r, n) (all Parameters with
+    requires_grad=False, so FSDP2 shards them). `M` (m, r) is a Parameter that may be
     shared with other PiCa layers (pass the same one). Given a CersaLinear base, the constructor
     builds a PicaCersaLinear (deprecated spelling: call PicaCersaLinear directly).
     PicaCersaLinear subclasses it: the rank, the shared M, the role and the PARA hooks are here.
@@ -71,7 +72,7 @@ class PicaLinear(AdapterLayer, method="pica"):
         # P from the W0 the layer applies: the dequantized Ŵ0 of a quantized base (one transient copy)
         w = quant.dense(self.frozen_weight()).detach()
         svd = decompose(w, rank=self.rank, layer=label)
-        self.register_buffer("P", svd.V.T.contiguous())
+        self._set_frozen("P", svd.V.T.contiguous())  # a frozen Parameter: FSDP2 shards it
         self._init_M(M, w, label)
 
     def projection(self) -> Tensor:
