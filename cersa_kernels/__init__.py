@@ -4,6 +4,7 @@ Importing this package touches no GPU and does not import triton; kernels load o
 """
 from . import backends, nn, ops, para
 from .decompose import decompose, global_ranks, select_rank, truncated_svd
+from .checkpoint import load_converted, save_converted
 from .model import adapter_layers, apply, export_peft_lora, load, merge, save, trainable_parameters
 from .nn import AdapterLayer, CersaLinear, LoraLinear, PicaCersaLinear, PicaLinear, SnellLinear
 from .peft_interop import from_peft, patch_peft, trainer_callback, unpatch_peft
@@ -12,6 +13,6 @@ __version__ = "0.1.0"
 __all__ = [
     "AdapterLayer", "CersaLinear", "LoraLinear", "PicaLinear", "PicaCersaLinear", "SnellLinear",
     "decompose", "select_rank", "truncated_svd", "global_ranks", "ops", "backends", "nn", "para",
-    "apply", "merge", "save", "load", "trainable_parameters", "adapter_layers", "export_peft_lora",
+    "apply", "merge", "save", "load", "save_converted", "load_converted", "trainable_parameters", "adapter_layers", "export_peft_lora",
     "from_peft", "patch_peft", "unpatch_peft", "trainer_callback", "__version__",
 ]

@@ -156,7 +156,7 @@ class AdapterLayer(nn.Module):
                 )
             self.weight = nn.Parameter(weight, requires_grad=False)
         self._materialize(source.device)
-        if self.base_format is not None:
+        if self.base_format is not None and not getattr(source, "is_meta", False):  # on meta (load_converted) the codes come later
             self._store_quantized("weight", source)
         if linear.bias is not None:
             self.bias.copy_(linear.bias)
@@ -237,17 +237,33 @@ class AdapterLayer(nn.Module):
             f"{spec.data_numel()} codes, {spec.absmax_numel()} float32 absmax; check the saved format and group size)"
         )
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A dense base weight shares the storage of the model's original layer (`_copy_frozen_base`):
+        # a state dict that brings one (a trained W0) gets a tensor of its own, never written into
+        # that storage, so a load that fails later leaves the original layer's values intact (the
+        # Parameter object stays: callers hold it).
+        for key in self.BASE_KEYS:
+            p = self._parameters.get(key)
+            if prefix + key in state_dict and p is not None:
+                p.data = torch.empty_like(p)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def _apply(self, fn, recurse=True):
         # .to(dtype) / .half() cast floating tensors: a quantized operand's absmax must stay float32
         # (its codes are integers and are never cast), so it goes through fn as raw int32 bits:
         # moved like any tensor, never cast. The dtype the operands stand for follows the cast.
-        scales = {f"{n}_absmax" for n in getattr(self, "_quant_specs", {})}
+        # The order of the parameters is kept: DDP and FSDP2 match tensors across processes by it
+        # (a set's order, which varies with the hash seed, once paired U_absmax with V_absmax).
+        order = list(self._parameters)
+        scales = [f"{n}_absmax" for n in getattr(self, "_quant_specs", {})]
         kept = {k: self._parameters.pop(k) for k in scales if k in self._parameters}
         try:
             super()._apply(fn, recurse)
         finally:
             for key, t in kept.items():
                 self._set_frozen(key, fn(t.detach().view(torch.int32)).view(torch.float32))
+            for key in [k for k in order if k in self._parameters]:  # back in the registration order
+                self._parameters[key] = self._parameters.pop(key)
         if hasattr(self, "base_dtype"):
             self.base_dtype = fn(torch.empty(0, dtype=self.base_dtype)).dtype
         return self

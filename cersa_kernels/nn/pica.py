@@ -70,6 +70,11 @@ class PicaLinear(AdapterLayer, method="pica"):
         )
         self._copy_frozen_base(base)  # shares a dense W0 (no copy); allocates the rest on its device
         # P from the W0 the layer applies: the dequantized Ŵ0 of a quantized base (one transient copy)
+        if base.weight.is_meta:  # built on the meta device (load_converted): P and M come from a file
+            check_int("rank", self.rank, label, minimum=1)
+            self._set_frozen("P", torch.empty(self.rank, self.in_features, device="meta", dtype=weight_dtype_of(base)))
+            self._init_M(M, self.P, label)
+            return
         w = quant.dense(self.frozen_weight()).detach()
         svd = decompose(w, rank=self.rank, layer=label)
         self._set_frozen("P", svd.V.T.contiguous())  # a frozen Parameter: FSDP2 shards it
