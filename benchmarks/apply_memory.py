@@ -224,9 +224,10 @@ def main() -> None:
             sys.exit(f"{case} failed:\n{done.stderr[-4000:]}")
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
         print(json.dumps(rows[-1]), flush=True)
+        if args.out:  # after every case: a long run that is stopped keeps what it measured
+            Path(args.out + ".json").write_text(json.dumps(dict(rows=rows, shape=shape[:-2]), indent=1) + "\n")
+            Path(args.out + ".md").write_text(_table(rows, args))
     if args.out:
-        Path(args.out + ".json").write_text(json.dumps(dict(rows=rows, shape=shape[:-2]), indent=1) + "\n")
-        Path(args.out + ".md").write_text(_table(rows, args))
         print(Path(args.out + ".md").read_text())
 
 
