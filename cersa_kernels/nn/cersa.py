@@ -143,8 +143,9 @@ class CersaLinear(AdapterLayer, method="cersa"):
         of these factors: diag(sigma), or with refit the least-squares S* over the dequantized Û, V̂
         (docs/quantization.md)."""
         if self.factor_format is None:
-            self.U.copy_(U)
-            self.V.copy_(V)
+            for name, t in (("U", U), ("V", V)):
+                if getattr(self, name).data_ptr() != t.data_ptr():  # from_linear hands over its own
+                    getattr(self, name).copy_(t)
             S0 = torch.diag(self.sigma)
         else:
             self._store_quantized("U", U.T)
@@ -192,7 +193,10 @@ class CersaLinear(AdapterLayer, method="cersa"):
             trainable_rank=None if trainable_rank is None else min(trainable_rank, svd.rank),
             factor_format=factor_format, factor_group_size=factor_group_size, refit=refit,
         )
-        layer.to_empty(device=w.device)
+        if factor_format is None:  # the SVD's own (contiguous, fresh) U, V become the factors: no copy
+            layer._set_frozen("U", svd.U)
+            layer._set_frozen("V", svd.V)
+        layer._materialize(w.device)
         with torch.no_grad():
             layer.sigma.copy_(svd.spectrum[: svd.rank])  # float64 spectrum: exact in any core dtype
             layer.energy_kept.fill_(svd.energy_kept)
