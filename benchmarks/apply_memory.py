@@ -127,6 +127,7 @@ def _child(case: str, args) -> dict:
         ck.save_converted(model, checkpoint)
         out["checkpoint_bytes"] = sum(f.stat().st_size for f in checkpoint.iterdir())
     if case.startswith("load-"):
+        out["tensor_bytes"] = _tensor_bytes(model)  # what the loaded model holds (vs the file's size)
         x = torch.randint(0, args.vocab, (1, 8))
         out["logits_finite"] = bool(torch.isfinite(model(x).logits).all())
     return out
@@ -189,7 +190,9 @@ def _table(rows: list[dict], args) -> str:
             rise = r["peak"] - r["before"]
             checks.append(
                 f"- {case}: peak rise {rise / GB:.3f} GB vs 1.2 × the checkpoint ({1.2 * r['size'] / GB:.3f} GB): "
-                f"{'met' if rise <= 1.2 * r['size'] else 'MISSED'}; logits finite: {r.get('logits_finite')}."
+                f"{'met' if rise <= 1.2 * r['size'] else 'MISSED'} ({rise / r['size']:.2f}×); the loaded model's tensors: "
+                f"{r['tensor_bytes'] / GB:.3f} GB (the rest of the rise is the process's, not tensors); logits finite: "
+                f"{r.get('logits_finite')}."
             )
     return "\n".join(lines + [""] + checks) + "\n"
 

@@ -140,11 +140,23 @@ def _read_streaming(path: Path, device) -> tuple[dict[str, torch.Tensor], dict[s
                 if f.readinto(view) != len(view):
                     raise UsageError(f"load_converted: {path} is truncated (in tensor {name!r})")
                 digest.update(view)
+            _check_finite_by_chunks(name, t, path)
             tensors[name] = t if device is None else t.to(device)
             position = end
         if start + position != size:
             raise UsageError(f"load_converted: {path} has {size - start - position} bytes after its last tensor")
     return tensors, metadata, digest.hexdigest()
+
+
+def _check_finite_by_chunks(name: str, t: torch.Tensor, path: Path) -> None:
+    """`check_finite` of one tensor, over chunks of 2^20 elements: its whole-tensor temporaries (a
+    bool per element) would otherwise stay in the process's heap (+36% RSS on a 91 MB checkpoint)."""
+    if not t.is_floating_point():
+        return
+    flat = t.reshape(-1)
+    for start in range(0, flat.numel(), 1 << 20):
+        if not bool(torch.isfinite(flat[start : start + (1 << 20)]).all()):
+            check_finite({name: t}, path, "load_converted")  # raises, counting the whole tensor
 
 
 def _owner(model: nn.Module, key: str) -> tuple[nn.Module, str]:
@@ -173,7 +185,6 @@ def load_converted(model: nn.Module, directory: Union[str, Path], device: Option
         raise UsageError(f"load_converted: {weights_path} and {config_path} do not belong together (the weights' "
                          "fingerprint is not the one the config names); save the model again")
     check_pair(body, config_path, metadata, weights_path, "load_converted")
-    check_finite(tensors, weights_path, "load_converted")
 
     classes = adapter_classes()
     built: dict[str, AdapterLayer] = {}

@@ -105,5 +105,13 @@ def test_refusals_name_the_file(tmp_path):
         fresh = transformers.LlamaForCausalLM(llama_config())
     with pytest.raises(ValueError, match=r"do not belong together"):
         load_converted(fresh, tmp_path)
+    nan = converted(energy=0.9)
+    with torch.no_grad():
+        nan.model.layers[1].mlp.down_proj.S[0, 0] = float("nan")
+    save_converted(nan, tmp_path / "nan")
+    with torch.device("meta"):
+        fresh = transformers.LlamaForCausalLM(llama_config())
+    with pytest.raises(ValueError, match=r"'model\.layers\.1\.mlp\.down_proj\.S'.*1 NaN"):
+        load_converted(fresh, tmp_path / "nan")
     with pytest.raises(ValueError, match="no adapter layer"):
         save_converted(nn.Linear(2, 2), tmp_path / "plain")
