@@ -124,3 +124,23 @@ def test_the_base_weight_is_the_original_storage():
     ck.apply(model, "lora", rank=4)
     assert [layer.weight.data_ptr() for layer in model] == ptrs
     assert all(not layer.weight.requires_grad for layer in model)
+
+
+def test_gpt2_conv1d_weights_are_viewed_not_copied():
+    """A GPT-2 Conv1D (in, out) weight becomes the adapter's (out, in) weight as a transposed view
+    of the same storage; the converted model computes what it did."""
+    import transformers
+
+    torch.manual_seed(0)
+    model = transformers.GPT2Model(transformers.GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=40, n_positions=16))
+    model.eval()
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        before = model(ids).last_hidden_state
+    ptrs = {n: m.weight.untyped_storage().data_ptr() for n, m in model.named_modules() if type(m).__name__ == "Conv1D"}
+    ck.apply(model, "lora", rank=2)
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, ck.LoraLinear)}
+    assert set(layers) == set(ptrs)
+    assert all(layers[n].weight.untyped_storage().data_ptr() == ptr for n, ptr in ptrs.items())
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).last_hidden_state, before)  # B = 0: step 0 is the model
