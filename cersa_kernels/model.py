@@ -39,7 +39,7 @@ from ._adapter_files import (
     serialize_tensors, sha256, write_files_atomically,
 )
 from .config import TASKS, AdapterConfig
-from .nn.base import AdapterLayer, adapter_classes, method_classes
+from .nn.base import AdapterLayer, adapter_classes, method_classes, placing_as_built
 from .nn import tree
 from .nn._quantized import weight_bytes_of, weight_dtype_of
 from .nn.tree import TargetSpec
@@ -223,44 +223,68 @@ def apply(
                 f"apply(method={method!r}): layer {name!r} is {reason}; merge() the model first, or leave the "
                 "layer out with exclude_modules"
             )
-    try:
-        new_layers = cls.adapt(bases, **options)
-    except ValueError as error:  # every error names the layer (a method's own adapt names it its way)
-        if str(error).startswith("apply"):
-            raise
-        raise ValueError(f"apply(method={method!r}): {error}") from None
-    if freeze_base:  # before the new layers go in: they keep the requires_grad their method set
-        # Adapter layers of an earlier apply keep their trainable state: only the parameters that
-        # are no adapter's are frozen, and those of the layers adapted now (CERSA under PiCa),
-        # which become this method's base.
-        targets = {id(m) for m in originals.values()}
-        earlier = {
-            id(p) for layer in adapter_layers(model).values() if id(layer) not in targets for p in layer.parameters()
-        }
-        for p in model.parameters():
-            if id(p) not in earlier:
-                p.requires_grad_(False)
+    # Adapter layers of an earlier apply keep their trainable state under freeze_base: only the
+    # parameters that are no adapter's are frozen, and those of the layers adapted now (CERSA under
+    # PiCa), which become this method's base. Ids only: no reference may keep a dense weight alive.
+    targets = {id(m) for m in originals.values()}
+    earlier = {id(p) for layer in adapter_layers(model).values() if id(layer) not in targets for p in layer.parameters()}
+    reused = {id(p) for m in originals.values() if isinstance(m, AdapterLayer) for p in m.parameters()}
+    # What the report and the swap need of each original, taken now: `place` then drops the
+    # original (and its base) the moment its layer exists, so a dense weight is freed layer by layer.
+    info = {
+        name: dict(aliases=aliases[id(m)], training=m.training,
+                   base_type=m.base_type if isinstance(m, AdapterLayer) else type(m).__name__,
+                   shape=(bases[name].out_features, bases[name].in_features),
+                   before=bases[name].base_weight_bytes() if isinstance(bases[name], AdapterLayer)
+                   else weight_bytes_of(bases[name]))
+        for name, m in originals.items()
+    }
+    del originals
+    base = None  # the check loop's last base
     report = ApplyReport(method)
     counted: set[int] = set()  # a shared parameter (PiCa's M) counts once, in its first layer
-    for name, layer in new_layers.items():
-        original = originals[name]
-        layer.layer_name = name
-        layer.base_type = original.base_type if isinstance(original, AdapterLayer) else type(original).__name__
-        layer.train(original.training)  # a new module starts in training mode: keep the model's (dropout)
-        for alias in aliases[id(original)]:  # a tied module: one adapter under every name
+
+    def place(name: str, layer: AdapterLayer) -> None:
+        row = info[name]
+        layer.layer_name, layer.base_type = name, row["base_type"]
+        layer.train(row["training"])  # a new module starts in training mode: keep the model's (dropout)
+        for alias in row["aliases"]:  # a tied module: one adapter under every name
             tree.replace_module(model, alias, layer)
-        base = bases[name]
+        bases.pop(name)
+        if freeze_base:  # the layers adapted now (CERSA under PiCa) become this method's frozen base
+            for p in layer.parameters():
+                if id(p) in reused:
+                    p.requires_grad_(False)
         new_trainable = [p for p in layer.parameters() if p.requires_grad and id(p) not in counted]
         counted.update(id(p) for p in new_trainable)
-        before = base.base_weight_bytes() if isinstance(base, AdapterLayer) else weight_bytes_of(base)
-        report.rows.append(
-            dict(
-                name=name, shape=(base.out_features, base.in_features), rank=layer.rank,
-                energy_rank=getattr(layer, "energy_rank", layer.rank),
-                trainable=sum(p.numel() for p in new_trainable), bytes_before=before,
-                bytes_after=layer.base_weight_bytes(),
+        report.rows.append(dict(
+            name=name, shape=row["shape"], rank=layer.rank, energy_rank=getattr(layer, "energy_rank", layer.rank),
+            trainable=sum(p.numel() for p in new_trainable),
+            bytes_before=row["before"], bytes_after=layer.base_weight_bytes(),
+        ))
+
+    try:
+        with placing_as_built(place):
+            new_layers = cls.adapt(bases, **options)
+    except BaseException as error:
+        if report.rows:
+            error.add_note(
+                f"apply(method={method!r}): layers {[r['name'] for r in report.rows]} were converted before the error "
+                "and stay in place (each original layer is dropped as soon as its replacement exists)"
             )
-        )
+        if isinstance(error, ValueError) and not str(error).startswith("apply"):
+            # every error names the layer (a method's own adapt names it its way)
+            named = ValueError(f"apply(method={method!r}): {error}")
+            named.__notes__ = list(getattr(error, "__notes__", []))
+            raise named from None
+        raise
+    for name in [n for n in new_layers if n in bases]:  # an adapt that builds without `built` (a user method)
+        place(name, new_layers[name])
+    if freeze_base:  # the new layers keep the requires_grad their method set
+        own = {id(p) for layer in new_layers.values() for p in layer.parameters()} - reused
+        for p in model.parameters():
+            if id(p) not in earlier and id(p) not in own:
+                p.requires_grad_(False)
     for name in saved:  # trained whole, after freeze_base froze everything else
         for p in model.get_submodule(name).parameters():
             p.requires_grad_(True)

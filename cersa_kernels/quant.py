@@ -199,6 +199,22 @@ def quantize(t: Tensor, format: str, group_size: int = DEFAULT_GROUP_SIZE, *, wh
     if not torch.isfinite(t).all():
         raise ValueError(f"{where}: the tensor to quantize holds NaN or Inf")
     rows, cols = t.shape
+    # by blocks of rows, so that the float32 temporaries (nf4: 16 distances per element) stay a
+    # small, fixed size whatever the weight's: quantizing a layer never costs several layers' bytes
+    step = max(1, _QUANTIZE_CHUNK // max(cols, 1))
+    step += step % 2 if cols % 2 else 0  # nf4 packs pairs of the flat index: chunks of even length
+    parts = [_quantize_rows(t[r : r + step], format, group_size) for r in range(0, rows, step)]
+    data = torch.cat([d for d, _ in parts]) if len(parts) > 1 else parts[0][0]
+    absmax = torch.cat([a for _, a in parts]) if len(parts) > 1 else parts[0][1]
+    return QuantizedTensor(data, absmax, (rows, cols), format, group_size, t.dtype)
+
+
+_QUANTIZE_CHUNK = 1 << 18  # elements per block of rows in `quantize`
+
+
+def _quantize_rows(t: Tensor, format: str, group_size: int) -> tuple[Tensor, Tensor]:
+    """(codes, absmax) of a block of rows, flat, in the layout `quantize` documents."""
+    rows, cols = t.shape
     groups = math.ceil(cols / group_size)
     padded = torch.zeros(rows, groups * group_size, dtype=torch.float32, device=t.device)
     padded[:, :cols] = t.float()
@@ -214,7 +230,7 @@ def quantize(t: Tensor, format: str, group_size: int = DEFAULT_GROUP_SIZE, *, wh
         if idx.numel() % 2:
             idx = torch.cat((idx, idx.new_zeros(1)))
         data = ((idx[0::2] << 4) | idx[1::2]).contiguous()
-    return QuantizedTensor(data, absmax.reshape(-1).contiguous(), (rows, cols), format, group_size, t.dtype)
+    return data, absmax.reshape(-1).contiguous()
 
 
 def is_quantized(t) -> bool:

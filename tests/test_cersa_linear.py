@@ -27,7 +27,10 @@ def test_from_linear_state():
     assert float(layer.energy_kept) == pytest.approx(float(share), rel=1e-5)
     torch.testing.assert_close(layer.S.detach(), torch.diag(sigma[:k]), atol=1e-5, rtol=1e-5)
     assert [n for n, p in layer.named_parameters() if p.requires_grad] == ["S"]
-    assert {n for n, _ in layer.named_buffers()} == {"U", "V", "sigma", "energy_kept"}
+    # U and V are frozen Parameters (FSDP2 shards parameters, not buffers); state-dict keys unchanged
+    assert {n for n, p in layer.named_parameters() if not p.requires_grad} == {"U", "V", "bias"}
+    assert {n for n, _ in layer.named_buffers()} == {"sigma", "energy_kept"}
+    assert set(layer.state_dict()) == {"U", "V", "S", "bias", "sigma", "energy_kept"}
     torch.testing.assert_close(layer.bias.detach(), lin.bias.detach())
     assert CersaLinear.from_linear(lin, rank=5, train_bias=True).bias.requires_grad
     # step 0 is the rank-k truncation of W0

@@ -16,7 +16,7 @@ PACKAGE = Path(cersa_kernels.__file__).parent
 # (layer, module-name prefixes), top first. The package's own __init__ re-exports everything.
 LAYERS = [
     ("cli", ("__main__", "analyze", "demo", "doctor", "compare")),
-    ("whole-model", ("model", "para", "para_peft", "peft_interop")),
+    ("whole-model", ("model", "checkpoint", "para", "para_peft", "peft_interop")),
     ("nn", ("nn",)),
     ("ops", ("ops", "_alloc")),
     ("backends", ("backends",)),

@@ -115,12 +115,34 @@ def global_batch():
     return torch.randn(8, 5, 32, generator=g), torch.randn(8, 5, 8, generator=g)
 
 
-def train(net, x, y):
+def train(net, x, y, first=None):
+    """STEPS of SGD on (x, y); `first(loss, net)` is called after the first backward (before its step)."""
     opt = torch.optim.SGD(ck.trainable_parameters(net), lr=LR)
-    for _ in range(STEPS):
-        torch.nn.functional.mse_loss(net(x), y).backward()
+    for step in range(STEPS):
+        loss = torch.nn.functional.mse_loss(net(x), y)
+        loss.backward()
+        if step == 0 and first is not None:
+            first(loss, net)
         opt.step()
         opt.zero_grad()
+
+
+def _full(t):
+    return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().clone()
+
+
+def frozen_operands(net):
+    """{name: tensor} of the frozen Parameters inside the adapter layers (U, V, a W0, codes, absmax)."""
+    inside = {n for n, m in net.named_modules() if isinstance(m, ck.AdapterLayer)}
+    return {
+        n: p for n, p in net.named_parameters()
+        if not p.requires_grad and n.rsplit(".", 1)[0] in inside and n.rsplit(".", 1)[1] != "bias"
+    }
+
+
+def _local_bytes(t):
+    local = t.to_local() if hasattr(t, "to_local") else t
+    return local.numel() * local.element_size()
 
 
 def _worker(rank, world, port, wrapper, method, out_path):
@@ -137,17 +159,29 @@ def _worker(rank, world, port, wrapper, method, out_path):
 
             # PiCa's M is shared by both blocks: one parameter cannot live in two FSDP units, so
             # a shared-M model is sharded at the root only
-            if method != "pica":
+            if not method.startswith("pica"):
                 for block in net.blocks:
                     fully_shard(block)
             model = fully_shard(net)
+        frozen = frozen_operands(net)
+        sizes = dict(
+            local=sum(_local_bytes(p) for p in frozen.values()),
+            total=sum(p.numel() * p.element_size() for p in frozen.values()),
+            sharded=sorted(n for n, p in frozen.items() if hasattr(p, "to_local")), frozen=sorted(frozen),
+        )
         x, y = global_batch()
         shard = slice(rank * 4, (rank + 1) * 4)  # each rank sees half of the global batch
-        train(model, x[shard], y[shard])
-        state = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone() for k, v in net.state_dict().items()}
-        if rank == 0:
-            torch.save(state, out_path)
-        dist.barrier()  # leave together: rank 0 has saved
+        first = {}
+
+        def record(loss, net):
+            loss = loss.detach().clone()
+            dist.all_reduce(loss)
+            first.update(loss=loss / world, grads={n: _full(p.grad) for n, p in net.named_parameters() if p.requires_grad})
+
+        train(model, x[shard], y[shard], first=lambda loss, _: record(loss, net))
+        state = {k: _full(v) for k, v in net.state_dict().items()}
+        torch.save(dict(state=state, first=first, sizes=sizes), f"{out_path}.{rank}")
+        dist.barrier()  # leave together: both ranks have saved
     finally:
         dist.destroy_process_group()
     # A worker that returns normally runs the C++ static destructors at interpreter exit, and about one
@@ -166,18 +200,39 @@ def free_port():
 
 
 @pytest.mark.parametrize(
-    "wrapper,method", [("ddp", "cersa"), ("fsdp2", "cersa"), ("ddp", "lora"), ("fsdp2", "lora"), ("fsdp2", "pica")]
+    "wrapper,method",
+    [("ddp", "cersa"), ("fsdp2", "cersa"), ("ddp", "lora"), ("fsdp2", "lora"), ("fsdp2", "pica"),
+     ("fsdp2", "cersa-nf4"), ("fsdp2", "lora-nf4"), ("ddp", "cersa-nf4")],
 )
 @pytest.mark.slow
 def test_distributed_matches_single_process(wrapper, method, tmp_path):
     single = adapted_net(method=method)
-    train(single, *global_batch())
-    out = tmp_path / "rank0.pt"
+    first = {}
+    train(single, *global_batch(), first=lambda loss, net: first.update(
+        loss=loss.detach().clone(), grads={n: p.grad.clone() for n, p in net.named_parameters() if p.requires_grad}))
+    out = tmp_path / "rank.pt"
     mp.spawn(_worker, args=(2, free_port(), wrapper, method, str(out)), nprocs=2, join=True)
-    state = torch.load(out)
-    assert set(state) == set(single.state_dict())
+    ranks = [torch.load(f"{out}.{r}") for r in range(2)]
+    state = ranks[0]["state"]
+    assert set(state) == set(single.state_dict())  # the same keys: frozen Parameters or buffers alike
     for name, value in single.state_dict().items():
         torch.testing.assert_close(state[name], value, atol=1e-6, rtol=1e-5, msg=lambda m: f"{name}: {m}")
     initial = adapted_net(method=method).state_dict()
     trained = [n for n, p in single.named_parameters() if p.requires_grad]
     assert trained and all(not torch.equal(state[n], initial[n]) for n in trained)  # training happened
+    # the first step: the loss over the global batch and every gradient (S, A, B, M, bias) as one process's
+    torch.testing.assert_close(ranks[0]["first"]["loss"], first["loss"], atol=1e-6, rtol=1e-5)
+    assert set(ranks[0]["first"]["grads"]) == set(first["grads"])
+    for name, grad in first["grads"].items():
+        torch.testing.assert_close(ranks[0]["first"]["grads"][name], grad, atol=1e-6, rtol=1e-5, msg=lambda m: f"{name}: {m}")
+    sizes = [r["sizes"] for r in ranks]
+    assert sizes[0]["frozen"]  # U, V / W0 / codes and absmax
+    if wrapper == "fsdp2":
+        # every frozen operand is sharded: each rank holds about half of their bytes (FSDP2 pads
+        # dim 0 to a multiple of the world size: a row at most per tensor)
+        assert sizes[0]["sharded"] == sizes[0]["frozen"]
+        for s in sizes:
+            assert 0.4 * s["total"] <= s["local"] <= 0.6 * s["total"], s
+        assert sizes[0]["local"] + sizes[1]["local"] == sizes[0]["total"]
+    else:
+        assert all(s["local"] == s["total"] for s in sizes)  # DDP replicates

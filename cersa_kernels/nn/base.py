@@ -10,8 +10,10 @@ errors, PARA's defaults and the weight-byte count. docs/architecture.md walks th
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import ClassVar, Optional, Union
+from typing import Callable, ClassVar, Iterator, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -23,7 +25,31 @@ from ._quantized import (
     DEFAULT_GROUP_SIZE, QuantSpec, check_quant_options, frozen_weight_of, is_linear4bit, linear4bit_problem,
 )
 
-__all__ = ["AdapterLayer", "LowRankUpdate", "adapter_classes", "method_classes"]
+__all__ = ["AdapterLayer", "LowRankUpdate", "adapter_classes", "method_classes", "placing_as_built", "built"]
+
+# Where a whole-model build hands each new layer the moment it exists (`placing_as_built`): `apply`
+# puts it into the model at once and drops the layer it replaces, so the dense weights of a CERSA
+# conversion (or of a quantized base) are freed layer by layer, not when the last layer is done.
+_PLACE: ContextVar[Optional[Callable[[str, "AdapterLayer"], None]]] = ContextVar("cersa_kernels_place", default=None)
+
+
+@contextmanager
+def placing_as_built(place: Callable[[str, "AdapterLayer"], None]) -> Iterator[None]:
+    """Inside the block, `built(name, layer)` (called by every `adapt` as each layer is made) calls
+    `place(name, layer)`."""
+    token = _PLACE.set(place)
+    try:
+        yield
+    finally:
+        _PLACE.reset(token)
+
+
+def built(name: str, layer: "AdapterLayer") -> None:
+    """Hand a freshly built layer to the `placing_as_built` caller, if any. A builder calls it once
+    per layer and keeps no reference to that layer's base afterwards (the caller may drop it)."""
+    place = _PLACE.get()
+    if place is not None:
+        place(name, layer)
 
 
 @dataclass(frozen=True)
@@ -103,8 +129,9 @@ class AdapterLayer(nn.Module):
     ) -> None:
         """The frozen base: `weight` (out, in) and `bias` (out,) as Parameters with
         requires_grad=False, so the state dict has nn.Linear's keys (what BASE_KEYS names). With
-        `base_format` ("int8" | "nf4") the weight is stored quantized instead, as the buffers
-        `weight_data` and `weight_absmax` (grouped along in_features), and there is no `weight`."""
+        `base_format` ("int8" | "nf4") the weight is stored quantized instead, as the frozen
+        Parameters `weight_data` and `weight_absmax` (grouped along in_features), and there is no
+        `weight`."""
         factory = dict(device=device, dtype=dtype)
         self.base_format = check_quant_options("base_format", base_format, base_group_size, self._name())
         self.base_group_size = int(base_group_size)
@@ -118,42 +145,64 @@ class AdapterLayer(nn.Module):
 
     @torch.no_grad()
     def _copy_frozen_base(self, linear: nn.Linear, train_bias: bool = False) -> None:
-        """Copy `linear`'s weight and bias into the frozen base; the bias trains only if asked. A
-        quantized base quantizes a detached copy of the weight (a frozen operand has no gradient),
-        or, for a bitsandbytes Linear4bit, views its packed data in place."""
+        """Take `linear`'s weight and bias as the frozen base; the bias trains only if asked. A dense
+        base SHARES the weight's storage (a new frozen Parameter over the same tensor, as PEFT keeps
+        the original layer): no copy, so `apply` never holds two copies of a weight. A quantized base
+        quantizes the weight (the dense one is then the caller's to drop), or, for a bitsandbytes
+        Linear4bit, views its packed data in place. The bias is copied (it may train). Tensors still
+        on the meta device (a layer built there) are allocated on the weight's device first."""
         source = frozen_weight_of(linear)
         if self.base_format is None:
-            self.weight.copy_(quant.dense(source))
-        else:
+            weight = quant.dense(source).detach()
+            if (tuple(weight.shape), weight.dtype) != (tuple(self.weight.shape), self.weight.dtype):
+                raise ValueError(
+                    f"{self._name()}: the base weight must be {self.weight.dtype} of shape {tuple(self.weight.shape)}, "
+                    f"got {weight.dtype} of shape {tuple(weight.shape)}"
+                )
+            self.weight = nn.Parameter(weight, requires_grad=False)
+        self._materialize(source.device)
+        if self.base_format is not None and not getattr(source, "is_meta", False):  # on meta (load_converted) the codes come later
             self._store_quantized("weight", source)
         if linear.bias is not None:
             self.bias.copy_(linear.bias)
             self.bias.requires_grad_(train_bias)
 
+    def _materialize(self, device) -> None:
+        """Allocate (uninitialised, on `device`) every tensor of this layer still on the meta device;
+        the others stay as they are (unlike `to_empty`, which would reallocate a shared weight)."""
+        self._apply(lambda t: torch.empty_like(t, device=device) if t.is_meta else t)
+
     def frozen_weight(self) -> Union[Tensor, QuantizedTensor]:
         """The frozen base W0 (out, in): the `weight` Parameter, or the QuantizedTensor over the
-        buffers (dtype: the layer's base dtype)."""
+        codes and absmax (dtype: the layer's base dtype)."""
         if getattr(self, "base_format", None) is None:
             return self.weight
         return self.quantized("weight")
 
     # --- quantized storage (docs/quantization.md) ------------------------------------------------
-    # A quantized operand `<name>` is two plain buffers, `<name>_data` (the codes) and
-    # `<name>_absmax` (float32, one per group), so state_dict, .to(), save/load and FSDP see only
-    # tensors; the QuantizedTensor is rebuilt around them at each use (no copy).
+    # A quantized operand `<name>` is two plain tensors, `<name>_data` (the codes) and
+    # `<name>_absmax` (float32, one per group), held as frozen Parameters (requires_grad=False), so
+    # state_dict, .to(), save/load see only tensors and FSDP2 / ZeRO-3 shard them like any weight
+    # (a buffer would stay whole on every rank); the QuantizedTensor is rebuilt around them at each
+    # use (no copy).
 
     def _register_quantized(self, name: str, spec: QuantSpec, device=None) -> None:
         if not hasattr(self, "_quant_specs"):
             self._quant_specs: dict[str, QuantSpec] = {}
         self._quant_specs[name] = spec
         code = torch.int8 if spec.format == "int8" else torch.uint8
-        self.register_buffer(f"{name}_data", torch.zeros(spec.data_numel(), dtype=code, device=device))
-        self.register_buffer(f"{name}_absmax", torch.zeros(spec.absmax_numel(), dtype=torch.float32, device=device))
+        self._set_frozen(f"{name}_data", torch.zeros(spec.data_numel(), dtype=code, device=device))
+        self._set_frozen(f"{name}_absmax", torch.zeros(spec.absmax_numel(), dtype=torch.float32, device=device))
+
+    def _set_frozen(self, key: str, tensor: Tensor) -> None:
+        """Hold `tensor` (itself, no copy) as the frozen operand `key`: a Parameter that never
+        requires grad (sharded by FSDP2 like a frozen base weight; never trained)."""
+        self._parameters[key] = nn.Parameter(tensor, requires_grad=False)
 
     def _store_quantized(self, name: str, source: Union[Tensor, QuantizedTensor]) -> None:
-        """Fill `<name>` from a dense stored matrix (quantized here) or from a QuantizedTensor of the
-        same stored layout, whose data and absmax become the buffers themselves (a view: the packed
-        weight of a Linear4bit is not copied)."""
+        """Fill `<name>` from a dense stored matrix (quantized here: its codes become the operand
+        itself, no copy) or from a QuantizedTensor of the same stored layout, whose data and absmax
+        become the operand (a view: the packed weight of a Linear4bit is not copied)."""
         spec = self._quant_specs[name]
         if isinstance(source, QuantizedTensor):
             got = (source.format, source.group_size, tuple(source.stored_shape))
@@ -162,19 +211,18 @@ class AdapterLayer(nn.Module):
                 raise ValueError(
                     f"{self._name()}: {name} is stored as (format, group_size, stored shape) {want}, the source is {got}"
                 )
-            self._buffers[f"{name}_data"] = source.data.reshape(-1)
-            self._buffers[f"{name}_absmax"] = source.absmax.reshape(-1)
-            return
-        q = quant.quantize(source.detach(), spec.format, spec.group_size, where=f"{self._name()} ({name})")
-        self._buffers[f"{name}_data"].copy_(q.data)
-        self._buffers[f"{name}_absmax"].copy_(q.absmax)
+            q = source
+        else:
+            q = quant.quantize(source.detach(), spec.format, spec.group_size, where=f"{self._name()} ({name})")
+        self._set_frozen(f"{name}_data", q.data.detach().reshape(-1))
+        self._set_frozen(f"{name}_absmax", q.absmax.detach().reshape(-1))
 
     def quantized(self, name: str, dtype: Optional[torch.dtype] = None) -> QuantizedTensor:
         """The QuantizedTensor of operand `<name>` over its buffers (logical shape: the stored one,
         transposed if its spec says so), standing for `dtype` (default: the layer's base dtype)."""
         spec = self._quant_specs[name]
         return QuantizedTensor(
-            self._buffers[f"{name}_data"], self._buffers[f"{name}_absmax"], spec.stored_shape, spec.format,
+            getattr(self, f"{name}_data"), getattr(self, f"{name}_absmax"), spec.stored_shape, spec.format,
             spec.group_size, dtype or self.base_dtype, spec.transposed,
         )
 
@@ -194,17 +242,33 @@ class AdapterLayer(nn.Module):
             f"{spec.data_numel()} codes, {spec.absmax_numel()} float32 absmax; check the saved format and group size)"
         )
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A dense base weight shares the storage of the model's original layer (`_copy_frozen_base`):
+        # a state dict that brings one (a trained W0) gets a tensor of its own, never written into
+        # that storage, so a load that fails later leaves the original layer's values intact (the
+        # Parameter object stays: callers hold it).
+        for key in self.BASE_KEYS:
+            p = self._parameters.get(key)
+            if prefix + key in state_dict and p is not None:
+                p.data = torch.empty_like(p)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def _apply(self, fn, recurse=True):
-        # .to(dtype) / .half() cast floating buffers: a quantized operand's absmax must stay float32
+        # .to(dtype) / .half() cast floating tensors: a quantized operand's absmax must stay float32
         # (its codes are integers and are never cast), so it goes through fn as raw int32 bits:
-        # moved like any buffer, never cast. The dtype the operands stand for follows the cast.
-        scales = {f"{n}_absmax" for n in getattr(self, "_quant_specs", {})}
-        kept = {k: self._buffers.pop(k) for k in scales if k in self._buffers}
+        # moved like any tensor, never cast. The dtype the operands stand for follows the cast.
+        # The order of the parameters is kept: DDP and FSDP2 match tensors across processes by it
+        # (a set's order, which varies with the hash seed, once paired U_absmax with V_absmax).
+        order = list(self._parameters)
+        scales = [f"{n}_absmax" for n in getattr(self, "_quant_specs", {})]
+        kept = {k: self._parameters.pop(k) for k in scales if k in self._parameters}
         try:
             super()._apply(fn, recurse)
         finally:
             for key, t in kept.items():
-                self._buffers[key] = fn(t.view(torch.int32)).view(torch.float32)
+                self._set_frozen(key, fn(t.detach().view(torch.int32)).view(torch.float32))
+            for key in [k for k in order if k in self._parameters]:  # back in the registration order
+                self._parameters[key] = self._parameters.pop(key)
         if hasattr(self, "base_dtype"):
             self.base_dtype = fn(torch.empty(0, dtype=self.base_dtype)).dtype
         return self
@@ -227,13 +291,15 @@ class AdapterLayer(nn.Module):
     @classmethod
     def _build_each(cls, bases: dict[str, nn.Module], build) -> dict[str, "AdapterLayer"]:
         """{name: build(name, base)}, each ValueError prefixed by the layer it came from (from_linear does
-        not know its layer's name)."""
+        not know its layer's name). Each layer goes to `built` as soon as it exists; the loop holds
+        no base beyond the one it builds (`apply` removes it from `bases` then)."""
         out = {}
-        for name, base in bases.items():
+        for name in list(bases):
             try:
-                out[name] = build(name, base)
+                out[name] = build(name, bases[name])
             except ValueError as error:
                 raise ValueError(f"apply(method={cls.method!r}): layer {name!r}: {error}") from None
+            built(name, out[name])
         return out
 
     @classmethod

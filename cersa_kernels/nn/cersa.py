@@ -1,6 +1,7 @@
 """CersaLinear: a drop-in nn.Linear whose frozen weight is kept only as energy-truncated SVD factors.
 
-`W' = U S Vᵀ` with U (m×k), V (n×k) frozen buffers and a dense trainable core S (k×k) initialised
+`W' = U S Vᵀ` with U (m×k), V (n×k) frozen (Parameters with requires_grad=False, so FSDP2 shards
+them) and a dense trainable core S (k×k) initialised
 to diag(σ_1..σ_k) (docs/methods.md §1). The dense weight is not stored. With `factor_format`
 ("int8" | "nf4") U and V are stored quantized and S starts at the least-squares refit of the core
 to the quantized factors (docs/quantization.md).
@@ -55,15 +56,16 @@ def project_core(U: Tensor, V: Tensor, B: Tensor, A: Tensor, orthonormal: bool =
 class CersaLinear(AdapterLayer, method="cersa"):
     """y = x V Sᵀ Uᵀ + bias, for x (..., in_features) -> y (..., out_features).
 
-    Buffers: U (out_features, rank), V (in_features, rank), sigma (rank,) the initial singular values
-    Σ_k (so ΔS = S − diag(sigma) is always known), energy_kept (scalar). Parameters: S, (r, r) with
+    Frozen Parameters (requires_grad=False: sharded by FSDP2, never trained): U (out_features, rank),
+    V (in_features, rank). Buffers: sigma (rank,) the initial singular values Σ_k (so
+    ΔS = S − diag(sigma) is always known), energy_kept (scalar). Trainable: S, (r, r) with
     r = trainable_rank (default rank): the top-left r×r block of the k×k core trains, the rest stays
     diag(sigma[r:]); bias (out_features,), frozen unless `bias.requires_grad_(True)`.
 
-    With factor_format ("int8" | "nf4"): no U, V buffers; U_data/U_absmax hold Uᵀ (rank, out_features)
+    With factor_format ("int8" | "nf4"): no U, V; the frozen U_data/U_absmax hold Uᵀ (rank, out_features)
     and V_data/V_absmax hold Vᵀ (rank, in_features), quantized in groups of factor_group_size along
     out_features / in_features; `factors()` gives U, V as QuantizedTensors (logical (m, k), (n, k)).
-    With refit (default) the buffer core_init (rank, rank) holds the least-squares core S* of the
+    With refit (default) the frozen core_init (rank, rank) holds the least-squares core S* of the
     quantized factors, S starts there and ΔS = S − S*; without, S* = diag(sigma).
     """
 
@@ -104,9 +106,9 @@ class CersaLinear(AdapterLayer, method="cersa"):
         self.factor_group_size = int(factor_group_size)
         self.refit = bool(refit) and self.factor_format is not None  # dense U, V are orthonormal: S* = Σ_k
         self.base_dtype = dtype or torch.get_default_dtype()
-        if self.factor_format is None:
-            self.register_buffer("U", torch.empty(out_features, rank, **factory))
-            self.register_buffer("V", torch.empty(in_features, rank, **factory))
+        if self.factor_format is None:  # frozen Parameters, not buffers: FSDP2 shards them
+            self._set_frozen("U", torch.empty(out_features, rank, **factory))
+            self._set_frozen("V", torch.empty(in_features, rank, **factory))
         else:
             for name, length in (("U", out_features), ("V", in_features)):
                 spec = QuantSpec((rank, length), self.factor_format, self.factor_group_size, transposed=True)
@@ -116,8 +118,8 @@ class CersaLinear(AdapterLayer, method="cersa"):
         core = dict(device=device, dtype=core_dtype or dtype)
         self.register_buffer("sigma", torch.empty(rank, **core))
         self.register_buffer("energy_kept", torch.ones((), dtype=torch.float32, device=device))
-        if self.refit:
-            self.register_buffer("core_init", torch.empty(rank, rank, **core))
+        if self.refit:  # a k×k frozen operand of the forward (trainable_rank < k): sharded as U, V
+            self._set_frozen("core_init", torch.empty(rank, rank, **core))
         self.S = nn.Parameter(torch.empty(trainable_rank, trainable_rank, **core))
         self.bias = nn.Parameter(torch.empty(out_features, **factory), requires_grad=False) if bias else None
         self.reset_parameters()
@@ -144,8 +146,9 @@ class CersaLinear(AdapterLayer, method="cersa"):
         of these factors: diag(sigma), or with refit the least-squares S* over the dequantized Û, V̂
         (docs/quantization.md)."""
         if self.factor_format is None:
-            self.U.copy_(U)
-            self.V.copy_(V)
+            for name, t in (("U", U), ("V", V)):
+                if getattr(self, name).data_ptr() != t.data_ptr():  # from_linear hands over its own
+                    getattr(self, name).copy_(t)
             S0 = torch.diag(self.sigma)
         else:
             self._store_quantized("U", U.T)
@@ -196,7 +199,10 @@ class CersaLinear(AdapterLayer, method="cersa"):
             trainable_rank=None if trainable_rank is None else min(trainable_rank, svd.rank),
             factor_format=factor_format, factor_group_size=factor_group_size, refit=refit,
         )
-        layer.to_empty(device=w.device)
+        if factor_format is None:  # the SVD's own (contiguous, fresh) U, V become the factors: no copy
+            layer._set_frozen("U", svd.U)
+            layer._set_frozen("V", svd.V)
+        layer._materialize(w.device)
         layer.energy_rank = svd.energy_rank  # the k before alignment, for apply's report (not state)
         with torch.no_grad():
             layer.sigma.copy_(svd.spectrum[: svd.rank])  # float64 spectrum: exact in any core dtype

@@ -88,7 +88,8 @@ class LoraLinear(AdapterLayer, method="lora"):
         cls, linear: nn.Linear, rank: int, alpha: Optional[float] = None, dropout: float = 0.0,
         base_format: Optional[str] = None, base_group_size: Optional[int] = None,
     ) -> "LoraLinear":
-        """Wrap `linear` (its weight and bias are copied and frozen); step 0 equals `linear` exactly.
+        """Wrap `linear` (its weight is shared, not copied, and frozen; its bias copied and frozen);
+        step 0 equals `linear` exactly.
         `base_format` ("int8" | "nf4", groups of `base_group_size`, default 64) stores W0 quantized:
         step 0 is then the dequantized Ŵ0. A bitsandbytes Linear4bit is read in place (its packed
         weight is viewed, not copied), whatever base_format (unset, or its own nf4 layout)."""
@@ -99,9 +100,7 @@ class LoraLinear(AdapterLayer, method="lora"):
             linear.in_features, linear.out_features, rank, alpha, dropout, bias=linear.bias is not None,
             device="meta", dtype=weight_dtype_of(linear), base_format=base_format, base_group_size=base_group_size,
         )
-        w = linear.weight
-        layer.to_empty(device=w.device)
-        layer._copy_frozen_base(linear)
+        layer._copy_frozen_base(linear)  # shares the weight; allocates the rest on its device
         layer.reset_adapter()
         return layer
 
@@ -159,12 +158,11 @@ class LoraLinear(AdapterLayer, method="lora"):
             bias=self.bias is not None, device="meta", dtype=self.base_dtype, base_format=self.base_format,
             base_group_size=self.base_group_size,
         )
-        device = self.lora_A.device
-        new.to_empty(device=device)
+        if not quantized:
+            new.weight = nn.Parameter(self.weight.detach(), requires_grad=False)  # shared, not copied
+        new._materialize(self.lora_A.device)
         if quantized:
             new._store_quantized("weight", self.frozen_weight())  # the same buffers: no copy
-        else:
-            new.weight.copy_(self.weight)
         if self.bias is not None:
             new.bias.copy_(self.bias)
             new.bias.requires_grad_(self.bias.requires_grad)

@@ -22,7 +22,7 @@ from ..ops import pica_linear, pica_lowrank_linear
 from ._autocast import autocast_cast
 from ._merge import merged_linear
 from ._quantized import resolve_base_format, weight_dtype_of
-from .base import AdapterLayer, LowRankUpdate
+from .base import AdapterLayer, LowRankUpdate, built
 from .cersa import CersaLinear
 from .tree import find_targets, replace_module
 
@@ -37,7 +37,8 @@ class PicaLinear(AdapterLayer, method="pica"):
     """x (..., in_features) -> y (..., out_features): y = x W0ᵀ + b + (x Pᵀ) Mᵀ over a dense base.
 
     Frozen: `weight` (m, n) (with `base_format` "int8" | "nf4": the buffers `weight_data`,
-    `weight_absmax`, docs/quantization.md), `bias` (m,), buffer `P` (r, n). `M` (m, r) is a Parameter that may be
+    `weight_absmax`, docs/quantization.md), `bias` (m,), `P` (r, n) (all Parameters with
+    requires_grad=False, so FSDP2 shards them). `M` (m, r) is a Parameter that may be
     shared with other PiCa layers (pass the same one). Given a CersaLinear base, the constructor
     builds a PicaCersaLinear (deprecated spelling: call PicaCersaLinear directly).
     PicaCersaLinear subclasses it: the rank, the shared M, the role and the PARA hooks are here.
@@ -64,14 +65,19 @@ class PicaLinear(AdapterLayer, method="pica"):
         label = self._init_branch(base, rank, M, layer_name)
         base_format, base_group_size = resolve_base_format(base, base_format, base_group_size, label)
         self._init_frozen_base(
-            base.bias is not None, device=base.weight.device, dtype=weight_dtype_of(base), base_format=base_format,
+            base.bias is not None, device="meta", dtype=weight_dtype_of(base), base_format=base_format,
             base_group_size=base_group_size,
         )
-        self._copy_frozen_base(base)
+        self._copy_frozen_base(base)  # shares a dense W0 (no copy); allocates the rest on its device
         # P from the W0 the layer applies: the dequantized Ŵ0 of a quantized base (one transient copy)
+        if base.weight.is_meta:  # built on the meta device (load_converted): P and M come from a file
+            check_int("rank", self.rank, label, minimum=1)
+            self._set_frozen("P", torch.empty(self.rank, self.in_features, device="meta", dtype=weight_dtype_of(base)))
+            self._init_M(M, self.P, label)
+            return
         w = quant.dense(self.frozen_weight()).detach()
         svd = decompose(w, rank=self.rank, layer=label)
-        self.register_buffer("P", svd.V.T.contiguous())
+        self._set_frozen("P", svd.V.T.contiguous())  # a frozen Parameter: FSDP2 shards it
         self._init_M(M, w, label)
 
     def projection(self) -> Tensor:
@@ -246,25 +252,27 @@ def pica_layers(bases: dict[str, nn.Module], rank: int, base_format: Optional[st
     with one zero M per role shared by all the layers of that role; `base_format` quantizes each
     dense W0. Raises ValueError when a role's layers differ in out_features (the message names the
     role and every layer's shape), or for base_format over a CersaLinear."""
-    groups: dict[str, list[tuple[str, nn.Module]]] = {}
-    for name, module in bases.items():
-        groups.setdefault(_role(name), []).append((name, module))
+    groups: dict[str, list[str]] = {}  # names only: a base is looked up when its layer is built
+    for name in bases:
+        groups.setdefault(_role(name), []).append(name)
     out: dict[str, PicaLinear] = {}
     for role, layers in groups.items():
-        outs = {m.out_features for _, m in layers}
+        outs = {bases[n].out_features for n in layers}
         if len(outs) > 1:
-            shapes = ", ".join(f"{n}: (out={m.out_features}, in={m.in_features})" for n, m in layers)
+            shapes = ", ".join(f"{n}: (out={bases[n].out_features}, in={bases[n].in_features})" for n in layers)
             raise ValueError(
                 f"apply_pica: role '{role}' shares one M (out_features × rank) but its layers differ in "
                 f"out_features: {shapes}"
             )
-        first = layers[0][1]
+        first = bases[layers[0]]
         if isinstance(first, CersaLinear):
             device, dtype = first.sigma.device, first.base_dtype
         else:
             device, dtype = first.weight.device, weight_dtype_of(first)
+        del first
         M = nn.Parameter(torch.zeros(outs.pop(), rank, device=device, dtype=dtype))
-        for name, module in layers:
+        for name in layers:
+            module = bases[name]
             if type(module) is CersaLinear:
                 if base_format is not None:
                     raise ValueError(
@@ -276,6 +284,8 @@ def pica_layers(bases: dict[str, nn.Module], rank: int, base_format: Optional[st
             else:
                 out[name] = PicaLinear(module, rank, M, layer_name=name, base_format=base_format,
                                        base_group_size=base_group_size)
+            del module
+            built(name, out[name])  # apply swaps it in now: a quantized base's dense W0 is freed here
     return out
 
 

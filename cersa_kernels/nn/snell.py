@@ -66,19 +66,24 @@ class SnellLinear(AdapterLayer, method="snell"):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """W0 and bias as nn.Linear initialises them (from_linear overwrites both); A and B by
-        kaiming-uniform(a=√5) per head, each head's (rows, d_h) matrix treated like an nn.Linear
-        weight (fan_in = d_h), so ΔW starts small but not zero (docs/methods.md §4)."""
+        """W0 and bias as nn.Linear initialises them (from_linear replaces both); A and B as
+        `reset_adapter` draws them."""
         if self.A.is_meta:
             return
         with torch.no_grad():
             nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
-            for h in range(self.heads):
-                nn.init.kaiming_uniform_(self.A[h], a=math.sqrt(5))
-                nn.init.kaiming_uniform_(self.B[h], a=math.sqrt(5))
+            self.reset_adapter()
             if self.bias is not None:
                 bound = 1 / math.sqrt(self.in_features)
                 self.bias.uniform_(-bound, bound)
+
+    @torch.no_grad()
+    def reset_adapter(self) -> None:
+        """A and B by kaiming-uniform(a=√5) per head, each head's (rows, d_h) matrix treated like an
+        nn.Linear weight (fan_in = d_h), so ΔW starts small but not zero (docs/methods.md §4)."""
+        for h in range(self.heads):
+            nn.init.kaiming_uniform_(self.A[h], a=math.sqrt(5))
+            nn.init.kaiming_uniform_(self.B[h], a=math.sqrt(5))
 
     @classmethod
     def from_linear(
@@ -90,16 +95,17 @@ class SnellLinear(AdapterLayer, method="snell"):
         coeffs: Sequence[float] = (0.1, -0.1),
         train_bias: bool = False,
     ) -> "SnellLinear":
-        """Wrap `linear`: its weight becomes the frozen W0 (copied), its bias is copied (frozen
-        unless train_bias); A and B are freshly initialised."""
+        """Wrap `linear`: its weight becomes the frozen W0 (shared, not copied), its bias is copied
+        (frozen unless train_bias); A and B are freshly initialised."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"SnellLinear.from_linear: expected an nn.Linear, got {type(linear).__name__}")
         w = linear.weight
         layer = cls(
             linear.in_features, linear.out_features, rank, heads, sparsity, coeffs,
-            bias=linear.bias is not None, device=w.device, dtype=w.dtype,
+            bias=linear.bias is not None, device="meta", dtype=w.dtype,
         )
-        layer._copy_frozen_base(linear, train_bias)
+        layer._copy_frozen_base(linear, train_bias)  # shares W0; allocates A, B, bias on its device
+        layer.reset_adapter()
         return layer
 
     BASE_KEYS = ("weight", "bias")

@@ -21,7 +21,6 @@ import re
 from collections.abc import Collection
 from typing import Iterator, Optional, Sequence, Union
 
-import torch
 from torch import nn
 
 from ._quantized import is_linear4bit
@@ -64,17 +63,17 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
 
 def as_linear(module: nn.Module) -> nn.Linear:
     """`module` itself if it is an nn.Linear (a bitsandbytes Linear4bit too: its packed weight is
-    read in place by the layers, never dequantized here); an equivalent nn.Linear (weight
-    transposed, shared bias values) for an HF Conv1D."""
+    read in place by the layers, never dequantized here); an equivalent nn.Linear for an HF Conv1D,
+    whose weight is the transposed VIEW of the Conv1D's (out, in), no copy, and whose bias is the
+    Conv1D's: `apply` then never holds a second copy of a GPT-2 weight."""
     if isinstance(module, nn.Linear):
         return module
     if is_conv1d(module):
         w = module.weight
-        linear = nn.Linear(module.nx, module.nf, bias=module.bias is not None, device=w.device, dtype=w.dtype)
-        with torch.no_grad():
-            linear.weight.copy_(w.T)
-            if module.bias is not None:
-                linear.bias.copy_(module.bias)
+        linear = nn.Linear(module.nx, module.nf, bias=module.bias is not None, device="meta", dtype=w.dtype)
+        linear.weight = nn.Parameter(w.detach().T, requires_grad=w.requires_grad)
+        if module.bias is not None:
+            linear.bias = nn.Parameter(module.bias.detach(), requires_grad=module.bias.requires_grad)
         return linear
     raise TypeError(f"expected an nn.Linear or Conv1D, got {type(module).__name__}")
 
