@@ -392,7 +392,7 @@ def parameter_counts(model: nn.Module) -> tuple[int, int]:
 
 def print_trainable_parameters(model: nn.Module) -> None:
     """Print PEFT's line: `trainable params: X || all params: Y || trainable%: Z` (what requires
-    grad, against every parameter; CERSA's all params are fewer than the original model's: W0 is gone)."""
+    grad, against every parameter, frozen operands included; CERSA's are fewer than the original model's: W0 is gone)."""
     print(_peft_line(*parameter_counts(model)))
 
 
