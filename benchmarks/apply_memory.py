@@ -4,6 +4,7 @@
     OMP_NUM_THREADS=1 python benchmarks/apply_memory.py               # all cases, writes the table
     python benchmarks/apply_memory.py --cases peft-lora ck-lora        # some cases
     python benchmarks/apply_memory.py --layers 1 --hidden 256          # a quick look
+    python benchmarks/apply_memory.py --model minilm --cases ck-cersa load-ck-cersa   # the bundled MiniLM-L6
 
 Each case runs in a fresh process: build the model (seeded), `gc.collect()`, read VmRSS, reset the
 kernel's high-water mark (/proc/self/clear_refs), run the step, read VmHWM. "peak rise" is VmHWM −
@@ -62,6 +63,29 @@ def _config(args):
     )
 
 
+def _new_model(args, meta: bool = False):
+    """The measured model: the random-init Llama config, or the bundled pretrained MiniLM-L6
+    (`--model minilm`, real spectra); on the meta device (no memory) for the load cases."""
+    import torch
+    from transformers import AutoConfig, AutoModel, LlamaForCausalLM
+
+    if args.model == "minilm":
+        from cersa_kernels.analyze import bundled_minilm_dir
+
+        if not meta:
+            model = AutoModel.from_pretrained(bundled_minilm_dir())
+            with torch.no_grad():  # the weights arrive memory-mapped from the file, resident only once
+                for t in list(model.parameters()) + list(model.buffers()):  # read: own them, so RSS counts them now
+                    t.data = t.data.clone()
+            return model
+        with torch.device("meta"):
+            return AutoModel.from_config(AutoConfig.from_pretrained(bundled_minilm_dir()))
+    if not meta:
+        return LlamaForCausalLM(_config(args))
+    with torch.device("meta"):
+        return LlamaForCausalLM(_config(args))
+
+
 def _tensor_bytes(model) -> int:
     seen, total = set(), 0
     for t in list(model.parameters()) + list(model.buffers()):
@@ -74,7 +98,6 @@ def _tensor_bytes(model) -> int:
 def _child(case: str, args) -> dict:
     """Run one case in this (fresh) process; return its measurements."""
     import torch
-    from transformers import LlamaForCausalLM
 
     import cersa_kernels as ck
     from cersa_kernels.decompose import decompose
@@ -82,12 +105,11 @@ def _child(case: str, args) -> dict:
     torch.manual_seed(0)
     checkpoint = Path(args.work) / case.removeprefix("load-")
     if case.startswith("load-"):
-        with torch.device("meta"):
-            model = LlamaForCausalLM(_config(args))
+        model = _new_model(args, meta=True)
         size = sum(f.stat().st_size for f in checkpoint.iterdir())
         step = lambda: ck.load_converted(model, checkpoint)  # noqa: E731
     else:
-        model = LlamaForCausalLM(_config(args))
+        model = _new_model(args)
         size = _tensor_bytes(model)
         if case == "peft-lora":
             import peft
@@ -136,8 +158,10 @@ def _child(case: str, args) -> dict:
         out["checkpoint_bytes"] = sum(f.stat().st_size for f in checkpoint.iterdir())
     if case.startswith("load-"):
         out["tensor_bytes"] = _tensor_bytes(model)  # what the loaded model holds (vs the file's size)
-        x = torch.randint(0, args.vocab, (1, 8))
-        out["logits_finite"] = bool(torch.isfinite(model(x).logits).all())
+        x = torch.randint(0, model.config.vocab_size, (1, 8))
+        output = model(x)
+        output = output.logits if hasattr(output, "logits") else output.last_hidden_state
+        out["logits_finite"] = bool(torch.isfinite(output).all())
     return out
 
 
@@ -156,8 +180,9 @@ def _table(rows: list[dict], args) -> str:
         f"Written by `benchmarks/apply_memory.py` on {time.strftime('%Y-%m-%d', time.gmtime())}: "
         f"{platform.processor() or platform.machine()}, Python {platform.python_version()}, torch {args.torch}, "
         f"transformers {args.transformers}, peft {args.peft}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}.",
-        f"Model: random-init LlamaForCausalLM, hidden {args.hidden}, intermediate {args.intermediate}, "
-        f"{args.layers} layers, vocab {args.vocab}, fp32"
+        (f"Model: random-init LlamaForCausalLM, hidden {args.hidden}, intermediate {args.intermediate}, "
+         f"{args.layers} layers, vocab {args.vocab}, fp32" if args.model == "llama"
+         else "Model: the bundled pretrained MiniLM-L6 encoder (BertModel), fp32")
         + (f": {model / GB:.3f} GB of tensors." if model else "."),
         "Each row is a fresh process; RSS high-water reset through /proc/self/clear_refs before the step.",
         "peak rise = VmHWM − VmRSS before; end rise = VmRSS after − before; transient = VmHWM − max(before, after).",
@@ -211,15 +236,20 @@ def _table(rows: list[dict], args) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--model", choices=("llama", "minilm"), default="llama",
+                        help="llama: the random-init config below; minilm: the bundled pretrained MiniLM-L6")
     parser.add_argument("--hidden", type=int, default=2048)
     parser.add_argument("--intermediate", type=int, default=5504)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--vocab", type=int, default=2048)
     parser.add_argument("--work", default=None, help="where the converted checkpoints go (default: a temp dir)")
-    parser.add_argument("--out", default=str(RESULTS / "apply-memory-cpu"), help="table path without suffix ('' for none)")
+    parser.add_argument("--out", default=None,
+                        help="table path without suffix ('' for none; default benchmarks/results/apply-memory-cpu[-minilm])")
     parser.add_argument("--append", action="store_true", help="add the cases to the last run's table (same shape)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.out is None:
+        args.out = str(RESULTS / ("apply-memory-cpu" if args.model == "llama" else "apply-memory-cpu-minilm"))
     if args.child:
         print(json.dumps(_child(args.child, args)))
         return
@@ -229,7 +259,7 @@ def main() -> None:
 
     args.torch, args.transformers, args.peft = torch.__version__, transformers.__version__, peft.__version__
     work = args.work or tempfile.mkdtemp(prefix="apply_memory_")
-    shape = ["--hidden", str(args.hidden), "--intermediate", str(args.intermediate), "--layers", str(args.layers),
+    shape = ["--model", args.model, "--hidden", str(args.hidden), "--intermediate", str(args.intermediate), "--layers", str(args.layers),
              "--vocab", str(args.vocab), "--work", work]
     rows = []
     if args.append:  # keep the rows of the last run, re-measure only the cases given
