@@ -32,10 +32,10 @@ from ._adapter_files import (
     write_files_atomically,
 )
 from ._checks import InputNotFoundError, UsageError
-from .model import _dedupe_shared, _unwrapped, adapter_layers
+from .model import _dedupe_shared, _unwrapped, adapter_layers, saved_layer_target
 from .nn import tree
 from .nn._quantized import weight_dtype_of
-from .nn.base import AdapterLayer, adapter_classes
+from .nn.base import AdapterLayer
 
 __all__ = ["save_converted", "load_converted", "CONFIG_NAME", "WEIGHTS_NAME"]
 
@@ -186,20 +186,10 @@ def load_converted(model: nn.Module, directory: Union[str, Path], device: Option
                          "fingerprint is not the one the config names); save the model again")
     check_pair(body, config_path, metadata, weights_path, "load_converted")
 
-    classes = adapter_classes()
     built: dict[str, AdapterLayer] = {}
     for name, entry in config["layers"].items():
         here = f"load_converted: {config_path}: layer {name!r}"
-        cls = classes.get(entry.get("cls"))
-        if cls is None:
-            raise UsageError(f"{here}: unknown layer class {entry.get('cls')!r}; expected one of {sorted(classes)}")
-        try:
-            target = model.get_submodule(name)
-        except AttributeError:
-            raise UsageError(f"{here} is not in the model") from None
-        if type(target).__name__ != entry["base_type"] or isinstance(target, AdapterLayer):
-            raise UsageError(f"{here} was saved over a {entry['base_type']}, the model's module there is a "
-                             f"{type(target).__name__}")
+        cls, target = saved_layer_target(model, name, entry, here, UsageError)
         base = tree.as_linear(target)
         layer = cls.from_config(entry["config"], base=base, device=base.weight.device)
         got = (layer.in_features, layer.out_features, layer.weight_dtype())

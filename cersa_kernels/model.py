@@ -533,6 +533,26 @@ def _read_adapter(directory: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     return config, tensors
 
 
+def saved_layer_target(model: nn.Module, name: str, entry: dict, here: str, error: type = ValueError):
+    """(the adapter class a saved layer entry names, the plain Linear/Conv1D at `name` it was saved
+    over), checked: a class we know, a module the model has, of the saved type, not adapted yet.
+    `here` starts every message; `error` is the exception raised (load: ValueError)."""
+    classes = adapter_classes()
+    cls = classes.get(entry.get("cls"))
+    if cls is None:
+        raise error(f"{here}: unknown layer class {entry.get('cls')!r}; expected one of {sorted(classes)}")
+    try:
+        target = model.get_submodule(name)
+    except AttributeError:
+        raise error(f"{here} is not in the model") from None
+    base_type = entry.get("base_type", "Linear")
+    if isinstance(target, AdapterLayer):
+        raise error(f"{here}: the model is already adapted there (a {type(target).__name__}); load into a fresh model")
+    if type(target).__name__ != base_type or not (isinstance(target, nn.Linear) or tree.is_conv1d(target)):
+        raise error(f"{here} was saved over a {base_type}, the model's module there is a {type(target).__name__}")
+    return cls, target
+
+
 def _build_layer(model, name, entry, tensors, config_path, weights_path, aliases, tied) -> nn.Module:
     """The adapter layer `entry` describes, rebuilt around the module at `name` and filled from
     `tensors`, after checking every saved type, shape and name against that module. Touches nothing
@@ -540,19 +560,8 @@ def _build_layer(model, name, entry, tensors, config_path, weights_path, aliases
     here = f"load: {config_path}: layer {name!r}"
     if not isinstance(entry, dict) or not {"cls", "method", "config", "trainable"} <= set(entry):
         raise ValueError(f"{here}: the entry must hold 'cls', 'method', 'config' and 'trainable'")
-    classes = adapter_classes()
-    cls = classes.get(entry["cls"])
-    if cls is None:
-        raise ValueError(f"{here}: unknown layer class {entry['cls']!r}; expected one of {sorted(classes)}")
-    try:
-        target = model.get_submodule(name)
-    except AttributeError:
-        raise ValueError(f"{here} is not in the model") from None
+    cls, target = saved_layer_target(model, name, entry, here)
     base_type = entry.get("base_type", "Linear")
-    if isinstance(target, AdapterLayer):
-        raise ValueError(f"{here}: the model is already adapted there (a {type(target).__name__}); load into a fresh model")
-    if type(target).__name__ != base_type or not (isinstance(target, nn.Linear) or tree.is_conv1d(target)):
-        raise ValueError(f"{here} was saved over a {base_type}, the model's module there is a {type(target).__name__}")
     saved_names, names = entry.get("aliases", [name]), aliases[id(target)]
     if saved_names != names:
         raise ValueError(f"{here} was saved reachable as {saved_names}; in the model that module is reachable as {names}")
