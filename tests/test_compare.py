@@ -51,6 +51,17 @@ def test_quick_compare_writes_every_field(tmp_path, capsys):
     assert "cersa-a0.95:" in results["verdict"] and "vs LoRA" in results["verdict"]
 
 
+def test_quick_compare_runs_the_rows_without_adapter_layers(tmp_path):
+    """The probe and full fine-tuning have no adapter layer, which ck.save refuses: their saved
+    bytes are their trainable tensors (the head; every parameter), measured all the same."""
+    main(["compare", "--quick", "--methods", "probe", "full-ft", "--max-steps", "2", "--no-plot", "--out", str(tmp_path)])
+    runs = {r["method"]: r for r in json.loads((tmp_path / "results.json").read_text())["runs"]}
+    assert set(runs) == {"probe", "full-ft"}
+    head_bytes = 4 * runs["probe"]["trainable_params"]
+    assert head_bytes < runs["probe"]["adapter_bytes"] < head_bytes + 4096  # fp32 tensors + a small header
+    assert runs["full-ft"]["adapter_bytes"] >= 4 * runs["full-ft"]["trainable_params"]
+
+
 def test_training_batches_are_full_and_every_method_gets_the_same_order():
     from cersa_kernels.compare.worker import training_batches
 

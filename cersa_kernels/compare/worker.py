@@ -17,6 +17,7 @@ from torch import nn
 
 import cersa_kernels as ck
 from cersa_kernels import para
+from cersa_kernels._adapter_files import serialize_tensors
 
 from .data import stratified_split, tokenize
 from .measure import (
@@ -156,9 +157,15 @@ def _dir_bytes(directory: Path) -> int:
 
 
 def saved_adapter_bytes(model: nn.Module) -> int:
-    """Bytes on disk of what ck.save writes for `model` (adapter layers + other trainable tensors)."""
+    """Bytes on disk of what a user saves of the trained `model`: ck.save's files for an adapted
+    model (adapter layers + other trainable tensors); for the probe and full fine-tuning, which have
+    no adapter layer (ck.save refuses them), their trainable tensors as one safetensors file."""
     with tempfile.TemporaryDirectory() as tmp:
-        ck.save(model, tmp)
+        if ck.adapter_layers(model):
+            ck.save(model, tmp)
+        else:
+            trained = {name: p.detach().contiguous() for name, p in model.named_parameters() if p.requires_grad}
+            (Path(tmp) / "model.safetensors").write_bytes(serialize_tensors(trained, {}))
         return _dir_bytes(Path(tmp))
 
 
