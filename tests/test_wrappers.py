@@ -66,7 +66,7 @@ def test_ddp(process_group, tmp_path, method):
     same_files(tmp_path / "ddp_peft", tmp_path / "inner_peft")
     expected = model(x).detach()
     assert ck.merge(ddp) is ddp and not ck.adapter_layers(model)
-    # (the merged model is run bare: DDP would broadcast the buffers it was built over, gone with CERSA's U, V)
+    # (the merged model is run bare: DDP would sync the parameters it was built over, gone with CERSA's U, V)
     torch.testing.assert_close(ddp.module(x), expected, rtol=1e-5, atol=1e-5)
 
 
@@ -135,3 +135,19 @@ def test_rank_errors_name_the_layer(method, options):
     with pytest.raises(ValueError, match=rf"apply\(method='{method}'\).*\b2\b.*rank must be in \[1, .*2\], got 8"):
         ck.apply(model, method, **options)
     assert isinstance(model[2], nn.Linear)  # nothing replaced
+
+
+def test_fsdp1_is_unwrapped_and_its_flat_parameters_are_refused_clearly(process_group, tmp_path):
+    """The legacy FullyShardedDataParallel on CPU: save sees through it (no `_fsdp_wrapped_module.`
+    prefix). With use_orig_params=True it hands our op views of one flat parameter that require
+    grad, frozen W included; the op refuses that, naming the layer, instead of dropping W's
+    gradient silently (docs/usage.md: train under FSDP2)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    model = build()
+    wrapped = FullyShardedDataParallel(model, device_id=torch.device("cpu"), use_orig_params=True)
+    ck.save(wrapped, tmp_path / "fsdp1")
+    config = json.loads((tmp_path / "fsdp1" / "cersa_config.json").read_text())
+    assert sorted(config["layers"]) == ["0", "2"]
+    with pytest.raises(ValueError, match="0: W is frozen and gets no gradient, but requires_grad is set on it"):
+        wrapped(torch.randn(6, 16))
