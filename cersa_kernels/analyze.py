@@ -79,7 +79,8 @@ class LayerSpectrum:
 class Analysis:
     layers: list[LayerSpectrum]
     energies: Sequence[float]
-    ranks: dict[float, dict[str, int]] = field(default_factory=dict)  # per-layer rule
+    ranks: dict[float, dict[str, int]] = field(default_factory=dict)  # per-layer rule, aligned as apply builds it
+    rule_ranks: dict[float, dict[str, int]] = field(default_factory=dict)  # the energy rule's k before alignment
     global_alt: dict[float, dict[str, int]] = field(default_factory=dict)  # same total, one threshold
 
     def pooled_energy(self, ranks: dict[str, int]) -> float:
@@ -106,16 +107,26 @@ def spectra_of(model: torch.nn.Module, progress: bool = True) -> list[LayerSpect
     return layers
 
 
+def built_ranks(layers: Sequence[LayerSpectrum], energy: float) -> dict[str, int]:
+    """The per-layer ranks `ck.apply(model, "cersa", energy=energy)` builds: the energy rule's k,
+    rounded up to a multiple of RANK_MULTIPLE (align_rank; an all-zero weight keeps its k)."""
+    return {l.name: align_rank(k, RANK_MULTIPLE, min(l.m, l.n)) if float(l.spectrum[0]) > 0 else k
+            for l in layers for k in [select_rank(l.spectrum, energy, layer="analyze")]}
+
+
 def analyze_model(model: torch.nn.Module, energies: Iterable[float] = (0.9, 0.95), progress: bool = True) -> Analysis:
+    """Spectra of every Linear, and per α the ranks apply builds (aligned), the rule's k, and the
+    global allocation (aligned the way apply aligns it) at the same total parameters."""
     layers = spectra_of(model, progress)
     result = Analysis(layers, tuple(energies))
+    shapes = {l.name: (l.m, l.n) for l in layers}
     for alpha in result.energies:
-        ranks = {l.name: select_rank(l.spectrum, alpha, layer="analyze") for l in layers}
+        ranks = built_ranks(layers, alpha)
         budget = sum(cersa_parameter_count(l.m, l.n, ranks[l.name]) for l in layers)
         result.ranks[alpha] = ranks
-        result.global_alt[alpha] = global_ranks(
-            {l.name: l.spectrum for l in layers}, {l.name: (l.m, l.n) for l in layers}, energy=None, budget=budget
-        )
+        result.rule_ranks[alpha] = {l.name: select_rank(l.spectrum, alpha, layer="analyze") for l in layers}
+        pooled = global_ranks({l.name: l.spectrum for l in layers}, shapes, energy=None, budget=budget)
+        result.global_alt[alpha] = align_ranks(pooled, shapes, RANK_MULTIPLE, budget=budget)
     return result
 
 
@@ -123,9 +134,10 @@ def format_report(a: Analysis) -> str:
     out = []
     for alpha in a.energies:
         ranks, alt = a.ranks[alpha], a.global_alt[alpha]
-        out.append(f"\nenergy α = {alpha}: per-layer rule vs one global σ² threshold at the same total parameters")
+        out.append(f"\nenergy α = {alpha}: per-layer rule vs one global σ² threshold at the same total parameters "
+                   f"(k: what apply builds, the rule's k rounded up to a multiple of {RANK_MULTIPLE})")
         out.append(
-            f"{'layer':44s} {'m×n':>11s} {'k':>5s} {'k/min':>6s} {'break-even k':>12s} {'CERSA bytes':>12s} "
+            f"{'layer':44s} {'m×n':>11s} {'k':>5s} {'rule k':>6s} {'k/min':>6s} {'break-even k':>12s} {'CERSA bytes':>12s} "
             f"{'dense bytes':>12s} {'saves':>6s} {'global k':>8s}"
         )
         for l in a.layers:
@@ -133,7 +145,8 @@ def format_report(a: Analysis) -> str:
             cersa = cersa_parameter_count(l.m, l.n, k) * l.itemsize
             dense = l.m * l.n * l.itemsize
             out.append(
-                f"{l.name:44s} {l.m:>5d}×{l.n:<5d} {k:>5d} {k / min(l.m, l.n):>6.2f} {l.break_even_rank:>12d} "
+                f"{l.name:44s} {l.m:>5d}×{l.n:<5d} {k:>5d} {a.rule_ranks[alpha][l.name]:>6d} {k / min(l.m, l.n):>6.2f} "
+                f"{l.break_even_rank:>12d} "
                 f"{cersa:>12,d} {dense:>12,d} {'yes' if cersa < dense else 'no':>6s} {alt[l.name]:>8d}"
             )
         dense_total = sum(l.m * l.n * l.itemsize for l in a.layers)
@@ -325,9 +338,8 @@ def recommend(model: torch.nn.Module, analysis: Analysis, share: float = 0.5) ->
     ranks = align_ranks(ranks, shapes, RANK_MULTIPLE, budget=target, cost=cost)  # as apply aligns them
     rec.candidates.append(_candidate(analysis, dict(energy_scope="global", budget_bytes=target), ranks))
 
-    def per_layer(j: int) -> dict[str, int]:  # apply's per-layer ranks: the rule's k aligned (a zero weight keeps 1)
-        return {l.name: align_rank(k, RANK_MULTIPLE, min(l.m, l.n)) if float(l.spectrum[0]) > 0 else k
-                for l in layers for k in [select_rank(l.spectrum, j / 1000, layer="analyze")]}
+    def per_layer(j: int) -> dict[str, int]:
+        return built_ranks(layers, j / 1000)
 
     low, high = 0, 1000  # the largest α = j/1000 whose per-layer ranks fit the target (bytes grow with α)
     while low < high:

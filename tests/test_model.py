@@ -555,3 +555,18 @@ class TestApplyExplicit:
                 return self.proj(self.norm(self.block(self.emb(ids))))
 
         return Mixed()
+
+
+def test_analyze_ranks_are_the_ranks_apply_builds():
+    """analyze's k (and so its bytes) is what ck.apply(model, "cersa", energy=α) builds: the rule's k
+    rounded up to a multiple of 16 on layers that are aligned (min(m, n) ≥ 128), not the rule's k."""
+    from cersa_kernels.analyze import analyze_model
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(160, 144), nn.ReLU(), nn.Linear(144, 200), nn.ReLU(), nn.Linear(200, 24))
+    a = analyze_model(model, energies=(0.9,), progress=False)
+    report = ck.apply(model, "cersa", energy=0.9)
+    built = {row["name"]: row["rank"] for row in report.rows}
+    assert a.ranks[0.9] == built
+    assert a.rule_ranks[0.9] == {row["name"]: row["energy_rank"] for row in report.rows}
+    assert any(a.ranks[0.9][n] != a.rule_ranks[0.9][n] for n in built)  # the alignment is exercised
