@@ -144,3 +144,30 @@ def test_gpt2_conv1d_weights_are_viewed_not_copied():
     assert all(layers[n].weight.untyped_storage().data_ptr() == ptr for n, ptr in ptrs.items())
     with torch.no_grad():
         torch.testing.assert_close(model(ids).last_hidden_state, before)  # B = 0: step 0 is the model
+
+
+@pytest.mark.parametrize("method", ["lora", "snell"])
+def test_reset_parameters_never_writes_into_the_original_storage(method):
+    """The base weight (and bias) are the original layer's storage after from_linear: a later
+    reset_parameters (meta-device or FSDP init flows call it) draws fresh tensors instead of
+    overwriting the original model's values."""
+    torch.manual_seed(0)
+    original = nn.Linear(24, 20)
+    kept = (original.weight.detach().clone(), original.bias.detach().clone())
+    layer = ck.nn.method_classes()[method].from_linear(original, rank=4)
+    assert layer.weight.data_ptr() == original.weight.data_ptr()
+    layer.reset_parameters()
+    assert torch.equal(original.weight, kept[0]) and torch.equal(original.bias, kept[1])
+    assert not torch.equal(layer.weight, kept[0])
+
+
+def test_a_base_weight_of_the_wrong_shape_leaves_the_weight_as_it_was():
+    """A state dict bringing W0 gives the layer a tensor of its own before torch copies into it;
+    when torch refuses the shape, the layer keeps its (the original's) values, not fresh memory."""
+    torch.manual_seed(0)
+    original = nn.Linear(24, 20)
+    layer = ck.LoraLinear.from_linear(original, rank=4)
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        layer.load_state_dict({"weight": torch.ones(20, 23)}, strict=False)
+    assert layer.weight.data_ptr() == original.weight.data_ptr()
+    assert torch.equal(layer.weight, original.weight)

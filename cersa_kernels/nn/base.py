@@ -249,8 +249,8 @@ class AdapterLayer(nn.Module):
         # Parameter object stays: callers hold it).
         for key in self.BASE_KEYS:
             p = self._parameters.get(key)
-            if prefix + key in state_dict and p is not None:
-                p.data = torch.empty_like(p)
+            if p is not None and prefix + key in state_dict and tuple(state_dict[prefix + key].shape) == tuple(p.shape):
+                p.data = torch.empty_like(p)  # (a wrong shape is refused by torch: the weight stays as it was)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _apply(self, fn, recurse=True):

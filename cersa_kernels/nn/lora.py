@@ -70,13 +70,13 @@ class LoraLinear(AdapterLayer, method="lora"):
         w = torch.empty(self.out_features, self.in_features, device=self.lora_A.device, dtype=self.base_dtype)
         nn.init.kaiming_uniform_(w, a=math.sqrt(5))
         with torch.no_grad():
-            if self.base_format is None:
-                self.weight.copy_(w)
+            if self.base_format is None:  # rebound, never written in place: after from_linear W0 is the original's storage
+                self.weight.data = w
             else:
                 self._store_quantized("weight", w)
         if self.bias is not None:
             bound = 1 / math.sqrt(self.in_features)
-            nn.init.uniform_(self.bias, -bound, bound)
+            self.bias.data = nn.init.uniform_(torch.empty_like(self.bias), -bound, bound)
         self.reset_adapter()
 
     def reset_adapter(self) -> None:

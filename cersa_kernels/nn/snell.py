@@ -71,11 +71,12 @@ class SnellLinear(AdapterLayer, method="snell"):
         if self.A.is_meta:
             return
         with torch.no_grad():
-            nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+            # fresh tensors, never written in place: after from_linear they share the original layer's storage
+            self.weight.data = nn.init.kaiming_uniform_(torch.empty_like(self.weight), a=math.sqrt(5))
             self.reset_adapter()
             if self.bias is not None:
                 bound = 1 / math.sqrt(self.in_features)
-                self.bias.uniform_(-bound, bound)
+                self.bias.data = torch.empty_like(self.bias).uniform_(-bound, bound)
 
     @torch.no_grad()
     def reset_adapter(self) -> None:
