@@ -355,6 +355,10 @@ def recommend(model: torch.nn.Module, analysis: Analysis, share: float = 0.5) ->
         adapted = model if i == len(rec.candidates) - 1 else copy.deepcopy(model)  # the last one adapts `model`
         report = apply(adapted, "cersa", target_modules=[l.name for l in layers], **candidate.options)
         built = {row["name"]: row["rank"] for row in report.rows}
+        if built != candidate.ranks and "energy" in candidate.options:
+            # apply's randomized SVD (layers ≥ 512 wide, k ≤ d/4) may keep a component more than the
+            # exact spectrum predicts, which can cross a multiple of 16: report what was built
+            candidate = rec.candidates[i] = _candidate(analysis, candidate.options, built)
         if built != candidate.ranks or report.base_bytes_after != candidate.bytes:
             raise RuntimeError(f"analyze: ck.apply built other ranks or bytes ({report.base_bytes_after}) than predicted "
                                f"({candidate.bytes}) for {candidate.call()}")

@@ -195,6 +195,21 @@ def test_analyze_ends_with_a_recommendation(capsys, model_dir):
     assert out[-1].startswith('recommended: ck.apply(model, "cersa", ') and "the least output drift" in out[-1]
 
 
+def test_recommendation_reports_the_ranks_apply_built_when_they_differ(model_dir, monkeypatch):
+    """Where apply's per-layer ranks differ from the exact spectrum's prediction (its randomized SVD on
+    layers ≥ 512 wide can keep a component more), the α candidate reports what apply built, with
+    its bytes and energy, instead of failing."""
+    model = analyze_module.load_pretrained(model_dir, "test")
+    analysis = analyze_module.analyze_model(model, (0.9,), progress=False)
+    exact = analyze_module.built_ranks
+    monkeypatch.setattr(analyze_module, "built_ranks",  # a prediction one below what apply builds
+                        lambda layers, energy: {n: max(1, k - 1) for n, k in exact(layers, energy).items()})
+    rec = analyze_module.recommend(model, analysis, share=0.3)
+    candidate = rec.candidates[1]
+    assert candidate.ranks == exact(analysis.layers, candidate.options["energy"])
+    assert candidate.bytes == analyze_module._apply_bytes(analysis.layers, candidate.ranks)
+
+
 def test_recommendation_holds_the_share_and_its_drift_is_what_apply_gives(model_dir):
     """Each candidate fits share × dense bytes; the α is the largest in steps of 0.001 that fits;
     the chosen one has the least output drift; bytes and drift are those of ck.apply with the
