@@ -32,7 +32,9 @@ from ._adapter_files import (
     write_files_atomically,
 )
 from ._checks import InputNotFoundError, UsageError
-from .model import _dedupe_shared, _unwrapped, adapter_layers, saved_layer_target
+from .model import (
+    _dedupe_shared, _unwrapped, adapter_layers, read_state_record, restore_state, saved_layer_target, state_record,
+)
 from .nn import tree
 from .nn._quantized import weight_dtype_of
 from .nn.base import AdapterLayer
@@ -63,7 +65,7 @@ def _tensors_once(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, 
         else:
             first[id(t)] = name
             tensors[name] = t
-    transient = [n for n in tensors if n not in persistent and n not in dict(model.named_parameters())]
+    transient = [n for n in tensors if n not in persistent]  # parameters are always in state_dict
     return tensors, ties, transient
 
 
@@ -91,6 +93,7 @@ def save_converted(model: nn.Module, directory: Union[str, Path]) -> None:
         },
         "ties": ties, "non_persistent": transient,
         "trainable": [n for n, p in model.named_parameters() if p.requires_grad],
+        **state_record(model),  # modules_to_save, task, the AdapterConfigs: as `save` writes them
     }
     body_id = config_id(body)
     weights = serialize_tensors(
@@ -98,7 +101,6 @@ def save_converted(model: nn.Module, directory: Union[str, Path]) -> None:
         {FORMAT_KEY: FORMAT, VERSION_KEY: str(FORMAT_VERSION), CONFIG_ID_KEY: body_id},
     )
     text = json.dumps(dict(body, config_id=body_id, weights_sha256=hashlib.sha256(weights).hexdigest()), indent=2)
-    del tensors
     write_files_atomically(Path(directory), {WEIGHTS_NAME: weights, CONFIG_NAME: text.encode()})
 
 
@@ -199,6 +201,10 @@ def load_converted(model: nn.Module, directory: Union[str, Path], device: Option
                              f"model's {entry['base_type']} there has {want}")
         layer.layer_name, layer.base_type = name, entry["base_type"]
         built[name] = layer
+    try:
+        record = read_state_record(model, config, f"load_converted: {config_path}")
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
     # what the model will hold, name by name (the new layers in place of their targets), against the file
     replaced = {alias: name for name, entry in config["layers"].items() for alias in entry["aliases"]}
@@ -245,4 +251,5 @@ def load_converted(model: nn.Module, directory: Union[str, Path], device: Option
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if left:
         raise UsageError(f"load_converted: {weights_path} leaves tensors of the model on the meta device: {left[:8]}")
+    restore_state(model, record)
     return given

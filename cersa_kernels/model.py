@@ -267,16 +267,16 @@ def apply(
         with placing_as_built(place):
             new_layers = cls.adapt(bases, **options)
     except BaseException as error:
-        if report.rows:
-            error.add_note(
-                f"apply(method={method!r}): layers {[r['name'] for r in report.rows]} were converted before the error "
-                "and stay in place (each original layer is dropped as soon as its replacement exists)"
-            )
+        if report.rows:  # error.__notes__, not add_note: Python 3.10 has no add_note
+            error.__notes__ = [*getattr(error, "__notes__", []),
+                               f"apply(method={method!r}): layers {[r['name'] for r in report.rows]} were converted "
+                               "before the error and stay in place (each original layer is dropped as soon as its "
+                               "replacement exists)"]
         if isinstance(error, ValueError) and not str(error).startswith("apply"):
             # every error names the layer (a method's own adapt names it its way)
             named = ValueError(f"apply(method={method!r}): {error}")
             named.__notes__ = list(getattr(error, "__notes__", []))
-            raise named from None
+            raise named.with_traceback(error.__traceback__) from None
         raise
     for name in [n for n in new_layers if n in bases]:  # an adapt that builds without `built` (a user method)
         place(name, new_layers[name])
@@ -458,11 +458,39 @@ def save(model: nn.Module, directory: Union[str, Path]) -> None:
         if (p.requires_grad or id(p) in whole) and id(p) not in inside:
             tensors[pname] = _full_tensor(p).detach().contiguous().cpu()
             config["trainable"].append(pname)
-    config["modules_to_save"] = list(state["modules_to_save"])
-    config["task"] = state["task"]
-    # what apply was given (JSON-able: a value JSON cannot hold is written as its str)
-    config["adapter_configs"] = [json.loads(json.dumps(c.to_dict(), default=str)) for c in state["configs"]]
+    config.update(state_record(model))
     write_adapter(directory, config, tensors)
+
+
+def state_record(model: nn.Module) -> dict:
+    """What apply recorded on `model`, as a saved config holds it: modules_to_save, task and the
+    AdapterConfigs apply was given (JSON-able: a value JSON cannot hold is written as its str)."""
+    state = _model_state(model)
+    return dict(modules_to_save=list(state["modules_to_save"]), task=state["task"],
+                adapter_configs=[json.loads(json.dumps(c.to_dict(), default=str)) for c in state["configs"]])
+
+
+def read_state_record(model: nn.Module, config: dict, here: str) -> dict:
+    """The state `state_record` wrote into `config`, checked against `model` (every modules_to_save
+    entry a module of it, every AdapterConfig readable); `restore` it once the load succeeded."""
+    saved = config.get("modules_to_save", [])
+    if not isinstance(saved, list) or not all(isinstance(n, str) for n in saved):
+        raise ValueError(f"{here}: 'modules_to_save' must be a list of module names, got {saved!r}")
+    for name in saved:
+        try:
+            model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"{here}: modules_to_save names {name!r}, which is not a module of the model") from None
+    try:
+        configs = [AdapterConfig.from_dict(c) for c in config.get("adapter_configs", [])]
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{here}: 'adapter_configs' is not a list of AdapterConfig dicts ({e})") from None
+    return dict(configs=configs, modules_to_save=list(saved), task=config.get("task"))
+
+
+def restore_state(model: nn.Module, record: dict) -> None:
+    """Put a `read_state_record` result on `model`, as apply would have left it."""
+    _model_state(model).update(record)
 
 
 def _full_tensor(t: torch.Tensor) -> torch.Tensor:
@@ -518,9 +546,6 @@ def _read_adapter(directory: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     trainable = config.get("trainable", [])
     if not isinstance(trainable, list) or not all(isinstance(name, str) for name in trainable):
         raise ValueError(f"load: {config_path}: 'trainable' must be a list of parameter names")
-    saved = config.get("modules_to_save", [])
-    if not isinstance(saved, list) or not all(isinstance(name, str) for name in saved):
-        raise ValueError(f"load: {config_path}: 'modules_to_save' must be a list of module names, got {saved!r}")
     tensors, metadata, weights_sha = read_safetensors(weights_path, "load")
     body = {k: v for k, v in config.items() if k not in _FINGERPRINT_KEYS}
     if config.get("weights_sha256") != weights_sha or CONFIG_ID_KEY not in metadata:
@@ -735,15 +760,7 @@ def load(model: nn.Module, directory: Union[str, Path]) -> nn.Module:
         claimed.add(pname)
     if set(tensors) - claimed:
         raise ValueError(f"load: {weights_path} holds tensors no saved layer claims: {sorted(set(tensors) - claimed)[:8]}")
-    for name in config.get("modules_to_save", []):
-        try:
-            model.get_submodule(name)
-        except AttributeError:
-            raise ValueError(f"load: {config_path}: modules_to_save names {name!r}, which is not a module of the model") from None
-    try:
-        configs = [AdapterConfig.from_dict(c) for c in config.get("adapter_configs", [])]
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"load: {config_path}: 'adapter_configs' is not a list of AdapterConfig dicts ({e})") from None
+    record = read_state_record(model, config, f"load: {config_path}")
 
     # Everything is checked; put it in place, and undo it all if anything still fails.
     requires_grad = [(p, p.requires_grad) for p in model.parameters()]
@@ -776,8 +793,7 @@ def load(model: nn.Module, directory: Union[str, Path]) -> nn.Module:
         for p, flag in requires_grad:
             p.requires_grad_(flag)
         raise
-    state = _model_state(model)
-    state.update(configs=configs, modules_to_save=list(config.get("modules_to_save", [])), task=config.get("task"))
+    restore_state(model, record)
     if _has_ddp(given):
         warnings.warn("load: the model is wrapped in DistributedDataParallel, which syncs the gradients of the "
                       "parameters it was built over: wrap the loaded model again before training it", stacklevel=2)

@@ -115,3 +115,20 @@ def test_refusals_name_the_file(tmp_path):
         load_converted(fresh, tmp_path / "nan")
     with pytest.raises(ValueError, match="no adapter layer"):
         save_converted(nn.Linear(2, 2), tmp_path / "plain")
+
+
+def test_heads_task_and_configs_survive_the_converted_checkpoint(tmp_path):
+    """What apply recorded (modules_to_save, task, its AdapterConfig) is written and restored as
+    `save`/`load` do, so a later export or save of the loaded model still carries the head."""
+    config = transformers.BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                                     vocab_size=50, max_position_embeddings=16, num_labels=3)
+    torch.manual_seed(0)
+    model = transformers.BertForSequenceClassification(config)
+    ck.apply(model, "lora", rank=2, task="seq_cls")
+    ck.save_converted(model, tmp_path)
+    with torch.device("meta"):
+        fresh = transformers.BertForSequenceClassification(config)
+    load_converted(fresh, tmp_path)
+    assert ck.modules_to_save(fresh) == ck.modules_to_save(model) == ["classifier"]
+    assert ck.adapter_configs(fresh) == ck.adapter_configs(model)
+    assert all(p.requires_grad for p in fresh.classifier.parameters())
